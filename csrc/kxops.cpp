@@ -1,0 +1,79 @@
+// The one list of kxops op schemas. Kernels register against these names from csrc/cpu and
+// csrc/cuda with TORCH_LIBRARY_IMPL; Python adds fake kernels and autograd only.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "build_info.h"
+
+extern "C" {
+// Importing kxops._C runs the static registrations below; the ops need no Python bindings
+// (the dispatcher exposes them as torch.ops.kxops.*), so the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace kxops {
+
+std::string build_info() {
+  std::string info = "debug=";
+#ifdef KXOPS_DEBUG
+  info += "1";
+#else
+  info += "0";
+#endif
+  info += ";compiler=";
+#if defined(__clang__)
+  info += "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info += "gcc " __VERSION__;
+#endif
+#ifdef KXOPS_WITH_CUDA
+  info += ";" + cuda_build_info();
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(kxops, m) {
+  // Dilated gated convolution. Returns (y, z): z = conv output [B, T, 2*out] kept for backward.
+  // gate_keep: bool [B, T, out] dropout keep-mask of the gate (None: no dropout).
+  m.def(
+      "gated_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? gate_keep, "
+      "Tensor? residual_weight, Tensor? residual_bias, int dilation, float drop_gate, "
+      "bool residual) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_residual_weight, grad_residual_bias); the
+  // gradient of an input that was None is an empty tensor.
+  m.def(
+      "gated_conv_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor? mask, "
+      "Tensor? gate_keep, Tensor? residual_weight, bool has_bias, bool has_residual_bias, "
+      "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ZLPR loss. Returns (loss per row in fp32/fp64, d loss_row / d logits or an empty tensor
+  // when compute_grad is false): the gradient comes out of the same pass as the loss.
+  m.def("zlpr(Tensor logits, Tensor labels, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad) "
+      "-> (Tensor, Tensor)");
+  // Scales the saved per-row gradient by grad_loss (shape logits.shape[:-1]).
+  m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");
+
+  // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
+  m.def(
+      "adax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool decoupled, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adax_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, Tensor lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool decoupled, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // How this binary was built ("key=value;..."), for kxops.info().
+  m.def("_build_info() -> str", &build_info);
+}
+
+}  // namespace kxops

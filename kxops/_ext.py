@@ -1,0 +1,71 @@
+"""Loading the compiled extension and knowing which kernels it registered.
+
+``KXOPS_DISABLE_EXT=1`` skips the extension: every op then runs its reference. A failed load
+warns once and leaves the references in charge; it never breaks ``import kxops``.
+"""
+
+import os
+import warnings
+
+import torch
+
+# Each block's ops; a block runs compiled on a device only if all of them have a kernel there.
+BLOCK_OPS = {
+    "gated_conv": ("gated_conv", "gated_conv_backward"),
+    "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
+    "adax": ("adax_",),
+}
+DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _load():
+    if os.environ.get("KXOPS_DISABLE_EXT", "0") not in ("", "0"):
+        return False, "disabled by KXOPS_DISABLE_EXT"
+    try:
+        from kxops import _C  # noqa: F401  (importing it registers the ops)
+    except Exception as exc:  # any failure must leave the reference path usable
+        warnings.warn(
+            f"kxops: the compiled extension failed to load ({exc}); using the pure-PyTorch "
+            "reference ops. Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False, f"failed to load: {exc}"
+    return True, "loaded"
+
+
+LOADED, LOAD_STATUS = _load()
+
+
+def _registered_kernels():
+    if not LOADED:
+        return frozenset()
+    found = set()
+    for ops in BLOCK_OPS.values():
+        for op in ops:
+            for device, key in DEVICE_KEYS.items():
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"kxops::{op}", key):
+                    found.add((op, device))
+    return frozenset(found)
+
+
+# Computed once at import so that wrappers test a constant set (no dispatcher query per call,
+# nothing for torch.compile to trace).
+KERNELS = _registered_kernels()
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether kxops::<op> has a compiled kernel for tensors on ``device``."""
+    return (op, device.type) in KERNELS
+
+
+def block_has_kernels(block: str, device_type: str) -> bool:
+    return all((op, device_type) in KERNELS for op in BLOCK_OPS[block])
+
+
+def build_info() -> dict:
+    """How the loaded binary was built, parsed from kxops::_build_info()."""
+    if not LOADED:
+        return {}
+    text = torch.ops.kxops._build_info()
+    return dict(item.split("=", 1) for item in text.split(";") if item)

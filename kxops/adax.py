@@ -1,0 +1,126 @@
+"""The AdaX step on lists of tensors: fused (kxops::adax_), foreach, and for-loop paths."""
+
+import math
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from kxops import _ext
+from kxops.reference import adax as ref
+
+
+def fused_available(tensors) -> bool:
+    """Whether kxops::adax_ has a compiled kernel for every tensor's device."""
+    return all(_ext.has_kernel("adax_", t.device) for t in tensors)
+
+
+def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale,
+                found_inf, **hyper):
+    ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    missing = sorted({p.device.type for p in params if not _ext.has_kernel("adax_", p.device)})
+    if missing:
+        raise RuntimeError(
+            f"AdaX fused=True: no compiled kxops kernel for device(s) {missing} "
+            f"(kxops status: {_ext.LOAD_STATUS}); use foreach=True or leave fused=None")
+    op = torch.ops.kxops.adax_
+    op = op.tensor_lr if isinstance(lr, torch.Tensor) else op.default
+    # One call per device (the op runs on one device); it groups dtypes itself.
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    by_device = {}
+    for (device, _), (lists, _) in grouped.items():
+        merged = by_device.setdefault(device, [[], [], [], [], []])
+        for acc, tensors in zip(merged, lists):
+            acc.extend(tensors)
+    for device, lists in by_device.items():
+        op(*lists, lr=lr.to(device) if isinstance(lr, torch.Tensor) else lr,
+           grad_scale=None if grad_scale is None else grad_scale.to(device),
+           found_inf=None if found_inf is None else found_inf.to(device), **hyper)
+
+
+def _device_bias_corrections(steps, beta2):
+    """B_t per tensor computed on the steps' device in float64 (no host sync: graph-safe)."""
+    bc = torch._foreach_mul([s.double() for s in steps], math.log1p(beta2))
+    torch._foreach_expm1_(bc)
+    return bc
+
+
+def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+                  weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
+    ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device, dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in \
+            grouped.items():
+        low_precision = dtype in ref.LOW_PRECISION
+        work = [p.float() for p in dev_params] if low_precision else dev_params
+        # Copies: the user's .grad is never modified.
+        g = [x.to(work[0].dtype) for x in dev_grads] if low_precision else list(dev_grads)
+        if grad_scale is not None:
+            g = torch._foreach_div(g, grad_scale.to(device))
+        if maximize:
+            g = torch._foreach_neg(g)
+        torch._foreach_add_(dev_steps, 1)
+        if weight_decay != 0:
+            if decoupled:
+                torch._foreach_mul_(work, 1 - lr * weight_decay)
+            else:
+                g = torch._foreach_add(g, work, alpha=weight_decay)
+        torch._foreach_lerp_(dev_m, g, 1 - beta1)
+        g_sq = torch._foreach_mul(g, g)
+        if capturable:
+            bc = _device_bias_corrections(dev_steps, beta2)
+            weights = [w.to(v.dtype) for w, v in zip(torch._foreach_reciprocal(bc), dev_v)]
+            torch._foreach_mul_(weights, beta2)
+            torch._foreach_lerp_(dev_v, g_sq, weights)
+            eps_terms = torch._foreach_rsqrt(bc)
+            torch._foreach_mul_(eps_terms, eps)
+        else:
+            bc = [ref.bias_correction(float(s.item()), beta2) for s in dev_steps]
+            torch._foreach_mul_(dev_v, [1 - beta2 / b for b in bc])
+            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, [beta2 / b for b in bc]))
+            eps_terms = [eps / math.sqrt(b) for b in bc]
+        denom = torch._foreach_sqrt(dev_v)
+        torch._foreach_add_(denom, eps_terms)
+        update = torch._foreach_div(dev_m, denom)
+        torch._foreach_mul_(update, lr)
+        torch._foreach_sub_(work, update)
+        if low_precision:
+            torch._foreach_copy_(dev_params, work)
+
+
+def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fused=None,
+         capturable=False, differentiable=False, lr, beta1, beta2, weight_decay, eps,
+         decoupled, maximize, grad_scale=None, found_inf=None):
+    """Functional AdaX / AdaX-W step, in place; picks the fused, foreach or for-loop path.
+
+    ``fused=None`` takes the fused kernel when one is compiled for every param's device,
+    else ``foreach``; ``differentiable=True`` needs the for-loop path.
+    """
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                 decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
+                 found_inf=found_inf)
+    if differentiable and (fused or foreach):
+        raise RuntimeError("AdaX: differentiable=True is supported by the for-loop path only; "
+                           "pass fused=False, foreach=False")
+    if fused is None and foreach is None and not differentiable:
+        fused = fused_available(params)
+        foreach = not fused
+    if fused:
+        _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+    elif foreach:
+        _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable,
+                      **hyper)
+    else:
+        ref.adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("kxops::adax_")
+    @torch.library.register_fake("kxops::adax_.tensor_lr")
+    def _adax_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+                   weight_decay, eps, decoupled, maximize, grad_scale=None, found_inf=None):
+        return None

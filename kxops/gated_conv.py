@@ -1,0 +1,76 @@
+"""Dilated gated convolution: public function, fake kernels and autograd of kxops::gated_conv."""
+
+import torch
+
+from kxops import _ext
+from kxops.reference import gated_conv as ref
+
+
+def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=None, *,
+                         dilation: int = 1, drop_gate: float = 0.0, training: bool = False,
+                         residual: bool = True, residual_weight=None, residual_bias=None):
+    """One DGCNN block: ``y = (r*(1-s) + h*s) * m`` with ``[h, g] = conv1d(x*m)``, ``s = σ(g)``.
+
+    ``x`` is ``[batch, time, in]``; ``weight`` ``[2*out, in, k]`` (``nn.Conv1d`` layout, value
+    half first, k odd, 'same' padding); ``mask`` ``[batch, time]`` bool or float. The gate
+    pre-activation gets dropout ``drop_gate`` when ``training``. ``r`` is ``x`` or, when
+    ``residual_weight`` ``[out, in, 1]`` is given, its 1x1 projection; ``residual=False`` gives
+    ``h*s*m``. Returns ``[batch, time, out]``.
+    """
+    out_channels = ref.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate,
+                                               residual, residual_weight, residual_bias)
+    drop_gate = float(drop_gate)
+    keep = ref.gate_keep_mask(x, out_channels, drop_gate) if training and drop_gate > 0 else None
+    if mask is not None:
+        mask = mask.to(x.dtype)
+    args = (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
+            residual)
+    if _ext.has_kernel("gated_conv", x.device):
+        return torch.ops.kxops.gated_conv(*args)[0]
+    return ref.gated_conv_from_keep(*args)
+
+
+def _empty_grad_unless(present, like, shape):
+    return like.new_empty(shape if present else (0,))
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("kxops::gated_conv")
+    def _gated_conv_fake(x, weight, bias, mask, gate_keep, residual_weight, residual_bias,
+                         dilation, drop_gate, residual):
+        batch, time, _ = x.shape
+        two_out = weight.shape[0]
+        return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, time, two_out)
+
+    @torch.library.register_fake("kxops::gated_conv_backward")
+    def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
+                                  has_bias, has_residual_bias, dilation, drop_gate, residual):
+        out_channels = weight.shape[0] // 2
+        return (
+            torch.empty_like(x),
+            torch.empty_like(weight),
+            _empty_grad_unless(has_bias, weight, (weight.shape[0],)),
+            _empty_grad_unless(residual_weight is not None, weight,
+                               (out_channels, weight.shape[1], 1)),
+            _empty_grad_unless(has_residual_bias, weight, (out_channels,)),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
+         residual) = inputs
+        ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight)
+        ctx.has_bias = bias is not None
+        ctx.has_residual_bias = residual_bias is not None
+        ctx.config = (dilation, drop_gate, residual)
+
+    def _backward(ctx, grad_y, _grad_z):
+        x, z, weight, mask, keep, residual_weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b, grad_rw, grad_rb = torch.ops.kxops.gated_conv_backward(
+            grad_y, x, z, weight, mask, keep, residual_weight, ctx.has_bias,
+            ctx.has_residual_bias, *ctx.config)
+        return (grad_x, grad_w, grad_b if ctx.has_bias else None, None, None,
+                grad_rw if residual_weight is not None else None,
+                grad_rb if ctx.has_residual_bias else None, None, None, None)
+
+    torch.library.register_autograd("kxops::gated_conv", _backward, setup_context=_setup_context)

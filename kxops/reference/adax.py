@@ -1,0 +1,98 @@
+"""AdaX / AdaX-W in pure PyTorch, one parameter at a time: the ground truth.
+
+Per parameter, with t the step count after the increment::
+
+    g = -g if maximize;     AdaX (L2): g = g + wd * p        AdaX-W: p = p * (1 - lr * wd)
+    m = beta1 * m + (1 - beta1) * g
+    v = (1 + beta2) * v + beta2 * g^2,   B_t = (1 + beta2)^t - 1
+    p = p - lr * sqrt(B_t) * m / (sqrt(v) + eps)           (the authors' AdaX.py)
+
+``v`` grows like (1 + beta2)^t and overflows fp32 after ~10^6 steps, so the state holds
+``v_hat = v / B_t``, updated as ``v_hat = (1 - b_t) v_hat + b_t g^2`` with ``b_t = beta2 / B_t``,
+and the step is ``p -= lr * m / (sqrt(v_hat) + eps / sqrt(B_t))``: the same update, no overflow.
+"""
+
+import math
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Low-precision parameters keep fp32 state; fp32/fp64 parameters their own dtype."""
+    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+def bias_correction(step: float, beta2: float) -> float:
+    """B_t = (1 + beta2)^t - 1 in float64, accurate for tiny beta2 and large t."""
+    return math.expm1(step * math.log1p(beta2))
+
+
+def check_hyperparameters(lr, betas, eps, weight_decay):
+    """The optimizer constructors' argument checks (ValueError naming the argument)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
+    elif not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (need 0 <= beta1 < 1)")
+    if not 0.0 < betas[1]:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need beta2 > 0)")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    n = len(params)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             "state_steps": state_steps}
+    for name, tensors in lists.items():
+        if len(tensors) != n:
+            raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse:
+            raise RuntimeError("AdaX does not support sparse gradients")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape "
+                             f"{tuple(p.shape)}")
+        if torch.is_complex(p):
+            raise TypeError(f"params[{i}] is complex ({p.dtype}); AdaX supports real params")
+
+
+def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
+         eps, decoupled, maximize, grad_scale=None, found_inf=None):
+    """One step, in place on params, exp_avgs, exp_avg_sqs and state_steps.
+
+    ``grad_scale`` divides the grads first (GradScaler); a non-zero ``found_inf`` skips the
+    whole step, step counts included. ``lr`` may be a float or a one-element tensor.
+    """
+    check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                      state_steps):
+        work = param if param.dtype not in LOW_PRECISION else param.float()
+        g = grad.to(work.dtype)
+        if grad_scale is not None:
+            g = g / grad_scale.to(device=g.device, dtype=g.dtype)
+        if maximize:
+            g = -g
+        step.add_(1)
+        bc = bias_correction(float(step.item()), beta2)
+        if weight_decay != 0:
+            if decoupled:
+                work.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(work, alpha=weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(1 - beta2 / bc).addcmul_(g, g, value=beta2 / bc)
+        denom = exp_avg_sq.sqrt().add_(eps / math.sqrt(bc))
+        work.sub_(exp_avg / denom * lr)
+        if work is not param:
+            param.copy_(work)

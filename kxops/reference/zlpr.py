@@ -1,0 +1,139 @@
+"""ZLPR ("multilabel categorical cross-entropy") loss in pure PyTorch: the ground truth.
+
+Per row (last dim = classes), logits ``s`` and targets ``t`` in [0, 1]::
+
+    loss = log(1 + sum_j (1 - t_j) e^{s_j}) + log(1 + sum_j t_j e^{-s_j})
+
+``-inf`` logits are left out of both sums (zero gradient); NaN propagates; all math in fp32 or
+better. The input checks here are the contract that the compiled ops share.
+"""
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss is computed in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_logits(logits, name="logits"):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim (the class dim), got a 0-dim tensor")
+
+
+def check_zlpr_inputs(logits, labels, reduction):
+    check_logits(logits)
+    check_reduction(reduction)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
+    if labels.is_complex():
+        raise TypeError(f"labels must be bool, integer or floating point, got {labels.dtype}")
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(
+            f"labels are on {labels.device} but logits are on {logits.device}; "
+            "put both on the same device"
+        )
+
+
+def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
+    check_logits(logits)
+    check_reduction(reduction)
+    if not isinstance(positives, torch.Tensor):
+        raise TypeError(f"positives must be a Tensor, got {type(positives).__name__}")
+    if positives.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"positives must be an int32 or int64 tensor of class indices, got "
+                        f"{positives.dtype}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if positives.dim() != logits.dim() or positives.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"positives shape {tuple(positives.shape)} must be logits.shape[:-1] + (P,) = "
+            f"{tuple(logits.shape[:-1])} + (P,)"
+        )
+    if positives.device != logits.device:
+        raise ValueError(
+            f"positives are on {positives.device} but logits are on {logits.device}; "
+            "put both on the same device"
+        )
+
+
+def check_positives_in_range(positives, ignore_index, num_classes):
+    """Every index that is not ignore_index must lie in [0, num_classes). Syncs on CUDA."""
+    valid = positives != ignore_index
+    bad = valid & ((positives < 0) | (positives >= num_classes))
+    if bool(bad.any()):
+        value = positives[bad][0].item()
+        raise IndexError(
+            f"positives holds class index {value}, out of range for {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index} for padding)"
+        )
+
+
+def reduce_loss(row_loss, reduction, dtype):
+    """Reduce per-row losses (computed in fp32+) and return them in the logits' dtype."""
+    if reduction == "sum":
+        row_loss = row_loss.sum()
+    elif reduction == "mean":
+        row_loss = row_loss.mean()
+    return row_loss.to(dtype)
+
+
+def zlpr_row_loss(logits, labels):
+    """Per-row loss in fp32/fp64, shape ``logits.shape[:-1]``."""
+    acc = opmath_dtype(logits.dtype)
+    s = logits.to(acc)
+    t = labels.detach().to(acc)
+    masked = torch.isneginf(s)
+    neg_inf = torch.full_like(s, -torch.inf)
+    # log of each term of the two sums; -inf drops a term (masked logit or zero weight).
+    log_neg = torch.where(masked | (t >= 1), neg_inf, s + torch.log1p(-t))
+    log_pos = torch.where(masked | (t <= 0), neg_inf, torch.log(t) - s)
+    # The explicit 0 column is the "1 +": it also keeps logsumexp finite (and its gradient
+    # defined) for rows whose terms are all -inf.
+    zero = s.new_zeros((*s.shape[:-1], 1))
+    return (torch.logsumexp(torch.cat([zero, log_neg], -1), -1)
+            + torch.logsumexp(torch.cat([zero, log_pos], -1), -1))
+
+
+def zlpr_loss(logits, labels, *, reduction="mean"):
+    """ZLPR loss with dense hard (bool/int/0-1 float) or soft (float in [0, 1]) labels."""
+    check_zlpr_inputs(logits, labels, reduction)
+    return reduce_loss(zlpr_row_loss(logits, labels), reduction, logits.dtype)
+
+
+def positives_to_dense(positives, ignore_index, num_classes):
+    """Bool labels [..., C] from class indices [..., P]; duplicates count once."""
+    valid = positives != ignore_index
+    # Padding goes to an extra column that is then dropped.
+    index = torch.where(valid, positives.long(), num_classes)
+    dense = torch.zeros((*positives.shape[:-1], num_classes + 1), dtype=torch.bool,
+                        device=positives.device)
+    dense.scatter_(-1, index, True)
+    return dense[..., :num_classes]
+
+
+def sparse_zlpr_loss(logits, positives, *, ignore_index=-1, reduction="mean"):
+    """ZLPR loss with labels given as positive class indices per row, padded by ignore_index.
+
+    The negative sum runs over the classes that are not positive (exact, no subtraction).
+    """
+    check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    num_classes = logits.shape[-1]
+    check_positives_in_range(positives, ignore_index, num_classes)
+    labels = positives_to_dense(positives, ignore_index, num_classes)
+    return reduce_loss(zlpr_row_loss(logits, labels), reduction, logits.dtype)

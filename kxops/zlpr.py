@@ -1,0 +1,87 @@
+"""ZLPR loss: public functions, fake kernels and autograd of kxops::zlpr / sparse_zlpr."""
+
+import torch
+
+from kxops import _ext
+from kxops.reference import zlpr as ref
+
+
+def _needs_grad(logits):
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
+def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
+    """ZLPR ("multilabel categorical cross-entropy") loss; the last dim is the class dim.
+
+    ``labels``: same shape as ``logits``; bool/int (hard) or float in [0, 1] (soft). ``-inf``
+    logits are masked out with zero gradient. Reduction ``none`` keeps ``logits.shape[:-1]``;
+    ``mean`` averages over rows. The loss is computed in fp32 (fp64 for fp64 logits) and returned
+    in the logits' dtype; labels get no gradient.
+    """
+    ref.check_zlpr_inputs(logits, labels, reduction)
+    if _ext.has_kernel("zlpr", logits.device):
+        row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits))
+    else:
+        row_loss = ref.zlpr_row_loss(logits, labels)
+    return ref.reduce_loss(row_loss, reduction, logits.dtype)
+
+
+def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_index: int = -1,
+                     reduction: str = "mean"):
+    """ZLPR loss with labels as class indices: ``positives`` int32/int64 ``[..., P]``.
+
+    Entries equal to ``ignore_index`` are padding; duplicates count once; the negative sum is
+    exact (positives excluded, not subtracted). An index out of range raises ``IndexError`` on
+    CPU; on CUDA the compiled kernel raises a device-side assert, as ``torch.gather`` does.
+    """
+    ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    if _ext.has_kernel("sparse_zlpr", logits.device):
+        row_loss, _ = torch.ops.kxops.sparse_zlpr(logits, positives, ignore_index,
+                                                  _needs_grad(logits))
+        return ref.reduce_loss(row_loss, reduction, logits.dtype)
+    return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
+                                reduction=reduction)
+
+
+def _fake_forward(logits, compute_grad):
+    row_loss = logits.new_empty(logits.shape[:-1], dtype=ref.opmath_dtype(logits.dtype))
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return row_loss, grad
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.grad_computed = inputs[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _scaled_grad(ctx, grad_loss):
+    if not ctx.grad_computed:
+        raise RuntimeError("kxops ZLPR: backward through a forward called with "
+                           "compute_grad=False; the gradient was not computed")
+    (grad,) = ctx.saved_tensors
+    return torch.ops.kxops.zlpr_backward(grad_loss, grad)
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("kxops::zlpr")
+    def _zlpr_fake(logits, labels, compute_grad):
+        return _fake_forward(logits, compute_grad)
+
+    @torch.library.register_fake("kxops::sparse_zlpr")
+    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad):
+        return _fake_forward(logits, compute_grad)
+
+    @torch.library.register_fake("kxops::zlpr_backward")
+    def _zlpr_backward_fake(grad_loss, grad):
+        return torch.empty_like(grad)
+
+    def _zlpr_backward(ctx, grad_loss, _grad_of_grad):
+        return _scaled_grad(ctx, grad_loss), None, None
+
+    def _sparse_zlpr_backward(ctx, grad_loss, _grad_of_grad):
+        return _scaled_grad(ctx, grad_loss), None, None, None
+
+    torch.library.register_autograd("kxops::zlpr", _zlpr_backward, setup_context=_save_grad)
+    torch.library.register_autograd("kxops::sparse_zlpr", _sparse_zlpr_backward,
+                                    setup_context=_save_grad)

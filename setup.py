@@ -1,0 +1,112 @@
+"""Build kxops._C: the CPU extension always, the CUDA sources too when torch and nvcc support it.
+
+Environment: KXOPS_USE_CUDA=0|1 overrides the CUDA detection; TORCH_CUDA_ARCH_LIST picks the
+archs (default 8.0;9.0 when no GPU is visible); MAX_JOBS caps parallel compiles; DEBUG=1 builds
+with -O0 -g. A GPU is never needed to build.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def set_default_cuda_home():
+    """Point CUDA_HOME at a real toolkit before torch guesses it from `which nvcc`.
+
+    torch takes the parent of nvcc's directory, which is wrong when nvcc is a wrapper script
+    (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc): the link then fails to
+    find libcudart.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime_api.h").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+set_default_cuda_home()
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+MIN_PYTHON_HEX = "0x030A0000"  # the limited API of Python 3.10, our oldest supported Python
+
+
+def env_flag(name):
+    """True/False when the variable is set, None when it is not."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    return value not in ("0", "false", "no", "off")
+
+
+def find_nvcc():
+    if CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def want_cuda():
+    requested = env_flag("KXOPS_USE_CUDA")
+    possible = torch.version.cuda is not None and find_nvcc() is not None
+    if requested and not possible:
+        raise RuntimeError(
+            "KXOPS_USE_CUDA=1 but the CUDA sources cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc={find_nvcc()!r} (set CUDA_HOME)"
+        )
+    return possible if requested is None else requested
+
+
+def relative_sources(pattern):
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def extensions():
+    debug = bool(env_flag("DEBUG"))
+    use_cuda = want_cuda()
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    defines = ["-DKXOPS_DEBUG=1"] if debug else []
+    cxx = [*opt, *defines, f"-DPy_LIMITED_API={MIN_PYTHON_HEX}", "-fdiagnostics-color=always"]
+    sources = ["csrc/kxops.cpp", *relative_sources("csrc/cpu/*.cpp")]
+    kwargs = {}
+    if use_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch would otherwise build every arch it knows: slow and pointless.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        cxx.append("-DKXOPS_WITH_CUDA=1")
+        sources += relative_sources("csrc/cuda/*.cu")
+        nvcc = [*opt, *defines, "-lineinfo", "--expt-relaxed-constexpr", "-DKXOPS_WITH_CUDA=1"]
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
+        extension = CUDAExtension
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        extension = CppExtension
+    print(f"kxops: building {'CPU+CUDA' if use_cuda else 'CPU-only'} extension"
+          + (f" for archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if use_cuda else ""))
+    return [
+        extension(
+            "kxops._C",
+            sources,
+            include_dirs=[str(ROOT / "csrc")],
+            py_limited_api=True,
+            **kwargs,
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
