@@ -1,0 +1,71 @@
+"""The package: build facts, kxops.info(), python -m kxops, the fallback switch."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import kxops
+from kxops import _ext
+
+
+def test_extension_loaded_with_build_info():
+    assert _ext.LOADED, _ext.LOAD_STATUS
+    build = _ext.build_info()
+    assert build["debug"] in ("0", "1")
+    assert build["compiler"]
+
+
+def test_cuda_sources_compiled_when_expected():
+    """CI sets KXOPS_EXPECT_CUDA_BUILD=1 where nvcc and a CUDA torch exist."""
+    build = _ext.build_info()
+    if os.environ.get("KXOPS_EXPECT_CUDA_BUILD") == "1":
+        assert "cuda_runtime" in build, f"CUDA sources were not built: {build}"
+        archs = build["cuda_archs"].split(",")
+        assert archs and all(a.isdigit() for a in archs), build
+    if "cuda_runtime" in build:
+        assert torch.version.cuda is not None
+
+
+def test_info_lists_every_block_on_every_device():
+    facts = kxops.info()
+    assert facts["kxops"] == kxops.__version__
+    assert facts["torch"] == torch.__version__
+    assert set(facts["ops"]) == {"gated_conv", "zlpr", "adax"}
+    for row in facts["ops"].values():
+        assert set(row) == {"cpu", "cuda"}
+        assert row["cpu"] in ("kernel", "reference")
+        assert row["cuda"] in ("kernel", "reference", "unavailable")
+
+
+def _run_module(env_extra):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "kxops"], capture_output=True, text=True,
+                          env=env, check=True).stdout
+
+
+def test_python_m_kxops_prints_the_table():
+    out = _run_module({})
+    assert f"kxops {kxops.__version__}" in out
+    for block in ("gated_conv", "zlpr", "adax"):
+        assert block in out
+
+
+def test_disable_ext_forces_the_reference_everywhere():
+    out = _run_module({"KXOPS_DISABLE_EXT": "1"})
+    assert "disabled by KXOPS_DISABLE_EXT" in out
+    assert "kernel" not in out.split("op ")[-1]
+
+
+def test_disabled_extension_still_runs_every_op():
+    code = (
+        "import torch, kxops\n"
+        "x = torch.randn(2, 5, 4)\n"
+        "assert kxops.nn.DGCNN(4)(x).shape == x.shape\n"
+        "assert kxops.zlpr_loss(torch.randn(3, 6), torch.rand(3, 6) > 0.5).dim() == 0\n"
+        "p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.ones(3)\n"
+        "kxops.optim.AdaXW([p]).step()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "KXOPS_DISABLE_EXT": "1"})

@@ -1,0 +1,227 @@
+"""ZLPR loss: the reference against first principles, the public API, bad inputs, and the
+compiled ops against the reference wherever a kernel is registered."""
+
+import math
+
+import pytest
+import torch
+
+import kxops
+from kxops import _ext
+from kxops.reference import zlpr as ref
+from tests.conftest import assert_close
+
+
+def zlpr_by_loops(logits, labels):
+    """The definition, one class at a time in Python floats: (row losses, d loss / d logits)."""
+    rows = logits.reshape(-1, logits.shape[-1]).tolist()
+    targets = labels.reshape(-1, logits.shape[-1]).double().tolist()
+    losses, grads = [], []
+    for s_row, t_row in zip(rows, targets):
+        z_neg = 1.0 + sum((1 - t) * math.exp(s) for s, t in zip(s_row, t_row) if s != -math.inf)
+        z_pos = 1.0 + sum(t * math.exp(-s) for s, t in zip(s_row, t_row) if s != -math.inf)
+        losses.append(math.log(z_neg) + math.log(z_pos))
+        grads.append([0.0 if s == -math.inf else
+                      (1 - t) * math.exp(s) / z_neg - t * math.exp(-s) / z_pos
+                      for s, t in zip(s_row, t_row)])
+    shape = logits.shape
+    return (torch.tensor(losses, dtype=torch.float64).reshape(shape[:-1]),
+            torch.tensor(grads, dtype=torch.float64).reshape(shape))
+
+
+def random_problem(shape, soft=False, masked=0.0, dtype=torch.float64, device="cpu"):
+    logits = torch.randn(shape, dtype=torch.float64) * 3
+    labels = torch.rand(shape, dtype=torch.float64) if soft else torch.rand(shape) < 0.3
+    if masked:
+        logits[torch.rand(shape) < masked] = -math.inf
+    return logits.to(device=device, dtype=dtype), labels.to(device)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 3, 5), (4, 1)])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("masked", [0.0, 0.3])
+def test_reference_matches_first_principles(shape, soft, masked):
+    logits, labels = random_problem(shape, soft, masked)
+    logits.requires_grad_(True)
+    loss = ref.zlpr_loss(logits, labels, reduction="none")
+    expected_loss, expected_grad = zlpr_by_loops(logits.detach(), labels)
+    assert_close(loss, expected_loss)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert_close(grad, expected_grad)
+
+
+def test_reference_masked_logits_get_zero_gradient_even_when_positive():
+    logits = torch.tensor([[-math.inf, 1.0, -math.inf], [-math.inf] * 3], dtype=torch.float64,
+                          requires_grad=True)
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    loss = kxops.zlpr_loss(logits, labels, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert loss[1] == 0
+    loss.sum().backward()
+    assert logits.grad[:, [0, 2]].eq(0).all() and logits.grad[1].eq(0).all()
+
+
+def test_nan_propagates_to_its_row_only():
+    logits = torch.randn(3, 4)
+    logits[1, 2] = math.nan
+    loss = kxops.zlpr_loss(logits, torch.zeros(3, 4, dtype=torch.bool), reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("label_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+def test_hard_label_dtypes_agree(label_dtype):
+    logits, labels = random_problem((5, 9), dtype=torch.float32)
+    expected = kxops.zlpr_loss(logits, labels.float())
+    assert_close(kxops.zlpr_loss(logits, labels.to(label_dtype)), expected)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reductions_and_leading_dims(reduction):
+    logits, labels = random_problem((2, 3, 6), dtype=torch.float32)
+    out = kxops.zlpr_loss(logits, labels, reduction=reduction)
+    rows = ref.zlpr_row_loss(logits, labels)
+    expected = {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
+    assert out.shape == expected.shape and out.dtype == logits.dtype
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_large_logits_stay_finite(dtype):
+    logits = torch.tensor([[3e4, -3e4, 0.0, 1.0], [-3e4, 3e4, 2.0, -1.0]]).to(dtype)
+    labels = torch.tensor([[1, 0, 0, 1], [1, 0, 1, 0]])
+    logits.requires_grad_(True)
+    loss = kxops.zlpr_loss(logits, labels, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    # Row 0 has its positive at +3e4 and negative at -3e4: nearly perfect, so small loss.
+    assert kxops.zlpr_loss(logits.detach(), labels, reduction="none")[0] < 2.0
+
+
+def test_sparse_equals_dense_with_padding_and_duplicates():
+    logits, _ = random_problem((2, 3, 8), dtype=torch.float32)
+    positives = torch.tensor([[[0, 3, 3], [7, -1, -1], [-1, -1, -1]],
+                              [[1, 2, 5], [5, 5, 5], [6, -1, 0]]])
+    dense = torch.zeros(2, 3, 8, dtype=torch.bool)
+    for b in range(2):
+        for r in range(3):
+            for c in positives[b, r].tolist():
+                if c != -1:
+                    dense[b, r, c] = True
+    for reduction in ("none", "mean"):
+        assert_close(kxops.sparse_zlpr_loss(logits, positives, reduction=reduction),
+                     kxops.zlpr_loss(logits, dense, reduction=reduction))
+
+
+def test_sparse_custom_ignore_index_and_int32():
+    logits, _ = random_problem((3, 5), dtype=torch.float32)
+    positives = torch.tensor([[4, 99], [99, 99], [0, 1]], dtype=torch.int32)
+    dense = torch.tensor([[0, 0, 0, 0, 1], [0] * 5, [1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert_close(kxops.sparse_zlpr_loss(logits, positives, ignore_index=99),
+                 kxops.zlpr_loss(logits, dense))
+
+
+def test_sparse_exact_when_positives_dominate():
+    """The subtraction form log(e^a - e^b) cancels here; the exact negative sum does not."""
+    num_classes = 50
+    logits = torch.full((1, num_classes), -5.0)
+    logits[0, :45] = 12.0  # 45 confident positives dominate the all-class sum
+    positives = torch.arange(45)[None]
+    loss = kxops.sparse_zlpr_loss(logits, positives, reduction="none")
+    expected, _ = zlpr_by_loops(logits.double(), (torch.arange(num_classes) < 45)[None])
+    assert loss.item() > 0
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_gradcheck_float64():
+    logits, labels = random_problem((3, 5), soft=True, masked=0.2)
+    logits = logits.requires_grad_(True)
+    torch.autograd.gradcheck(lambda s: kxops.zlpr_loss(s, labels, reduction="sum"), (logits,))
+    positives = torch.tensor([[0, 2], [4, -1], [-1, -1]])
+    torch.autograd.gradcheck(lambda s: kxops.sparse_zlpr_loss(s, positives), (logits,))
+
+
+def test_modules():
+    logits, labels = random_problem((4, 6), dtype=torch.float32)
+    assert_close(kxops.nn.ZLPRLoss("sum")(logits, labels),
+                 kxops.zlpr_loss(logits, labels, reduction="sum"))
+    positives = torch.tensor([[0], [5], [-7], [2]])
+    assert_close(kxops.nn.SparseZLPRLoss(ignore_index=-7)(logits, positives),
+                 kxops.sparse_zlpr_loss(logits, positives, ignore_index=-7))
+
+
+def test_compile_fullgraph():
+    logits, labels = random_problem((4, 6), dtype=torch.float32)
+    logits.requires_grad_(True)
+    compiled = torch.compile(kxops.zlpr_loss, fullgraph=True)
+    loss = compiled(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = ref.zlpr_loss(logits, labels)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert_close(loss, expected)
+    assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3), torch.ones(2, 4)), ValueError, "labels shape"),
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3), torch.ones(2, 3), reduction="avg"), ValueError,
+     "reduction"),
+    (lambda: kxops.zlpr_loss(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)), TypeError,
+     "floating-point"),
+    (lambda: kxops.zlpr_loss(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "class dim"),
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3), [[1, 0, 0]]), TypeError, "labels must be"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.zeros(2, 1)), TypeError,
+     "int32 or int64"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.zeros(3, 1, dtype=torch.long)),
+     ValueError, "positives shape"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [3]])), IndexError,
+     "out of range"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [-2]])), IndexError,
+     "out of range"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [1]]),
+                                    ignore_index=1.5), TypeError, "ignore_index"),
+])
+def test_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_inputs_are_not_modified():
+    logits, labels = random_problem((3, 4), dtype=torch.float32, masked=0.2)
+    logits_before, labels_before = logits.clone(), labels.clone()
+    kxops.zlpr_loss(logits, labels)
+    positives = torch.tensor([[0, -1], [1, 1], [3, 2]])
+    kxops.sparse_zlpr_loss(logits, positives)
+    assert torch.equal(logits, logits_before) and torch.equal(labels, labels_before)
+    assert torch.equal(positives, torch.tensor([[0, -1], [1, 1], [3, 2]]))
+
+
+# --- the compiled ops, wherever a kernel is registered --------------------------------------
+
+def needs_kernel(op, device):
+    if not _ext.has_kernel(op, torch.device(device)):
+        pytest.skip(f"no compiled kxops::{op} kernel for {device} yet")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (2, 3, 130), (0, 5)])
+def test_kernel_matches_reference(device, dtype, shape):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem(shape, soft=True, masked=0.1, dtype=dtype, device=device)
+    logits.requires_grad_(True)
+    loss = kxops.zlpr_loss(logits, labels, reduction="sum")
+    expected = ref.zlpr_loss(logits, labels, reduction="sum")
+    assert_close(loss, expected)
+    if logits.numel():
+        assert_close(torch.autograd.grad(loss, logits)[0],
+                     torch.autograd.grad(expected, logits)[0])
+
+
+def test_opcheck(device):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((3, 17), soft=True, dtype=torch.float32, device=device)
+    for compute_grad in (False, True):
+        s = logits.clone().requires_grad_(compute_grad)
+        torch.library.opcheck(torch.ops.kxops.zlpr, (s, labels, compute_grad))
+    positives = torch.tensor([[0, 4], [16, -1], [-1, -1]], device=device)
+    torch.library.opcheck(torch.ops.kxops.sparse_zlpr,
+                          (logits.clone().requires_grad_(True), positives, -1, True))
