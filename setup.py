@@ -40,6 +40,7 @@ from torch.utils.cpp_extension import (  # noqa: E402
     CppExtension,
     CUDAExtension,
 )
+
 MIN_PYTHON_HEX = "0x030A0000"  # the limited API of Python 3.10, our oldest supported Python
 
 

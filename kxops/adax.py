@@ -38,11 +38,13 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
            found_inf=None if found_inf is None else found_inf.to(device), **hyper)
 
 
-def _device_bias_corrections(steps, beta2):
-    """B_t per tensor computed on the steps' device in float64 (no host sync: graph-safe)."""
-    bc = torch._foreach_mul([s.double() for s in steps], math.log1p(beta2))
-    torch._foreach_expm1_(bc)
-    return bc
+def _device_inverse_bias_corrections(steps, beta2):
+    """1/B_t = e^-x / (1 - e^-x), x = t log1p(beta2), per tensor on the steps' device in
+    float64 (no host sync: graph-safe); see reference.adax.inverse_bias_correction."""
+    neg_x = torch._foreach_mul([s.double() for s in steps], -math.log1p(beta2))
+    one_minus = torch._foreach_expm1(neg_x)
+    torch._foreach_neg_(one_minus)
+    return torch._foreach_div(torch._foreach_exp(neg_x), one_minus)
 
 
 def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
@@ -71,17 +73,16 @@ def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
         torch._foreach_lerp_(dev_m, g, 1 - beta1)
         g_sq = torch._foreach_mul(g, g)
         if capturable:
-            bc = _device_bias_corrections(dev_steps, beta2)
-            weights = [w.to(v.dtype) for w, v in zip(torch._foreach_reciprocal(bc), dev_v)]
-            torch._foreach_mul_(weights, beta2)
+            inv_bc = _device_inverse_bias_corrections(dev_steps, beta2)
+            weights = [(w * beta2).to(v.dtype) for w, v in zip(inv_bc, dev_v)]
             torch._foreach_lerp_(dev_v, g_sq, weights)
-            eps_terms = torch._foreach_rsqrt(bc)
+            eps_terms = torch._foreach_sqrt(inv_bc)
             torch._foreach_mul_(eps_terms, eps)
         else:
-            bc = [ref.bias_correction(float(s.item()), beta2) for s in dev_steps]
-            torch._foreach_mul_(dev_v, [1 - beta2 / b for b in bc])
-            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, [beta2 / b for b in bc]))
-            eps_terms = [eps / math.sqrt(b) for b in bc]
+            inv_bc = [ref.inverse_bias_correction(float(s.item()), beta2) for s in dev_steps]
+            torch._foreach_mul_(dev_v, [1 - beta2 * b for b in inv_bc])
+            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, [beta2 * b for b in inv_bc]))
+            eps_terms = [eps * math.sqrt(b) for b in inv_bc]
         denom = torch._foreach_sqrt(dev_v)
         torch._foreach_add_(denom, eps_terms)
         update = torch._foreach_div(dev_m, denom)

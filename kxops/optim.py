@@ -91,8 +91,7 @@ class AdaX(Optimizer):
                     self.state[param][key] = saved[key].to(device=param.device,
                                                            dtype=state_dtype(param.dtype))
 
-    def _init_group(self, group):
-        lists = ([], [], [], [], [])
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_on_param_device = bool(group["fused"] or group["capturable"])
         for p in group["params"]:
             if p.grad is None:
@@ -100,16 +99,17 @@ class AdaX(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("AdaX does not support sparse gradients")
             state = self.state[p]
-            if not state:
+            if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32,
                                             device=p.device if step_on_param_device else "cpu")
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
                                                   memory_format=torch.preserve_format)
-            for acc, value in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                          state["step"])):
-                acc.append(value)
-        return lists
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
@@ -119,8 +119,9 @@ class AdaX(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lists = self._init_group(group)
-            if not lists[0]:
+            lists = ([], [], [], [], [])
+            self._init_group(group, *lists)
+            if len(lists[0]) == 0:
                 continue
             beta1, beta2 = group["betas"]
             adax(*lists, foreach=group["foreach"], fused=group["fused"],

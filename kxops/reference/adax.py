@@ -10,6 +10,7 @@ Per parameter, with t the step count after the increment::
 ``v`` grows like (1 + beta2)^t and overflows fp32 after ~10^6 steps, so the state holds
 ``v_hat = v / B_t``, updated as ``v_hat = (1 - b_t) v_hat + b_t g^2`` with ``b_t = beta2 / B_t``,
 and the step is ``p -= lr * m / (sqrt(v_hat) + eps / sqrt(B_t))``: the same update, no overflow.
+Only ``1 / B_t`` is ever formed (B_t itself overflows float64 near t = 7e6 for beta2 = 1e-4).
 """
 
 import math
@@ -24,9 +25,14 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
 
 
-def bias_correction(step: float, beta2: float) -> float:
-    """B_t = (1 + beta2)^t - 1 in float64, accurate for tiny beta2 and large t."""
-    return math.expm1(step * math.log1p(beta2))
+def inverse_bias_correction(step: float, beta2: float) -> float:
+    """1 / B_t = 1 / ((1 + beta2)^t - 1) in float64, accurate for tiny beta2 and any t.
+
+    B_t itself overflows float64 once t * log1p(beta2) > 709 (t ~ 7e6 for beta2 = 1e-4); the
+    update needs only 1/B_t, written as e^-x / (1 - e^-x), which goes smoothly to 0 instead.
+    """
+    neg_x = -step * math.log1p(beta2)
+    return math.exp(neg_x) / -math.expm1(neg_x)
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay):
@@ -84,15 +90,15 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
         if maximize:
             g = -g
         step.add_(1)
-        bc = bias_correction(float(step.item()), beta2)
+        inv_bc = inverse_bias_correction(float(step.item()), beta2)
         if weight_decay != 0:
             if decoupled:
                 work.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(work, alpha=weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(1 - beta2 / bc).addcmul_(g, g, value=beta2 / bc)
-        denom = exp_avg_sq.sqrt().add_(eps / math.sqrt(bc))
+        exp_avg_sq.mul_(1 - beta2 * inv_bc).addcmul_(g, g, value=beta2 * inv_bc)
+        denom = exp_avg_sq.sqrt().add_(eps * math.sqrt(inv_bc))
         work.sub_(exp_avg / denom * lr)
         if work is not param:
             param.copy_(work)
