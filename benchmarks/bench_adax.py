@@ -1,0 +1,70 @@
+"""AdaX-W step: kxops (fused when compiled, foreach) vs torch's AdamW (same bytes per param:
+the bandwidth yardstick) and the authors' per-parameter loop."""
+
+import math
+
+import pytest
+import torch
+
+import kxops
+from benchmarks.conftest import run_timed
+
+
+class AuthorsAdaXW(torch.optim.Optimizer):
+    """The authors' AdaX.py style: one parameter at a time, un-normalised second moment."""
+
+    def __init__(self, params, lr=5e-3, betas=(0.9, 1e-4), eps=1e-12, weight_decay=5e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(1 + beta2).addcmul_(p.grad, p.grad, value=beta2)
+                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+                step_size = group["lr"] * math.sqrt((1 + beta2) ** state["step"] - 1)
+                p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+
+
+def optimizer_for(provider, params):
+    if provider == "kxops_fused" and not kxops.adax.fused_available(params):
+        pytest.skip("no compiled AdaX kernel on this device yet")
+    return {
+        "kxops_fused": lambda: kxops.optim.AdaXW(params, fused=True),
+        "kxops_foreach": lambda: kxops.optim.AdaXW(params, foreach=True),
+        "adamw_fused": lambda: torch.optim.AdamW(params, fused=True),
+        "adamw_foreach": lambda: torch.optim.AdamW(params, foreach=True),
+        "authors_loop": lambda: AuthorsAdaXW(params),
+    }[provider]()
+
+
+SIZES = {"cpu": [1_000_000, 4_000_000], "cuda": [1_000_000, 10_000_000, 100_000_000]}
+TENSORS = 200
+
+
+@pytest.mark.parametrize("provider", ["kxops_fused", "kxops_foreach", "adamw_fused",
+                                      "adamw_foreach", "authors_loop"])
+@pytest.mark.parametrize("size_index", [0, 1, 2])
+def test_adax_step(benchmark, device, provider, size_index):
+    sizes = SIZES[device.type]
+    if size_index >= len(sizes):
+        pytest.skip("size not benchmarked on this device")
+    numel = sizes[size_index]
+    params = [torch.nn.Parameter(torch.randn(numel // TENSORS, device=device))
+              for _ in range(TENSORS)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = optimizer_for(provider, params)
+    # fp32: read p, g, m, v and write p, m, v = 28 bytes per param.
+    run_timed(benchmark, optimizer.step, device, group=f"adax|step|{numel}x{TENSORS}|float32",
+              provider=provider, nbytes=28 * numel, op="adax", mode="step",
+              shape=f"{numel} params / {TENSORS} tensors", dtype="float32",
+              peer="adamw_fused")

@@ -1,0 +1,60 @@
+"""Dilated gated conv block, forward+backward: kxops vs the reference, the nn.Conv1d version
+users write (with transposes) and its torch.compile."""
+
+import pytest
+import torch
+from torch import nn
+
+import kxops
+from benchmarks.conftest import run_timed
+
+
+class EagerGatedConv(nn.Module):
+    """The block as users write it: transpose, nn.Conv1d, split, sigmoid, blend, mask."""
+
+    def __init__(self, dim, dilation):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, 2 * dim, 3, dilation=dilation, padding=dilation)
+
+    def forward(self, x, mask):
+        m = mask[..., None].to(x.dtype)
+        h, g = self.conv((x * m).transpose(1, 2)).transpose(1, 2).chunk(2, dim=-1)
+        s = torch.sigmoid(g)
+        return (x * (1 - s) + h * s) * m
+
+
+SIZES = {"cpu": dict(batch=16, time=256, channels=(128,)),
+         "cuda": dict(batch=32, time=512, channels=(128, 512))}
+
+
+@pytest.mark.parametrize("provider", ["kxops", "reference", "conv1d_eager", "conv1d_compiled"])
+@pytest.mark.parametrize("dilation", [1, 2, 5])
+@pytest.mark.parametrize("channel_index", [0, 1])
+def test_gated_conv_full(benchmark, device, provider, dilation, channel_index):
+    size = SIZES[device.type]
+    if channel_index >= len(size["channels"]):
+        pytest.skip("width not benchmarked on this device")
+    dim = size["channels"][channel_index]
+    eager = EagerGatedConv(dim, dilation).to(device)
+    x = torch.randn(size["batch"], size["time"], dim, device=device, requires_grad=True)
+    mask = torch.ones(size["batch"], size["time"], dtype=torch.bool, device=device)
+    mask[:, size["time"] * 3 // 4:] = False
+    w, b = eager.conv.weight, eager.conv.bias
+    block = {
+        "kxops": lambda: kxops.dilated_gated_conv1d(x, w, b, mask, dilation=dilation),
+        "reference": lambda: kxops.reference.dilated_gated_conv1d(x, w, b, mask,
+                                                                  dilation=dilation),
+        "conv1d_eager": lambda: eager(x, mask),
+        "conv1d_compiled": lambda: compiled(x, mask),
+    }[provider]
+    compiled = torch.compile(eager) if provider == "conv1d_compiled" else None
+
+    def full():
+        x.grad = None
+        eager.zero_grad(set_to_none=True)
+        block().sum().backward()
+
+    shape = [size["batch"], size["time"], dim]
+    run_timed(benchmark, full, device, group=f"gated_conv|full|{shape}|d{dilation}|float32",
+              provider=provider, nbytes=None, op="gated_conv", mode="full",
+              shape=f"{shape} d={dilation}", dtype="float32", peer="conv1d_eager")

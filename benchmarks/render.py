@@ -1,0 +1,159 @@
+"""Turn pytest-benchmark JSON into benchmarks/results/<device>.csv, a markdown table, a PNG of
+speed-ups, and the README results section (never edited by hand)."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80",
+           "device", "torch", "kxops", "git_rev", "timestamp"]
+
+
+def git_rev():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device):
+    import torch
+
+    if device == "cuda":
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    return "cpu"
+
+
+def rows_from(raw):
+    import torch
+
+    import kxops
+
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    common = dict(torch=torch.__version__, kxops=kxops.__version__, git_rev=git_rev(),
+                  timestamp=stamp)
+    for bench in raw["benchmarks"]:
+        info = bench["extra_info"]
+        times = np.asarray(bench["stats"].get("data") or [bench["stats"]["median"]]) * 1e3
+        p20, p50, p80 = np.percentile(times, [20, 50, 80])
+        base = dict(op=info["op"], provider=info["provider"], mode=info["mode"],
+                    shape=info["shape"], dtype=info["dtype"], device=info["device"], **common)
+        yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80), info
+        if info.get("bytes"):
+            # GB/s from the op's minimum bytes; p20 of time is p80 of bandwidth.
+            gbps = [info["bytes"] / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
+            yield dict(base, metric="bandwidth", unit="GB/s", p50=gbps[0], p20=gbps[1],
+                       p80=gbps[2]), info
+
+
+def markdown(rows, peers):
+    """One table per op: p50 time per provider and the speed-up over the op's eager peer."""
+    times = [r for r in rows if r["metric"] == "time"]
+    lines = []
+    by_op = defaultdict(list)
+    for r in times:
+        by_op[(r["device"], r["op"])].append(r)
+    for (device, op), op_rows in by_op.items():
+        providers = list(dict.fromkeys(r["provider"] for r in op_rows))
+        cases = list(dict.fromkeys((r["mode"], r["shape"], r["dtype"]) for r in op_rows))
+        peer = peers[op]
+        lines += [f"**{op}** on {device} (p50 ms; ×: speed-up over `{peer}`)", "",
+                  "| mode | shape | dtype | " + " | ".join(providers) + " |",
+                  "|---|---|---|" + "---|" * len(providers)]
+        for case in cases:
+            cell = {r["provider"]: r["p50"] for r in op_rows if (r["mode"], r["shape"],
+                                                                    r["dtype"]) == case}
+            ref = cell.get(peer)
+            entries = []
+            for p in providers:
+                if p not in cell:
+                    entries.append("–")
+                else:
+                    speedup = f" ({ref / cell[p]:.2f}×)" if ref else ""
+                    entries.append(f"{cell[p]:.3g}{speedup}")
+            lines.append(f"| {case[0]} | {case[1]} | {case[2]} | " + " | ".join(entries) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows, peers, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = [r for r in rows if r["metric"] == "time"]
+    ops = list(dict.fromkeys(r["op"] for r in times))
+    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        op_rows = [r for r in times if r["op"] == op]
+        cases = list(dict.fromkeys(r["shape"] for r in op_rows))
+        providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p != peers[op]]
+        width = 0.8 / max(len(providers), 1)
+        for i, provider in enumerate(providers):
+            speedups = []
+            for case in cases:
+                t = {r["provider"]: r["p50"] for r in op_rows if r["shape"] == case}
+                speedups.append(t[peers[op]] / t[provider] if provider in t and
+                                peers[op] in t else 0.0)
+            ax.bar(np.arange(len(cases)) + i * width, speedups, width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(cases)) + width * (len(providers) - 1) / 2)
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
+        ax.set_title(f"{op}: speed-up over {peers[op]}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def update_readme(sections):
+    text = README.read_text()
+    if START not in text or END not in text:
+        return
+    body = "\n".join(sections)
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+
+
+def main(raw_path):
+    raw = json.loads(Path(raw_path).read_text())
+    rows, peers = [], {}
+    for row, info in rows_from(raw):
+        rows.append(row)
+        peers[row["op"]] = info["peer"]
+    sections = []
+    for device in sorted({r["device"] for r in rows}):
+        name = device_name(device)
+        device_rows = [r for r in rows if r["device"] == device]
+        with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for r in device_rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                 for k, v in r.items()})
+        table = markdown(device_rows, peers)
+        (RESULTS / f"{name}.md").write_text(table)
+        plot(device_rows, peers, RESULTS / f"{name}.png")
+        print(table)
+        sections.append(f"#### {name} (kxops {device_rows[0]['kxops']}, torch "
+                        f"{device_rows[0]['torch']}, git {device_rows[0]['git_rev']})\n\n{table}"
+                        f"\n![speed-ups on {name}](benchmarks/results/{name}.png)\n")
+    update_readme(sections)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "raw.json")
