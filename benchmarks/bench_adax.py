@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kxops
-from benchmarks.conftest import run_timed
+from benchmarks.conftest import run_timed, size_for
 
 
 class AuthorsAdaXW(torch.optim.Optimizer):
@@ -54,10 +54,7 @@ TENSORS = 200
                                       "adamw_foreach", "authors_loop"])
 @pytest.mark.parametrize("size_index", [0, 1, 2])
 def test_adax_step(benchmark, device, provider, size_index):
-    sizes = SIZES[device.type]
-    if size_index >= len(sizes):
-        pytest.skip("size not benchmarked on this device")
-    numel = sizes[size_index]
+    numel = size_for(SIZES[device.type], size_index)
     params = [torch.nn.Parameter(torch.randn(numel // TENSORS, device=device))
               for _ in range(TENSORS)]
     for p in params:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import kxops
-from benchmarks.conftest import run_timed
+from benchmarks.conftest import run_timed, size_for
 
 
 class EagerGatedConv(nn.Module):
@@ -32,9 +32,7 @@ SIZES = {"cpu": dict(batch=16, time=256, channels=(128,)),
 @pytest.mark.parametrize("channel_index", [0, 1])
 def test_gated_conv_full(benchmark, device, provider, dilation, channel_index):
     size = SIZES[device.type]
-    if channel_index >= len(size["channels"]):
-        pytest.skip("width not benchmarked on this device")
-    dim = size["channels"][channel_index]
+    dim = size_for(size["channels"], channel_index)
     eager = EagerGatedConv(dim, dilation).to(device)
     x = torch.randn(size["batch"], size["time"], dim, device=device, requires_grad=True)
     mask = torch.ones(size["batch"], size["time"], dtype=torch.bool, device=device)

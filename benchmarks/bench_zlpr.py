@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kxops
-from benchmarks.conftest import run_timed
+from benchmarks.conftest import run_timed, size_for
 
 
 def bert4keras_zlpr(logits, labels):
@@ -33,10 +33,7 @@ SHAPES = {"cpu": [(1024, 1000), (256, 128 * 128)], "cuda": [(4096, 1000), (4096,
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("shape_index", [0, 1, 2])
 def test_zlpr_full(benchmark, device, provider, shape_index):
-    shapes = SHAPES[device.type]
-    if shape_index >= len(shapes):
-        pytest.skip("shape not benchmarked on this device")
-    shape = shapes[shape_index]
+    shape = size_for(SHAPES[device.type], shape_index)
     logits = torch.randn(shape, device=device, requires_grad=True)
     labels = (torch.rand(shape, device=device) < 0.05).float()
     loss_fn = PROVIDERS[provider]

@@ -13,6 +13,13 @@ def device(request):
     return torch.device(request.param)
 
 
+def size_for(sizes, index):
+    """The index-th problem size of this device's list; skip when the device has fewer."""
+    if index >= len(sizes):
+        pytest.skip("size not benchmarked on this device")
+    return sizes[index]
+
+
 def run_timed(benchmark, fn, device, *, group, provider, nbytes=None, **info):
     """Time ``fn`` (synchronising inside the timed call on CUDA) and label the row."""
     def call():
