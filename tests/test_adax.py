@@ -41,15 +41,14 @@ def gradient_at(p, t):
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_reference_follows_the_authors_recurrence_for_300_steps(decoupled):
     p0 = torch.randn(50, dtype=torch.float64)
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8)
     p, m, v, step = p0.clone(), torch.zeros(50, dtype=torch.float64), \
         torch.zeros(50, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     grads = []
     for t in range(300):
         grads.append(gradient_at(p, t))
         ref.adax([p], [grads[-1]], [m], [v], [step], decoupled=decoupled, maximize=False,
-                 **hyper)
-    expected = authors_adax(p0, grads, decoupled=decoupled, **hyper)
+                 **HYPER)
+    expected = authors_adax(p0, grads, decoupled=decoupled, **HYPER)
     torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-12)
 
 
