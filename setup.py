@@ -6,6 +6,7 @@ with -O0 -g. A GPU is never needed to build.
 """
 
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,12 @@ def extensions():
     use_cuda = want_cuda()
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = ["-DKXOPS_DEBUG=1"] if debug else []
-    cxx = [*opt, *defines, f"-DPy_LIMITED_API={MIN_PYTHON_HEX}", "-fdiagnostics-color=always"]
+    cxx = [*opt, *defines, f"-DPy_LIMITED_API={MIN_PYTHON_HEX}", "-fdiagnostics-color=always",
+           "-Wno-unknown-pragmas", "-Wno-psabi"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # at::vec is scalar code unless a capability is compiled in; kxops._ext refuses to load
+        # the binary on an x86-64 CPU without AVX2 (the reference ops then run).
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     sources = ["csrc/kxops.cpp", *relative_sources("csrc/cpu/*.cpp")]
     kwargs = {}
     if use_cuda:

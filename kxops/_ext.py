@@ -5,6 +5,7 @@ warns once and leaves the references in charge; it never breaks ``import kxops``
 """
 
 import os
+import platform
 import warnings
 
 import torch
@@ -21,6 +22,11 @@ DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 def _load():
     if os.environ.get("KXOPS_DISABLE_EXT", "0") not in ("", "0"):
         return False, "disabled by KXOPS_DISABLE_EXT"
+    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported():
+        # The x86-64 build's CPU kernels use AVX2/FMA (setup.py); running them here would crash.
+        warnings.warn("kxops: this CPU lacks AVX2, which the compiled extension needs; using the "
+                      "pure-PyTorch reference ops.", RuntimeWarning, stacklevel=3)
+        return False, "not loaded: the CPU lacks AVX2"
     try:
         from kxops import _C  # noqa: F401  (importing it registers the ops)
     except Exception as exc:  # any failure must leave the reference path usable
@@ -44,7 +50,8 @@ def _registered_kernels():
     for ops in BLOCK_OPS.values():
         for op in ops:
             for device, key in DEVICE_KEYS.items():
-                if torch._C._dispatch_has_kernel_for_dispatch_key(f"kxops::{op}", key):
+                # "computed" also counts device-generic (CompositeExplicitAutograd) kernels.
+                if torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"kxops::{op}", key):
                     found.add((op, device))
     return frozenset(found)
 

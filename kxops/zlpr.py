@@ -45,7 +45,8 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
 
 def _fake_forward(logits, compute_grad):
     row_loss = logits.new_empty(logits.shape[:-1], dtype=ref.opmath_dtype(logits.dtype))
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    # The kernels return a contiguous gradient whatever the logits' strides.
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     return row_loss, grad
 
 

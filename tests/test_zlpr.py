@@ -225,3 +225,185 @@ def test_opcheck(device):
     positives = torch.tensor([[0, 4], [16, -1], [-1, -1]], device=device)
     torch.library.opcheck(torch.ops.kxops.sparse_zlpr,
                           (logits.clone().requires_grad_(True), positives, -1, True))
+    strided = logits.t().contiguous().t().requires_grad_(True)
+    torch.library.opcheck(torch.ops.kxops.zlpr, (strided, labels, True))
+    torch.library.opcheck(torch.ops.kxops.zlpr_backward,
+                          (torch.rand(3, device=device), torch.randn(3, 17, device=device)))
+
+
+def loss_and_grad(fn, logits, grad_rows=None):
+    """Loss and d(sum grad_rows * loss)/d logits (grad_rows: ones by default)."""
+    logits = logits.detach().requires_grad_(True)
+    loss = fn(logits)
+    if grad_rows is None:
+        grad_rows = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad(loss, logits, grad_rows)
+    return loss, grad
+
+
+LABEL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16,
+                torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+def test_kernel_label_dtypes(device, label_dtype):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((6, 37), masked=0.1, dtype=torch.float32, device=device)
+    labels = labels.to(label_dtype)
+    grad_rows = torch.rand(6, device=device)
+    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
+                           grad_rows)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
+                             grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("num_classes", [1, 5, 8, 100, 2048, 2049, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_row_lengths(device, dtype, num_classes):
+    """Warp rows (<= 2048 classes on CUDA), block rows above, heads and tails of vector loads."""
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((3, num_classes), soft=True, masked=0.1, dtype=dtype,
+                                    device=device)
+    grad_rows = torch.rand(3, device=device)
+    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
+                           grad_rows)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
+                             grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
+def test_kernel_non_contiguous_and_offset_inputs(device):
+    needs_kernel("zlpr", device)
+    base, base_labels = random_problem((9, 2, 41), soft=True, dtype=torch.float32,
+                                       device=device)
+    logits = base.transpose(0, 1)[:, 1:]          # strided, and rows start unaligned
+    labels = base_labels.transpose(0, 1)[:, 1:]
+    grad_rows = torch.rand(logits.shape[:-1], device=device)
+    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
+                           grad_rows)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
+                             grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    offset_logits = base.reshape(-1)[3:3 + 5 * 17].reshape(5, 17)  # storage offset 3
+    offset_labels = base_labels.reshape(-1)[3:3 + 5 * 17].reshape(5, 17)
+    assert_close(kxops.zlpr_loss(offset_logits, offset_labels, reduction="none"),
+                 ref.zlpr_loss(offset_logits, offset_labels, reduction="none"))
+
+
+def global_pointer_problem(batch, heads, length, dtype, device):
+    """Span logits [B, heads, L, L] as GlobalPointer makes them: padded positions and the lower
+    triangle (end before start) at -inf, a few gold spans per head."""
+    logits = torch.randn(batch, heads, length, length) * 4
+    lengths = torch.randint(1, length + 1, (batch,))
+    valid = torch.arange(length)[None, :] < lengths[:, None]          # [B, L]
+    pair = valid[:, None, :, None] & valid[:, None, None, :]
+    upper = torch.ones(length, length, dtype=torch.bool).triu()
+    keep = pair & upper
+    logits = logits.masked_fill(~keep, -math.inf)
+    labels = (torch.rand(logits.shape) < 0.02) & keep
+    return logits.to(device=device, dtype=dtype), labels.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_global_pointer_shapes(device, dtype):
+    needs_kernel("zlpr", device)
+    logits, labels = global_pointer_problem(2, 3, 50, dtype, device)
+    flat_logits = logits.flatten(-2)
+    flat_labels = labels.flatten(-2)
+    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, flat_labels), flat_logits)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, flat_labels), flat_logits)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    assert torch.isfinite(actual[1]).all()
+    assert actual[1][torch.isneginf(flat_logits)].eq(0).all()
+    # The same labels as span indices per (batch, head): the sparse form GPLinker uses.
+    per_row = flat_labels.sum(-1).max().item()
+    positives = torch.full((*flat_labels.shape[:-1], per_row), -1, dtype=torch.long,
+                           device=device)
+    for index in flat_labels.reshape(-1, flat_labels.shape[-1]).nonzero().tolist():
+        row = positives.view(-1, per_row)[index[0]]
+        row[(row == -1).nonzero()[0]] = index[1]
+    sparse = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives), flat_logits)
+    for a, e in zip(sparse, expected):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_low_precision_error_rule(device, dtype):
+    """Error against an fp64 reference is at most 2x the reference's own error at that dtype."""
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((64, 300), soft=True, masked=0.05, dtype=dtype,
+                                    device=device)
+    grad_rows = torch.rand(64, dtype=torch.float64, device=device)
+    exact = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits.double(),
+                          grad_rows)
+    ours = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
+                         grad_rows.float())
+    theirs = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
+                           grad_rows.float())
+    for o, t, e in zip(ours, theirs, exact):
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-6, (our_error, their_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_classes", [7, 700, 3000])
+def test_kernel_sparse_matches_reference(device, dtype, index_dtype, num_classes):
+    needs_kernel("sparse_zlpr", device)
+    logits, _ = random_problem((4, 3, num_classes), masked=0.05, dtype=dtype, device=device)
+    positives = torch.randint(0, num_classes, (4, 3, 6))
+    positives[..., 1] = positives[..., 0]                        # duplicates
+    positives[torch.rand(positives.shape) < 0.3] = -1            # padding
+    positives = positives.to(device=device, dtype=index_dtype)
+    grad_rows = torch.rand(4, 3, device=device, dtype=torch.float64 if dtype == torch.float64
+                           else torch.float32)
+    actual = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives, reduction="none"),
+                           logits, grad_rows)
+    expected = loss_and_grad(lambda s: ref.sparse_zlpr_loss(s, positives, reduction="none"),
+                             logits, grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
+def test_kernel_sparse_positives_dominate(device):
+    needs_kernel("sparse_zlpr", device)
+    logits = torch.full((2, 3000), -5.0, device=device)
+    logits[:, :2900] = 12.0
+    positives = torch.arange(2900, device=device).expand(2, -1)
+    loss = kxops.sparse_zlpr_loss(logits, positives, reduction="none")
+    expected = ref.zlpr_loss(logits.double(), torch.arange(3000, device=device).lt(2900)
+                             .expand(2, -1), reduction="none")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_kernel_no_gradient_pass_without_requires_grad(device):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((4, 9), dtype=torch.float32, device=device)
+    loss, grad = torch.ops.kxops.zlpr(logits, labels, False)
+    assert grad.numel() == 0
+    assert_close(loss, ref.zlpr_row_loss(logits, labels))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
+                    reason="needs a CUDA GPU with 24 GiB")
+def test_cuda_more_than_2_pow_31_elements():
+    """Row offsets past 2^31 elements: the last rows must match the reference."""
+    needs_kernel("zlpr", "cuda")
+    rows, num_classes = 2**16 + 8, 2**15
+    logits = torch.randn(rows, num_classes, device="cuda", dtype=torch.float16)
+    labels = torch.zeros(rows, num_classes, device="cuda", dtype=torch.bool)
+    labels[:, ::97] = True
+    loss, grad = torch.ops.kxops.zlpr(logits, labels, True)
+    tail = slice(rows - 4, rows)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels[tail], reduction="none"),
+                             logits[tail], torch.ones(4, device="cuda"))
+    assert_close(loss[tail], expected[0])
+    assert_close(grad[tail], expected[1])
