@@ -61,7 +61,7 @@ def test_adax_step(benchmark, device, provider, size_index):
         p.grad = torch.randn_like(p)
     optimizer = optimizer_for(provider, params)
     # fp32: read p, g, m, v and write p, m, v = 28 bytes per param.
-    run_timed(benchmark, optimizer.step, device, group=f"adax|step|{numel}x{TENSORS}|float32",
-              provider=provider, nbytes=28 * numel, op="adax", mode="step",
+    run_timed(benchmark, optimizer.step, device, provider=provider, nbytes=28 * numel,
+              op="adax", mode="step",
               shape=f"{numel} params / {TENSORS} tensors", dtype="float32",
               peer="adamw_fused")

@@ -53,6 +53,5 @@ def test_gated_conv_full(benchmark, device, provider, dilation, channel_index):
         block().sum().backward()
 
     shape = [size["batch"], size["time"], dim]
-    run_timed(benchmark, full, device, group=f"gated_conv|full|{shape}|d{dilation}|float32",
-              provider=provider, nbytes=None, op="gated_conv", mode="full",
+    run_timed(benchmark, full, device, provider=provider, nbytes=None, op="gated_conv", mode="full",
               shape=f"{shape} d={dilation}", dtype="float32", peer="conv1d_eager")

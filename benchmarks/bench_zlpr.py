@@ -1,11 +1,12 @@
-"""ZLPR loss, forward+backward: kxops vs the reference, its torch.compile, the bert4keras-style
-formulation users run, and BCEWithLogitsLoss (the speed yardstick)."""
+"""ZLPR loss, dense and sparse labels, forward / backward / full: kxops vs the reference, its
+torch.compile, the bert4keras-style formulation users run, and BCEWithLogitsLoss (the built-in a
+user might pick instead: the speed yardstick)."""
 
 import pytest
 import torch
 
 import kxops
-from benchmarks.conftest import run_timed, size_for
+from benchmarks.conftest import run_modes, size_for
 
 
 def bert4keras_zlpr(logits, labels):
@@ -19,30 +20,63 @@ def bert4keras_zlpr(logits, labels):
     return (torch.logsumexp(neg, dim=-1) + torch.logsumexp(pos, dim=-1)).mean()
 
 
-PROVIDERS = {
+def bert4keras_sparse_zlpr(logits, positives):
+    """sparse_multilabel_categorical_crossentropy (mask_zero=False) as bert4keras writes it."""
+    zeros = torch.zeros_like(logits[..., :1])
+    logits = torch.cat([logits, zeros], dim=-1)
+    pos_logits = torch.gather(logits, -1, positives)
+    pos_loss = torch.logsumexp(torch.cat([-pos_logits, zeros], dim=-1), dim=-1)
+    all_loss = torch.logsumexp(logits, dim=-1)
+    aux_loss = torch.logsumexp(pos_logits, dim=-1) - all_loss
+    aux_loss = torch.clamp(1 - torch.exp(aux_loss), 1e-7, 1)
+    neg_loss = all_loss + torch.log(aux_loss)
+    return (pos_loss + neg_loss).mean()
+
+
+def bce(logits, labels):
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+
+DENSE = {
     "kxops": kxops.zlpr_loss,
     "reference": kxops.reference.zlpr_loss,
     "compiled_reference": torch.compile(kxops.reference.zlpr_loss),
     "bert4keras": bert4keras_zlpr,
-    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+    "bce_with_logits": bce,
 }
-SHAPES = {"cpu": [(1024, 1000), (256, 128 * 128)], "cuda": [(4096, 1000), (4096, 30000),
-                                                            (64 * 12, 256 * 256)]}
+SPARSE = {
+    "kxops": kxops.sparse_zlpr_loss,
+    "reference": kxops.reference.sparse_zlpr_loss,
+    "bert4keras": bert4keras_sparse_zlpr,
+}
+# Classification [rows, classes] and GlobalPointer [batch * heads, L * L].
+SHAPES = {
+    "cpu": [(1024, 1000), (256, 16384), (16 * 4, 128 * 128)],
+    "cuda": [(4096, 1000), (4096, 30000), (64 * 12, 128 * 128), (64 * 12, 256 * 256)],
+}
+POSITIVES_PER_ROW = 16
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("shape_index", [0, 1, 2])
-def test_zlpr_full(benchmark, device, provider, shape_index):
+@pytest.mark.parametrize("provider", list(DENSE))
+@pytest.mark.parametrize("shape_index", [0, 1, 2, 3])
+def test_zlpr(benchmark, device, mode, provider, shape_index):
     shape = size_for(SHAPES[device.type], shape_index)
-    logits = torch.randn(shape, device=device, requires_grad=True)
+    logits = torch.randn(shape, device=device)
     labels = (torch.rand(shape, device=device) < 0.05).float()
-    loss_fn = PROVIDERS[provider]
-
-    def full():
-        logits.grad = None
-        loss_fn(logits, labels).backward()
-
+    loss_fn = DENSE[provider]
     # Minimum traffic: read logits and labels (fp32), write the gradient.
-    run_timed(benchmark, full, device, group=f"zlpr|full|{list(shape)}|float32",
-              provider=provider, nbytes=3 * logits.numel() * 4, op="zlpr", mode="full",
-              shape=str(list(shape)), dtype="float32", peer="bert4keras")
+    run_modes(benchmark, mode, lambda s: loss_fn(s, labels), logits, device, provider=provider,
+              op="zlpr", shape=str(list(shape)), dtype="float32", peer="bert4keras",
+              nbytes=3 * logits.numel() * 4)
+
+
+@pytest.mark.parametrize("provider", list(SPARSE))
+@pytest.mark.parametrize("shape_index", [0, 1, 2, 3])
+def test_sparse_zlpr(benchmark, device, mode, provider, shape_index):
+    shape = size_for(SHAPES[device.type], shape_index)
+    logits = torch.randn(shape, device=device)
+    positives = torch.randint(0, shape[1], (shape[0], POSITIVES_PER_ROW), device=device)
+    loss_fn = SPARSE[provider]
+    run_modes(benchmark, mode, lambda s: loss_fn(s, positives), logits, device, provider=provider,
+              op="sparse_zlpr", shape=str(list(shape)), dtype="float32", peer="bert4keras",
+              nbytes=2 * logits.numel() * 4)

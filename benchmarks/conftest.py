@@ -1,4 +1,4 @@
-"""Shared benchmark fixtures: the devices to run on and a timer that synchronises CUDA."""
+"""Shared benchmark fixtures: the devices to run on and timers that synchronise CUDA."""
 
 import pytest
 import torch
@@ -6,11 +6,18 @@ import torch
 import kxops  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MODES = ["forward", "backward", "full"]
+ROUNDS = 5
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
 
 
 def size_for(sizes, index):
@@ -20,14 +27,61 @@ def size_for(sizes, index):
     return sizes[index]
 
 
-def run_timed(benchmark, fn, device, *, group, provider, nbytes=None, **info):
-    """Time ``fn`` (synchronising inside the timed call on CUDA) and label the row."""
-    def call():
-        fn()
+def _synchronised(fn, device):
+    def call(*args):
+        fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize()
+    return call
 
-    call()  # warm-up outside the timing (compilation, allocator)
-    benchmark.group = group
+
+def _label(benchmark, device, provider, nbytes, info):
+    benchmark.group = "|".join(str(info[k]) for k in ("op", "mode", "shape", "dtype"))
     benchmark.extra_info.update(provider=provider, device=device.type, bytes=nbytes, **info)
-    benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory fn allocates above what was allocated before it (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def run_timed(benchmark, fn, device, *, provider, nbytes=None, **info):
+    """Time ``fn`` (synchronising inside the timed call on CUDA) and label the row."""
+    call = _synchronised(fn, device)
+    call()  # warm-up outside the timing (compilation, allocator)
+    _label(benchmark, device, provider, nbytes, info)
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None, **info):
+    """Time the forward (with grad enabled), the backward alone, or both, of ``loss_of(inputs)``
+    (a scalar or a tensor reduced by sum); records peak extra memory of a full step on CUDA."""
+    inputs = inputs.detach().requires_grad_(True)
+
+    def forward():
+        inputs.grad = None
+        out = loss_of(inputs)
+        return out if out.dim() == 0 else out.sum()
+
+    def full():
+        forward().backward()
+
+    info.update(mode=mode)
+    info["peak_bytes"] = peak_extra_bytes(full, device) if mode == "full" else None
+    if mode == "backward":
+        call = _synchronised(lambda loss: loss.backward(), device)
+        call(forward())  # warm-up
+        _label(benchmark, device, provider, nbytes, info)
+        # The graph is built in the untimed setup of each round.
+        benchmark.pedantic(call, setup=lambda: ((forward(),), {}), rounds=ROUNDS, iterations=1,
+                           warmup_rounds=1)
+    else:
+        run_timed(benchmark, forward if mode == "forward" else full, device, provider=provider,
+                  nbytes=nbytes, **info)

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "zlpr.h"
@@ -30,6 +32,7 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kWidth = Vec::size();
   const int64_t vec_end = n - n % kWidth;
+  constexpr int kAllLanes = (1 << kWidth) - 1;
   const Vec zero(0), one(1), neg_inf(-std::numeric_limits<acc_t>::infinity());
 
   // Maxima of the terms that enter each sum (0 stands for the "1 +"); a NaN need not win
@@ -58,8 +61,14 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
     const Vec sj = Vec::loadu(s + j), tj = Vec::loadu(t + j);
     const Vec kept = sj != neg_inf;
     const Vec w_neg = one - tj;
-    const Vec e_neg = Vec::blendv(zero, w_neg * (sj - vm_neg).exp(), kept & (w_neg > zero));
-    const Vec e_pos = Vec::blendv(zero, tj * (zero - sj - vm_pos).exp(), kept & (tj > zero));
+    const Vec in_neg = kept & (w_neg > zero), in_pos = kept & (tj > zero);
+    // Hard labels leave most vectors with one sum only: skip the other's exponentials.
+    const Vec e_neg = in_neg.zero_mask() == kAllLanes
+                          ? zero
+                          : Vec::blendv(zero, w_neg * (sj - vm_neg).exp_u20(), in_neg);
+    const Vec e_pos = in_pos.zero_mask() == kAllLanes
+                          ? zero
+                          : Vec::blendv(zero, tj * (zero - sj - vm_pos).exp_u20(), in_pos);
     sum_neg = sum_neg + e_neg;
     sum_pos = sum_pos + e_pos;
     e_neg.store(s + j);
@@ -92,13 +101,67 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
   at::vec::convert(s, grad, n);
 }
 
-// Runs fill_targets(row, s, t) then zlpr_row over every row, in parallel.
-template <typename scalar_t, typename FillTargets>
+// The exact sparse row: positives leave the negative sum because their logits are replaced by
+// -inf in the private copy s (no subtraction), so the negative side costs one exponential per
+// class without reading targets, and the positive side is a short online sum over the listed
+// positives. `kept` receives (class, logit) of each distinct positive that is not masked.
+template <typename acc_t, typename scalar_t, typename index_t>
+void sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_row,
+                     int64_t ignore_index, std::vector<std::pair<int64_t, acc_t>>& kept,
+                     acc_t* loss, scalar_t* grad) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  kept.clear();
+  for (const index_t* p = positives; p != positives + per_row; ++p) {
+    if (*p == ignore_index) continue;
+    TORCH_CHECK_INDEX(*p >= 0 && *p < n, "kxops ZLPR: positives holds class index ", *p,
+                      ", out of range for ", n, " classes (valid: 0..", n - 1,
+                      ", or ignore_index=", ignore_index, " for padding)");
+    // A -inf here is a masked positive or a duplicate already taken: neither adds a term.
+    if (s[*p] == kNegInf) continue;
+    kept.emplace_back(*p, s[*p]);
+    s[*p] = kNegInf;
+  }
+  RowSums<acc_t> sums;
+  for (const auto& [index, logit] : kept) push(sums.pos, -logit, acc_t(1));
+
+  // -inf logits are neutral in the max and give e^{-inf} = 0; a NaN makes the sum NaN.
+  const int64_t vec_end = n - n % Vec::size();
+  Vec max_vec(0);
+  for (int64_t j = 0; j < vec_end; j += Vec::size()) {
+    max_vec = at::vec::maximum(max_vec, Vec::loadu(s + j));
+  }
+  acc_t max_neg = at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_vec);
+  for (int64_t j = vec_end; j < n; ++j) max_neg = std::max(max_neg, s[j]);
+  const Vec max_neg_vec(max_neg);
+  Vec sum_vec(0);
+  for (int64_t j = vec_end; j < n; ++j) s[j] = std::exp(s[j] - max_neg);
+  for (int64_t j = 0; j < vec_end; j += Vec::size()) {
+    const Vec e = (Vec::loadu(s + j) - max_neg_vec).exp_u20();
+    sum_vec = sum_vec + e;
+    e.store(s + j);
+  }
+  sums.neg.max = max_neg;
+  sums.neg.sum = std::accumulate(s + vec_end, s + n, at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return a + b; }, sum_vec));
+  *loss = sums.loss();
+  if (grad == nullptr) return;
+
+  const RowGrad<acc_t> finish(sums);
+  at::vec::map([&](Vec e) { return e * Vec(finish.inv_neg); }, s, s, n);
+  for (const auto& [index, logit] : kept) s[index] = finish(logit, acc_t(1));
+  at::vec::convert(s, grad, n);
+}
+
+// Runs row_fn(row, s, t, loss, grad) over every row in parallel, with s holding the row's
+// logits in opmath and t a scratch row of the same length.
+template <typename scalar_t, typename RowFn>
 void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& grad,
-                  bool compute_grad, FillTargets fill_targets) {
+                  bool compute_grad, RowFn row_fn) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = logits.size(-1);
-  const int64_t rows = n == 0 ? row_loss.numel() : logits.numel() / n;
+  const int64_t rows = row_loss.numel();
   const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();
   acc_t* loss_data = row_loss.mutable_data_ptr<acc_t>();
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
@@ -107,9 +170,8 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
     std::vector<acc_t> s(n), t(n);
     for (int64_t row = begin; row < end; ++row) {
       at::vec::convert(logits_data + row * n, s.data(), n);
-      fill_targets(row, t.data());
-      zlpr_row(s.data(), t.data(), n, loss_data + row,
-               grad_data == nullptr ? nullptr : grad_data + row * n);
+      row_fn(row, s.data(), t.data(), loss_data + row,
+             grad_data == nullptr ? nullptr : grad_data + row * n);
     }
   });
 }
@@ -127,9 +189,11 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits_in,
     AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(),
                                "zlpr_cpu_labels", [&] {
       const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
-      for_each_row<logit_t>(logits, row_loss, grad, compute_grad, [&](int64_t row, acc_t* t) {
-        at::vec::convert(label_data + row * n, t, n);
-      });
+      for_each_row<logit_t>(logits, row_loss, grad, compute_grad,
+                            [&](int64_t row, acc_t* s, acc_t* t, acc_t* loss, logit_t* g) {
+                              at::vec::convert(label_data + row * n, t, n);
+                              zlpr_row(s, t, n, loss, g);
+                            });
     });
   });
   return {row_loss, grad};
@@ -149,17 +213,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits_in,
     using acc_t = at::opmath_type<logit_t>;
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
       const index_t* index_data = positives.const_data_ptr<index_t>();
-      for_each_row<logit_t>(logits, row_loss, grad, compute_grad, [&](int64_t row, acc_t* t) {
-        std::fill(t, t + n, acc_t(0));
-        // Setting a target twice is harmless: duplicates count once.
-        for (const index_t* p = index_data + row * per_row; p != index_data + (row + 1) * per_row; ++p) {
-          if (*p == ignore_index) continue;
-          TORCH_CHECK_INDEX(*p >= 0 && *p < n, "kxops ZLPR: positives holds class index ", *p,
-                            ", out of range for ", n, " classes (valid: 0..", n - 1,
-                            ", or ignore_index=", ignore_index, " for padding)");
-          t[*p] = 1;
-        }
-      });
+      for_each_row<logit_t>(logits, row_loss, grad, compute_grad,
+                            [&](int64_t row, acc_t* s, acc_t*, acc_t* loss, logit_t* g) {
+                              thread_local std::vector<std::pair<int64_t, acc_t>> kept;
+                              sparse_zlpr_row(s, n, index_data + row * per_row, per_row,
+                                              ignore_index, kept, loss, g);
+                            });
     });
   });
   return {row_loss, grad};
