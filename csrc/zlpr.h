@@ -10,11 +10,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define KXOPS_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define KXOPS_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace kxops::zlpr {
 

@@ -16,8 +16,9 @@ def fused_available(tensors) -> bool:
 
 def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale,
                 found_inf, **hyper):
-    ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    missing = sorted({p.device.type for p in params if not _ext.has_kernel("adax_", p.device)})
+    # The op checks the lists itself (shapes, dtypes, devices, sparse grads).
+    devices = {p.device for p in params}
+    missing = sorted({d.type for d in devices if not _ext.has_kernel("adax_", d)})
     if missing:
         raise RuntimeError(
             f"AdaX fused=True: no compiled kxops kernel for device(s) {missing} "
@@ -25,13 +26,14 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
     op = torch.ops.kxops.adax_
     op = op.tensor_lr if isinstance(lr, torch.Tensor) else op.default
     # One call per device (the op runs on one device); it groups dtypes itself.
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    by_device = {}
-    for (device, _), (lists, _) in grouped.items():
-        merged = by_device.setdefault(device, [[], [], [], [], []])
-        for acc, tensors in zip(merged, lists):
-            acc.extend(tensors)
+    if len(devices) == 1:
+        by_device = {next(iter(devices)): [params, grads, exp_avgs, exp_avg_sqs, state_steps]}
+    else:
+        by_device = {}
+        for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+            lists = by_device.setdefault(tensors[0].device, [[], [], [], [], []])
+            for acc, tensor in zip(lists, tensors):
+                acc.append(tensor)
     for device, lists in by_device.items():
         op(*lists, lr=lr.to(device) if isinstance(lr, torch.Tensor) else lr,
            grad_scale=None if grad_scale is None else grad_scale.to(device),

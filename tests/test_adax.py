@@ -276,3 +276,177 @@ def test_bad_flags_and_grads():
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         kxops.optim.AdaXW(embedding.parameters()).step()
+
+
+# --- the compiled fused step, wherever a kernel is registered -------------------------------
+
+def needs_kernel(device):
+    if not _ext.has_kernel("adax_", torch.device(device)):
+        pytest.skip(f"no compiled kxops::adax_ kernel for {device} yet")
+
+
+def _device_states(params, device):
+    exp_avgs, exp_avg_sqs, _ = _states(params)
+    return exp_avgs, exp_avg_sqs, [torch.zeros((), device=device) for _ in params]
+
+
+# Odd sizes for the vector tails, one over a CPU slice (16384) and a CUDA chunk boundary.
+FUSED_SHAPES = [(3, 4), (7,), (1,), (2, 2, 2), (33000,), (0,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_fused_matches_for_loop(device, dtype, decoupled, maximize, tensor_lr):
+    needs_kernel(device)
+    params = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
+    grads = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
+    grads_before = [g.clone() for g in grads]
+    loop_params = [p.clone() for p in params]
+    fused_state, loop_state = _device_states(params, device), _states(params)
+    # A float64 lr tensor holds exactly the float the loop gets.
+    lr = torch.tensor(HYPER["lr"], dtype=torch.float64, device=device)
+    hyper = dict(HYPER, lr=lr if tensor_lr else HYPER["lr"])
+    for _ in range(3):
+        adax(params, grads, *fused_state, fused=True, decoupled=decoupled, maximize=maximize,
+             **hyper)
+        adax(loop_params, grads, *loop_state, foreach=False, decoupled=decoupled,
+             maximize=maximize, **HYPER)
+    for got, want in zip(params, loop_params):
+        assert_close(got, want)
+    for got, want in zip(fused_state[0] + fused_state[1], loop_state[0] + loop_state[1]):
+        assert got.dtype == ref.state_dtype(dtype)
+        assert_close(got, want, dtype=got.dtype)
+    assert all(s.item() == 3 for s in fused_state[2])
+    assert all(torch.equal(g, b) for g, b in zip(grads, grads_before))
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_follows_the_authors_recurrence_for_300_steps(device, decoupled):
+    needs_kernel(device)
+    p0 = torch.randn(50, dtype=torch.float64, device=device)
+    p = p0.clone()
+    (m,), (v,), (step,) = _device_states([p], device)
+    grads = []
+    for t in range(300):
+        grads.append(gradient_at(p, t))
+        adax([p], [grads[-1]], [m], [v], [step], fused=True, decoupled=decoupled,
+             maximize=False, **HYPER)
+    expected = authors_adax(p0, grads, decoupled=decoupled, **HYPER)
+    torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_at_ten_million_steps(device):
+    needs_kernel(device)
+    p = torch.ones(4, device=device)
+    m, v = torch.zeros(4, device=device), torch.full((4,), 0.25, device=device)
+    step = torch.tensor(1e7, device=device)
+    adax([p], [torch.full((4,), 0.5, device=device)], [m], [v], [step], fused=True, lr=1e-3,
+         beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-12, decoupled=True, maximize=False)
+    assert torch.isfinite(v).all() and torch.isfinite(p).all()
+    assert (1 - p).abs().min() > 1e-6
+
+
+def test_fused_grad_scale_and_found_inf(device):
+    needs_kernel(device)
+    params = [torch.randn(5, device=device)]
+    scaled = [torch.randn(5, device=device)]
+    expected = [params[0].clone()]
+    state, expected_state = _device_states(params, device), _device_states(params, device)
+    adax(params, [scaled[0] * 1024], *state, fused=True,
+         grad_scale=torch.tensor(1024.0, device=device), decoupled=True, maximize=False, **HYPER)
+    adax(expected, scaled, *expected_state, foreach=True, decoupled=True, maximize=False,
+         **HYPER)
+    assert_close(params[0], expected[0])
+    before = params[0].clone()
+    adax(params, [torch.full((5,), math.inf, device=device)], *state, fused=True,
+         found_inf=torch.tensor(1.0, device=device), decoupled=True, maximize=False, **HYPER)
+    assert torch.equal(params[0], before) and state[2][0].item() == 1
+
+
+def test_fused_mixed_dtypes_in_one_call(device):
+    needs_kernel(device)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.float16]
+    params = [torch.randn(100 + i, device=device).to(d) for i, d in enumerate(dtypes)]
+    grads = [torch.randn_like(p) for p in params]
+    loop_params = [p.clone() for p in params]
+    fused_state, loop_state = _device_states(params, device), _states(params)
+    adax(params, grads, *fused_state, fused=True, decoupled=False, maximize=False, **HYPER)
+    adax(loop_params, grads, *loop_state, foreach=False, decoupled=False, maximize=False,
+         **HYPER)
+    for got, want in zip(params, loop_params):
+        assert_close(got, want)
+
+
+def test_fused_opcheck(device):
+    needs_kernel(device)
+    params = [torch.randn(s, device=device) for s in [(3, 4), (9,)]]
+    grads = [torch.randn_like(p) for p in params]
+    state = _device_states(params, device)
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8, decoupled=True,
+                  maximize=False)
+    torch.library.opcheck(torch.ops.kxops.adax_.default, (params, grads, *state), kwargs)
+    kwargs["lr"] = torch.tensor(1e-2, device=device)
+    torch.library.opcheck(torch.ops.kxops.adax_.tensor_lr, (params, grads, *state), kwargs)
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p, g, m, v, s: (p, g + g, m, v, s), "same length"),
+    (lambda p, g, m, v, s: (p, [g[0].double()], m, v, s), "grads\\[0\\] has dtype"),
+    (lambda p, g, m, v, s: (p, g, [m[0][:2]], v, s), "shape and strides"),
+    (lambda p, g, m, v, s: (p, g, m, v, [s[0].double()]), "float32"),
+    (lambda p, g, m, v, s: ([p[0].long()], g, m, v, s), "floating point"),
+])
+def test_fused_bad_inputs(make_bad, message):
+    needs_kernel("cpu")
+    p = [torch.randn(4)]
+    lists = make_bad(p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)],
+                     [torch.zeros(())])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.kxops.adax_(*lists, lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.0,
+                              eps=1e-8, decoupled=True, maximize=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_of_the_fused_step():
+    needs_kernel("cuda")
+    model = _model().cuda()
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2, fused=True, capturable=True)
+    eager_model = copy.deepcopy(model)
+    eager_opt = kxops.optim.AdaXW(eager_model.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(8, 6, device="cuda")
+    for m in (model, eager_model):
+        m(x).square().mean().backward()
+    optimizer.step()  # state is created outside the capture
+    eager_opt.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert_close(a.detach(), b.detach())
+    assert optimizer.state[next(model.parameters())]["step"].item() == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_hundreds_of_tensors_in_one_step():
+    """More tensors than fit in one launch's kernel arguments in PyTorch's fused Adam."""
+    needs_kernel("cuda")
+    params = [torch.randn(17 + i % 5, device="cuda") for i in range(700)]
+    grads = [torch.randn_like(p) for p in params]
+    loop_params = [p.clone() for p in params]
+    fused_state, loop_state = _device_states(params, "cuda"), _states(params)
+    adax(params, grads, *fused_state, fused=True, decoupled=True, maximize=False, **HYPER)
+    adax(loop_params, grads, *loop_state, foreach=False, decoupled=True, maximize=False,
+         **HYPER)
+    for got, want in zip(params, loop_params):
+        assert_close(got, want)
