@@ -1,0 +1,266 @@
+// AdaX / AdaX-W step on CUDA: one launch per param dtype for any number of tensors.
+//
+// The per-tensor metadata lives in device memory (not in kernel arguments, whose 4 KB cap
+// limits PyTorch's fused Adam to a few dozen tensors per launch). Small "fill" launches write
+// it from argument batches and, per tensor, increment the step and compute the bias-correction
+// constants in double from the device step, lr, grad_scale and found_inf: no host sync, so the
+// whole step can be captured in a CUDA graph. The update kernel then gives each block one
+// chunk of one tensor (found by binary search over the tensors' first chunks), with 16-byte
+// loads when every pointer of the chunk is aligned and fp32 (fp64) math.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "adax.h"
+#include "adax_op.h"
+
+namespace kxops::adax {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per block
+constexpr int kThreads = 256;
+constexpr int kArgsPerFill = 64;  // keeps FillBatch under the portable 4 KB argument limit
+
+struct TensorArgs {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  float* step;
+  int64_t numel;
+  int64_t chunk_begin;  // first chunk of this tensor within its dtype group
+};
+
+struct TensorJob {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  int64_t numel;
+  int64_t chunk_begin;
+  Constants<double> constants;
+  int skip;
+};
+
+struct FillBatch {
+  TensorArgs args[kArgsPerFill];
+  int count;
+  int64_t first;
+};
+
+struct StepScalars {
+  Hyper hyper;
+  const double* lr;  // null: hyper.lr
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+static_assert(sizeof(FillBatch) + sizeof(StepScalars) + sizeof(void*) < 4000,
+              "fill kernel arguments must stay under 4 KB");
+
+__global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= batch.count) return;
+  const TensorArgs& args = batch.args[k];
+  TensorJob& job = jobs[batch.first + k];
+  job.param = args.param;
+  job.grad = args.grad;
+  job.exp_avg = args.exp_avg;
+  job.exp_avg_sq = args.exp_avg_sq;
+  job.numel = args.numel;
+  job.chunk_begin = args.chunk_begin;
+  // GradScaler found an inf/NaN: skip the step, step counts included.
+  job.skip = scalars.found_inf != nullptr && *scalars.found_inf != 0.0f;
+  if (job.skip) return;
+  const float step = *args.step + 1.0f;
+  *args.step = step;
+  const double lr = scalars.lr != nullptr ? *scalars.lr : scalars.hyper.lr;
+  const double inv_grad_scale =
+      scalars.grad_scale != nullptr ? 1.0 / static_cast<double>(*scalars.grad_scale) : 1.0;
+  job.constants = make_constants(scalars.hyper, lr, inv_grad_scale, step);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
+  T v[N];
+};
+
+template <typename P>
+__device__ __forceinline__ bool is_aligned(const void* ptr) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % alignof(P) == 0;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    adax_kernel(const TensorJob* __restrict__ jobs, int num_jobs, bool l2) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  __shared__ int job_index;
+  if (threadIdx.x == 0) {
+    // The last tensor whose first chunk is at or before this block (empty tensors own none).
+    int lo = 0, hi = num_jobs - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (jobs[mid].chunk_begin <= static_cast<int64_t>(blockIdx.x)) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    job_index = lo;
+  }
+  __syncthreads();
+  const TensorJob& job = jobs[job_index];
+  if (job.skip) return;
+  const int64_t offset = (static_cast<int64_t>(blockIdx.x) - job.chunk_begin) * kChunk;
+  const int64_t remaining = job.numel - offset;
+  const int64_t n = remaining < kChunk ? remaining : kChunk;  // std::min would odr-use kChunk
+  scalar_t* p = static_cast<scalar_t*>(job.param) + offset;
+  const scalar_t* g = static_cast<const scalar_t*>(job.grad) + offset;
+  T* m = static_cast<T*>(job.exp_avg) + offset;
+  T* v = static_cast<T*>(job.exp_avg_sq) + offset;
+  const auto c = Constants<T>::broadcast(job.constants);
+
+  using ParamPack = Pack<scalar_t, kVec>;
+  using StatePack = Pack<T, kVec>;
+  const bool aligned = is_aligned<ParamPack>(p) && is_aligned<ParamPack>(g) &&
+                       is_aligned<StatePack>(m) && is_aligned<StatePack>(v);
+  const int64_t vec_end = aligned ? n - n % kVec : 0;
+  for (int64_t j = static_cast<int64_t>(threadIdx.x) * kVec; j < vec_end;
+       j += static_cast<int64_t>(kThreads) * kVec) {
+    ParamPack pp = *reinterpret_cast<const ParamPack*>(p + j);
+    const ParamPack gp = *reinterpret_cast<const ParamPack*>(g + j);
+    StatePack mp = *reinterpret_cast<const StatePack*>(m + j);
+    StatePack vp = *reinterpret_cast<const StatePack*>(v + j);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      T pk = static_cast<T>(pp.v[k]);
+      update(pk, static_cast<T>(gp.v[k]), mp.v[k], vp.v[k], c, l2);
+      pp.v[k] = static_cast<scalar_t>(pk);
+    }
+    *reinterpret_cast<ParamPack*>(p + j) = pp;
+    *reinterpret_cast<StatePack*>(m + j) = mp;
+    *reinterpret_cast<StatePack*>(v + j) = vp;
+  }
+  for (int64_t j = vec_end + threadIdx.x; j < n; j += kThreads) {
+    T pj = static_cast<T>(p[j]);
+    update(pj, static_cast<T>(g[j]), m[j], v[j], c, l2);
+    p[j] = static_cast<scalar_t>(pj);
+  }
+}
+
+const void* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr() : nullptr;
+}
+
+void adax_cuda_impl(const TensorLists& lists, double lr_value, const std::optional<at::Tensor>& lr,
+                    const Hyper& hyper_in, const std::optional<at::Tensor>& grad_scale_in,
+                    const std::optional<at::Tensor>& found_inf_in) {
+  const auto groups = check_and_group(lists, at::kCUDA);
+  if (lists.params.empty()) return;
+  const auto device = lists.params[0].device();
+  for (size_t i = 0; i < lists.steps.size(); ++i) {
+    TORCH_CHECK(lists.steps[i].device() == device, "kxops AdaX: state_steps[", i, "] is on ",
+                lists.steps[i].device(), "; the fused CUDA step needs it on ", device,
+                " (the optimizer creates it there with fused=True or capturable=True)");
+    TORCH_CHECK(lists.params[i].device() == device, "kxops AdaX: params[", i, "] is on ",
+                lists.params[i].device(), " but params[0] is on ", device,
+                "; call the op once per device");
+  }
+  check_scalar(lr, "lr", lists.params);
+  check_scalar(grad_scale_in, "grad_scale", lists.params);
+  check_scalar(found_inf_in, "found_inf", lists.params);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  // Device scalars in the types fill_jobs reads (a cast kernel at most: graph-safe).
+  const auto lr_double = lr.has_value() ? std::optional(lr->to(at::kDouble)) : std::nullopt;
+  const auto grad_scale =
+      grad_scale_in.has_value() ? std::optional(grad_scale_in->to(at::kFloat)) : std::nullopt;
+  const auto found_inf =
+      found_inf_in.has_value() ? std::optional(found_inf_in->to(at::kFloat)) : std::nullopt;
+  const StepScalars scalars{hyper_in, static_cast<const double*>(optional_ptr(lr_double)),
+                            static_cast<const float*>(optional_ptr(grad_scale)),
+                            static_cast<const float*>(optional_ptr(found_inf))};
+
+  // Tensors in dtype-group order; chunk numbers restart at 0 in each group.
+  std::vector<TensorArgs> args;
+  struct Group {
+    at::ScalarType type;
+    int64_t first_job, num_jobs, num_chunks;
+  };
+  std::vector<Group> launches;
+  for (const auto& [type, indices] : groups) {
+    int64_t chunks = 0;
+    const int64_t first = static_cast<int64_t>(args.size());
+    for (size_t i : indices) {
+      const int64_t numel = lists.params[i].numel();
+      args.push_back({lists.params[i].data_ptr(), lists.grads[i].const_data_ptr(),
+                      lists.exp_avgs[i].data_ptr(), lists.exp_avg_sqs[i].data_ptr(),
+                      lists.steps[i].data_ptr<float>(), numel, chunks});
+      chunks += (numel + kChunk - 1) / kChunk;
+    }
+    TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "kxops AdaX: too many elements (",
+                chunks, " chunks of ", kChunk, ") for one launch");
+    launches.push_back({type, first, static_cast<int64_t>(indices.size()), chunks});
+  }
+
+  auto jobs = at::empty({static_cast<int64_t>(args.size() * sizeof(TensorJob))},
+                        lists.params[0].options().dtype(at::kByte));
+  auto* jobs_data = reinterpret_cast<TensorJob*>(jobs.mutable_data_ptr());
+  for (size_t first = 0; first < args.size(); first += kArgsPerFill) {
+    FillBatch batch{};
+    batch.count = static_cast<int>(std::min<size_t>(kArgsPerFill, args.size() - first));
+    batch.first = static_cast<int64_t>(first);
+    std::copy_n(args.begin() + first, batch.count, batch.args);
+    fill_jobs<<<1, kArgsPerFill, 0, stream>>>(batch, scalars, jobs_data);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const bool l2 = !hyper_in.decoupled && hyper_in.weight_decay != 0.0;
+  for (const auto& group : launches) {
+    if (group.num_chunks == 0) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.type, "adax_cuda", [&] {
+      adax_kernel<scalar_t><<<static_cast<unsigned int>(group.num_chunks), kThreads, 0, stream>>>(
+          jobs_data + group.first_job, static_cast<int>(group.num_jobs), l2);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+void adax_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+               double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  adax_cuda_impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, lr, std::nullopt,
+                 {lr, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale,
+                 found_inf);
+}
+
+void adax_cuda_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                         double eps, bool decoupled, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  adax_cuda_impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, 0.0, lr,
+                 {0.0, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale,
+                 found_inf);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
+  m.impl("adax_", &adax_cuda);
+  m.impl("adax_.tensor_lr", &adax_cuda_tensor_lr);
+}
+
+}  // namespace kxops::adax
