@@ -34,6 +34,19 @@ class AuthorsAdaXW(torch.optim.Optimizer):
                 p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
 
+class SameBytesCopy:
+    """Not an optimizer: a copy moving the step's 28 bytes per fp32 param (14 read, 14
+    written), so its GB/s is the device's copy bandwidth measured in the same run."""
+
+    def __init__(self, params):
+        numel = sum(p.numel() for p in params)
+        self.src = torch.empty(numel * 14 // 4, device=params[0].device)
+        self.dst = torch.empty_like(self.src)
+
+    def step(self):
+        self.dst.copy_(self.src)
+
+
 def optimizer_for(provider, params):
     if provider == "kxops_fused" and not kxops.adax.fused_available(params):
         pytest.skip("no compiled AdaX kernel on this device yet")
@@ -43,15 +56,16 @@ def optimizer_for(provider, params):
         "adamw_fused": lambda: torch.optim.AdamW(params, fused=True),
         "adamw_foreach": lambda: torch.optim.AdamW(params, foreach=True),
         "authors_loop": lambda: AuthorsAdaXW(params),
+        "copy_same_bytes": lambda: SameBytesCopy(params),
     }[provider]()
 
 
-SIZES = {"cpu": [1_000_000, 4_000_000], "cuda": [1_000_000, 10_000_000, 100_000_000]}
+SIZES = {"cpu": [1_000_000, 4_000_000, 20_000_000], "cuda": [1_000_000, 10_000_000, 100_000_000]}
 TENSORS = 200
 
 
 @pytest.mark.parametrize("provider", ["kxops_fused", "kxops_foreach", "adamw_fused",
-                                      "adamw_foreach", "authors_loop"])
+                                      "adamw_foreach", "authors_loop", "copy_same_bytes"])
 @pytest.mark.parametrize("size_index", [0, 1, 2])
 def test_adax_step(benchmark, device, provider, size_index):
     numel = size_for(SIZES[device.type], size_index)

@@ -14,8 +14,20 @@ def fused_available(tensors) -> bool:
     return all(_ext.has_kernel("adax_", t.device) for t in tensors)
 
 
+def _local_shards(tensors):
+    """DTensor (FSDP2) params, grads and state update through their local shards: the step is
+    elementwise, so each rank updates what it holds."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return tensors
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale,
                 found_inf, **hyper):
+    params, grads, exp_avgs, exp_avg_sqs = (
+        _local_shards(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
     # The op checks the lists itself (shapes, dtypes, devices, sparse grads).
     devices = {p.device for p in params}
     missing = sorted({d.type for d in devices if not _ext.has_kernel("adax_", d)})

@@ -445,7 +445,11 @@ def test_cuda_hundreds_of_tensors_in_one_step():
     grads = [torch.randn_like(p) for p in params]
     loop_params = [p.clone() for p in params]
     fused_state, loop_state = _device_states(params, "cuda"), _states(params)
-    adax(params, grads, *fused_state, fused=True, decoupled=True, maximize=False, **HYPER)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        adax(params, grads, *fused_state, fused=True, decoupled=True, maximize=False, **HYPER)
+        torch.cuda.synchronize()
+    update_launches = [e for e in prof.events() if "adax_kernel" in e.name]
+    assert len(update_launches) == 1, [e.name for e in prof.events()]
     adax(loop_params, grads, *loop_state, foreach=False, decoupled=True, maximize=False,
          **HYPER)
     for got, want in zip(params, loop_params):
