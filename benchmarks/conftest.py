@@ -52,6 +52,20 @@ def peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
+def saved_for_backward_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while fn runs (inputs and weights
+    included; counted once per tensor)."""
+    seen = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def run_timed(benchmark, fn, device, *, provider, nbytes=None, **info):
     """Time ``fn`` (synchronising inside the timed call on CUDA) and label the row."""
     call = _synchronised(fn, device)
@@ -60,9 +74,11 @@ def run_timed(benchmark, fn, device, *, provider, nbytes=None, **info):
     benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None, **info):
+def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None,
+              count_saved=False, **info):
     """Time the forward (with grad enabled), the backward alone, or both, of ``loss_of(inputs)``
-    (a scalar or a tensor reduced by sum); records peak extra memory of a full step on CUDA."""
+    (a scalar or a tensor reduced by sum); records peak extra memory of a full step on CUDA
+    and, with count_saved, what the forward keeps for backward."""
     inputs = inputs.detach().requires_grad_(True)
 
     def forward():
@@ -75,6 +91,8 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None
 
     info.update(mode=mode)
     info["peak_bytes"] = peak_extra_bytes(full, device) if mode == "full" else None
+    if mode == "forward" and count_saved:
+        info["saved_bytes"] = saved_for_backward_bytes(forward)
     if mode == "backward":
         call = _synchronised(lambda loss: loss.backward(), device)
         call(forward())  # warm-up

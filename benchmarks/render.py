@@ -56,6 +56,10 @@ def rows_from(raw):
             gbps = [info["bytes"] / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
             yield dict(base, metric="bandwidth", unit="GB/s", p50=gbps[0], p20=gbps[1],
                        p80=gbps[2]), info
+        if info.get("saved_bytes") is not None:
+            mib = info["saved_bytes"] / 2**20
+            yield dict(base, metric="saved_for_backward", unit="MiB", p50=mib, p20=mib,
+                       p80=mib), info
         if info.get("peak_bytes") is not None:
             mib = info["peak_bytes"] / 2**20
             yield dict(base, metric="peak_memory", unit="MiB", p50=mib, p20=mib, p80=mib), info

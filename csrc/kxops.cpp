@@ -45,10 +45,11 @@ TORCH_LIBRARY(kxops, m) {
       "Tensor? residual_weight, Tensor? residual_bias, int dilation, float drop_gate, "
       "bool residual) -> (Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual_weight, grad_residual_bias); the
-  // gradient of an input that was None is an empty tensor.
+  // gradient of an input that was None is an empty tensor. residual_bias is needed to
+  // recompute the projected residual.
   m.def(
       "gated_conv_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor? mask, "
-      "Tensor? gate_keep, Tensor? residual_weight, bool has_bias, bool has_residual_bias, "
+      "Tensor? gate_keep, Tensor? residual_weight, Tensor? residual_bias, bool has_bias, "
       "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ZLPR loss. Returns (loss per row in fp32/fp64, d loss_row / d logits or an empty tensor

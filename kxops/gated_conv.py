@@ -45,32 +45,31 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
-                                  has_bias, has_residual_bias, dilation, drop_gate, residual):
+                                  residual_bias, has_bias, dilation, drop_gate, residual):
         out_channels = weight.shape[0] // 2
         return (
-            torch.empty_like(x),
-            torch.empty_like(weight),
+            x.new_empty(x.shape),  # the kernels return contiguous gradients
+            weight.new_empty(weight.shape),
             _empty_grad_unless(has_bias, weight, (weight.shape[0],)),
             _empty_grad_unless(residual_weight is not None, weight,
                                (out_channels, weight.shape[1], 1)),
-            _empty_grad_unless(has_residual_bias, weight, (out_channels,)),
+            _empty_grad_unless(residual_bias is not None, weight, (out_channels,)),
         )
 
     def _setup_context(ctx, inputs, output):
         (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
          residual) = inputs
-        ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight)
+        ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight, residual_bias)
         ctx.has_bias = bias is not None
-        ctx.has_residual_bias = residual_bias is not None
         ctx.config = (dilation, drop_gate, residual)
 
     def _backward(ctx, grad_y, _grad_z):
-        x, z, weight, mask, keep, residual_weight = ctx.saved_tensors
+        x, z, weight, mask, keep, residual_weight, residual_bias = ctx.saved_tensors
         grad_x, grad_w, grad_b, grad_rw, grad_rb = torch.ops.kxops.gated_conv_backward(
-            grad_y, x, z, weight, mask, keep, residual_weight, ctx.has_bias,
-            ctx.has_residual_bias, *ctx.config)
+            grad_y, x, z, weight, mask, keep, residual_weight, residual_bias, ctx.has_bias,
+            *ctx.config)
         return (grad_x, grad_w, grad_b if ctx.has_bias else None, None, None,
                 grad_rw if residual_weight is not None else None,
-                grad_rb if ctx.has_residual_bias else None, None, None, None)
+                grad_rb if residual_bias is not None else None, None, None, None)
 
     torch.library.register_autograd("kxops::gated_conv", _backward, setup_context=_setup_context)

@@ -33,3 +33,15 @@ def _seed():
 def assert_close(actual, expected, dtype=None):
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def assert_error_rule(ours, theirs, exact, dtype):
+    """fp16/bf16 rule (DESIGN §4): our error against an fp64 result is at most twice the error
+    of the reference run at that precision, plus the dtype's tolerance (for exact references)."""
+    if not exact.numel():
+        return
+    atol, rtol = TOLERANCES[dtype]
+    our_error = (ours.double() - exact).abs().max().item()
+    their_error = (theirs.double() - exact).abs().max().item()
+    floor = atol + rtol * exact.abs().max().item()
+    assert our_error <= 2 * their_error + floor, (our_error, their_error, floor)

@@ -10,7 +10,7 @@ from torch import nn
 import kxops
 from kxops import _ext
 from kxops.reference import gated_conv as ref
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_error_rule
 
 
 def block_by_loops(x, weight, bias, mask, keep, drop_gate, residual_weight, residual_bias,
@@ -246,13 +246,25 @@ def test_kernel_matches_reference(device, dtype, dilation, k, mode):
                                      t.requires_grad_(t.is_floating_point()) for t in inputs)
     kwargs = dict(dilation=dilation, residual=mode != "no_residual", residual_weight=rw,
                   residual_bias=rb)
-    y = kxops.dilated_gated_conv1d(x, weight, bias, mask, **kwargs)
-    expected = kxops.reference.dilated_gated_conv1d(x, weight, bias, mask, **kwargs)
-    assert_close(y, expected)
     params = [t for t in (x, weight, bias, rw, rb) if t is not None]
-    for got, want in zip(torch.autograd.grad(y.sum(), params),
-                         torch.autograd.grad(expected.sum(), params)):
-        assert_close(got, want)
+
+    def run(fn, upcast=False):
+        cast = [None if t is None else t.double() if upcast and t.is_floating_point() else t
+                for t in (x, weight, bias, mask, rw, rb)]
+        call_kwargs = dict(kwargs, residual_weight=cast[4], residual_bias=cast[5])
+        y = fn(*cast[:4], **call_kwargs)
+        grad_y = torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape).to(y.dtype)
+        return [y, *torch.autograd.grad(y, params, grad_y)]
+
+    ours = run(kxops.dilated_gated_conv1d)
+    theirs = run(kxops.reference.dilated_gated_conv1d)
+    if dtype in (torch.float16, torch.bfloat16):
+        exact = run(kxops.reference.dilated_gated_conv1d, upcast=True)
+        for o, t, e in zip(ours, theirs, exact):
+            assert_error_rule(o, t, e, dtype)
+    else:
+        for o, t in zip(ours, theirs):
+            assert_close(o, t)
 
 
 def test_opcheck(device):
@@ -264,3 +276,40 @@ def test_opcheck(device):
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.kxops.gated_conv,
                           (x, weight, bias, mask.float(), keep, rw, rb, 2, 0.2, True))
+
+
+@pytest.mark.parametrize("channels", [16, 128])
+@pytest.mark.parametrize("mode", ["identity", "projection", "no_residual"])
+def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
+    """Training-mode gate dropout (same seed, same mask as the reference), ragged masks with
+    garbage at padded steps, and channel counts that take the vectorised paths."""
+    needs_kernel(device)
+    cout = channels + 8 if mode == "projection" else channels
+    x, weight, bias, mask, rw, rb = make_inputs(batch=3, time=11, cin=channels, cout=cout,
+                                                projection=mode == "projection",
+                                                dtype=torch.float32, device=device)
+    x = x.masked_fill(~mask[..., None], 1e4)  # garbage where the mask is off
+    params = [t.requires_grad_(True) for t in (x, weight, bias, rw, rb) if t is not None]
+    kwargs = dict(dilation=2, drop_gate=0.3, training=True, residual=mode != "no_residual",
+                  residual_weight=rw, residual_bias=rb)
+    results = []
+    for fn in (kxops.dilated_gated_conv1d, kxops.reference.dilated_gated_conv1d):
+        torch.manual_seed(5)
+        y = fn(x, weight, bias, mask, **kwargs)
+        results.append([y, *torch.autograd.grad(y.square().sum(), params)])
+    for got, want in zip(*results):  # fp32 sums of large terms: tolerance scaled to the tensor
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    y = results[0][0]
+    assert y[~mask].eq(0).all()
+    assert results[0][1][~mask].eq(0).all() if mode == "no_residual" else True
+
+
+def test_kernel_non_contiguous_input_and_short_sequences(device):
+    needs_kernel(device)
+    x, weight, bias, mask, _, _ = make_inputs(batch=2, time=3, cin=4, cout=4, k=5,
+                                              dtype=torch.float32, device=device)
+    x = torch.randn(2, 4, 3, device=device).transpose(1, 2)  # [B, T, C], strided
+    for dilation in (1, 5):  # a dilation that reaches past both ends of T = 3
+        got = kxops.dilated_gated_conv1d(x, weight, bias, mask, dilation=dilation)
+        want = kxops.reference.dilated_gated_conv1d(x, weight, bias, mask, dilation=dilation)
+        assert_close(got, want)

@@ -9,7 +9,7 @@ import torch
 import kxops
 from kxops import _ext
 from kxops.reference import zlpr as ref
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_error_rule
 
 
 def zlpr_by_loops(logits, labels):
@@ -346,9 +346,7 @@ def test_kernel_low_precision_error_rule(device, dtype):
     theirs = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
                            grad_rows.float())
     for o, t, e in zip(ours, theirs, exact):
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + 1e-6, (our_error, their_error)
+        assert_error_rule(o, t, e, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -1,0 +1,135 @@
+// DGCNN block on CPU: the shared host code (conv through oneDNN on the channels-last view)
+// plus the fused epilogues here: one parallel pass over the rows [B*T] per direction, each row
+// staged in fp32/fp64 and updated with at::vec.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace kxops::gated_conv {
+// Declared before gated_conv.h so that its sigmoid() finds the vector overload.
+template <typename T>
+at::vec::Vectorized<T> exponential(const at::vec::Vectorized<T>& x) {
+  return x.exp_u20();
+}
+}  // namespace kxops::gated_conv
+
+#include "gated_conv.h"
+#include "gated_conv_op.h"
+
+namespace kxops::gated_conv {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrainElements = 32768;
+
+// Per-thread fp32/fp64 copies of one row's inputs.
+template <typename T>
+struct RowBuffers {
+  std::vector<T> h, g, r, keep_scale, dy;
+  explicit RowBuffers(int64_t out) : h(out), g(out), r(out), keep_scale(out), dy(out) {}
+};
+
+template <typename scalar_t, typename T>
+void load_row(const EpilogueArgs& a, int64_t row, RowBuffers<T>& b, const scalar_t* z,
+              const scalar_t* r, const bool* keep) {
+  const int64_t out = a.out;
+  at::vec::convert(z + row * 2 * out, b.h.data(), out);
+  at::vec::convert(z + row * 2 * out + out, b.g.data(), out);
+  if (r != nullptr) at::vec::convert(r + row * out, b.r.data(), out);
+  if (keep != nullptr) {
+    for (int64_t c = 0; c < out; ++c) b.keep_scale[c] = keep[row * out + c] ? a.keep_scale : 0;
+  }
+}
+
+// Runs body(row, buffers, mask value) over all rows in parallel.
+template <typename scalar_t, typename Body>
+void for_each_row(const EpilogueArgs& a, Body body) {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* z = a.z.const_data_ptr<scalar_t>();
+  const scalar_t* r = a.residual ? a.r.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* mask = a.mask.defined() ? a.mask.const_data_ptr<scalar_t>() : nullptr;
+  const bool* keep = a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(a.out, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    RowBuffers<T> b(a.out);
+    std::fill(b.keep_scale.begin(), b.keep_scale.end(), T(1));
+    for (int64_t row = begin; row < end; ++row) {
+      load_row(a, row, b, z, r, keep);
+      body(row, b, mask != nullptr ? static_cast<T>(mask[row]) : T(1));
+    }
+  });
+}
+
+struct CpuEpilogue {
+  static void forward(const EpilogueArgs& a, at::Tensor& y) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      using Vec = Vectorized<T>;
+      scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+      for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
+        const int64_t out = a.out;
+        T* y_row = b.dy.data();  // scratch for the output row
+        int64_t c = 0;
+        for (; c + Vec::size() <= out; c += Vec::size()) {
+          gate_forward(Vec::loadu(&b.h[c]), Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
+                       Vec::loadu(&b.keep_scale[c]), a.residual)
+              .store(y_row + c);
+        }
+        for (; c < out; ++c) {
+          y_row[c] = gate_forward(b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
+        }
+        at::vec::convert(y_row, y_data + row * out, out);
+      });
+    });
+  }
+
+  static void backward(const EpilogueArgs& a, const at::Tensor& dy, at::Tensor& dz,
+                       at::Tensor& dr) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      using Vec = Vectorized<T>;
+      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+      scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
+      scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+      for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
+        const int64_t out = a.out;
+        at::vec::convert(dy_data + row * out, b.dy.data(), out);
+        // Results overwrite the row's inputs in place: h <- dh, g <- dg, r <- dr.
+        int64_t c = 0;
+        for (; c + Vec::size() <= out; c += Vec::size()) {
+          const auto grads = gate_backward(Vec::loadu(&b.dy[c]), Vec::loadu(&b.h[c]),
+                                           Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
+                                           Vec::loadu(&b.keep_scale[c]), a.residual);
+          grads.h.store(&b.h[c]);
+          grads.g.store(&b.g[c]);
+          grads.r.store(&b.r[c]);
+        }
+        for (; c < out; ++c) {
+          const auto grads =
+              gate_backward(b.dy[c], b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
+          b.h[c] = grads.h;
+          b.g[c] = grads.g;
+          b.r[c] = grads.r;
+        }
+        at::vec::convert(b.h.data(), dz_data + row * 2 * out, out);
+        at::vec::convert(b.g.data(), dz_data + row * 2 * out + out, out);
+        if (dr_data != nullptr) at::vec::convert(b.r.data(), dr_data + row * out, out);
+      });
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kxops, CPU, m) {
+  m.impl("gated_conv", &gated_conv_forward<CpuEpilogue>);
+  m.impl("gated_conv_backward", &gated_conv_backward<CpuEpilogue>);
+}
+
+}  // namespace kxops::gated_conv

@@ -1,0 +1,41 @@
+// The gate of the DGCNN block, shared by the CPU and CUDA epilogue kernels (DESIGN §2):
+//   s = sigmoid(g * keep_scale),  y = (r (1 - s) + h s) m  (residual)  or  h s m,
+// keep_scale being the gate-dropout factor (0, or 1 / (1 - p) for a kept unit; 1 without
+// dropout). T is float/double, or a CPU vector type with an `exponential` overload beside it.
+#pragma once
+
+#include <cmath>
+
+#include "host_device.h"
+
+namespace kxops::gated_conv {
+
+KXOPS_HOST_DEVICE float exponential(float x) { return expf(x); }
+KXOPS_HOST_DEVICE double exponential(double x) { return exp(x); }
+
+template <typename T>
+KXOPS_HOST_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + exponential(T(0) - x));
+}
+
+template <typename T>
+KXOPS_HOST_DEVICE T gate_forward(T h, T g, T r, T m, T keep_scale, bool residual) {
+  const T s = sigmoid(g * keep_scale);
+  return (residual ? r * (T(1) - s) + h * s : h * s) * m;
+}
+
+template <typename T>
+struct GateGrads {
+  T h, g, r;  // d loss / d h, d loss / d g (before dropout), d loss / d r
+};
+
+template <typename T>
+KXOPS_HOST_DEVICE GateGrads<T> gate_backward(T dy, T h, T g, T r, T m, T keep_scale,
+                                             bool residual) {
+  const T s = sigmoid(g * keep_scale);
+  const T dy_m = dy * m;
+  const T ds = dy_m * (residual ? h - r : h);
+  return {dy_m * s, ds * s * (T(1) - s) * keep_scale, residual ? dy_m * (T(1) - s) : T(0)};
+}
+
+}  // namespace kxops::gated_conv
