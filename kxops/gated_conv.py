@@ -17,6 +17,12 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
     ``residual_weight`` ``[out, in, 1]`` is given, its 1x1 projection; ``residual=False`` gives
     ``h*s*m``. Returns ``[batch, time, out]``.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # A convolution under autocast runs in the autocast dtype, as nn.Conv1d would.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, residual_weight, residual_bias = (
+            None if t is None else t.to(dtype)
+            for t in (x, weight, bias, residual_weight, residual_bias))
     out_channels = ref.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate,
                                                residual, residual_weight, residual_bias)
     drop_gate = float(drop_gate)
