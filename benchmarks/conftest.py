@@ -1,5 +1,7 @@
 """Shared benchmark fixtures: the devices to run on and timers that synchronise CUDA."""
 
+import os
+
 import pytest
 import torch
 
@@ -103,3 +105,20 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None
     else:
         run_timed(benchmark, forward if mode == "forward" else full, device, provider=provider,
                   nbytes=nbytes, **info)
+
+
+# A progress bar over the whole suite when run by `make bench` (benchmarks/run.py).
+_progress = None
+
+
+def pytest_collection_finish(session):
+    global _progress
+    if os.environ.get("KXOPS_BENCH_PROGRESS"):
+        from tqdm import tqdm
+
+        _progress = tqdm(total=len(session.items), desc="make bench", unit="case")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _progress is not None:
+        _progress.update(1)

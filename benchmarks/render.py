@@ -95,19 +95,24 @@ def markdown(rows, peers):
     return "\n".join(lines)
 
 
-def plot(rows, peers, path):
+def plot(rows, peers, device_label, path_for):
+    """One PNG per op: speed-up over the op's peer per problem size (the mode that times a whole
+    step: full, or the optimizer step). Returns {op: path}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     times = [r for r in rows if r["metric"] == "time"]
-    ops = list(dict.fromkeys(r["op"] for r in times))
-    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4), squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    paths = {}
+    for op in dict.fromkeys(r["op"] for r in times):
         op_rows = [r for r in times if r["op"] == op]
+        modes = {r["mode"] for r in op_rows}
+        mode = "full" if "full" in modes else sorted(modes)[0]
+        op_rows = [r for r in op_rows if r["mode"] == mode]
         cases = list(dict.fromkeys(r["shape"] for r in op_rows))
         providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p != peers[op]]
+        fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / max(len(providers), 1)
         for i, provider in enumerate(providers):
             speedups = []
@@ -119,11 +124,14 @@ def plot(rows, peers, path):
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(np.arange(len(cases)) + width * (len(providers) - 1) / 2)
         ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
-        ax.set_title(f"{op}: speed-up over {peers[op]}")
+        ax.set_ylabel(f"speed-up over {peers[op]} ({mode})")
+        ax.set_title(f"{op} on {device_label}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        fig.tight_layout()
+        paths[op] = path_for(op)
+        fig.savefig(paths[op], dpi=100)
+        plt.close(fig)
+    return paths
 
 
 def update_readme(sections):
@@ -154,11 +162,13 @@ def main(raw_path):
                                  for k, v in r.items()})
         table = markdown(device_rows, peers)
         (RESULTS / f"{name}.md").write_text(table)
-        plot(device_rows, peers, RESULTS / f"{name}.png")
+        pngs = plot(device_rows, peers, name, lambda op, name=name: RESULTS / f"{name}_{op}.png")
         print(table)
+        images = "".join(f"![{op} on {name}](benchmarks/results/{path.name}) "
+                         for op, path in pngs.items())
         sections.append(f"#### {name} (kxops {device_rows[0]['kxops']}, torch "
                         f"{device_rows[0]['torch']}, git {device_rows[0]['git_rev']})\n\n{table}"
-                        f"\n![speed-ups on {name}](benchmarks/results/{name}.png)\n")
+                        f"\n{images}\n")
     update_readme(sections)
 
 
