@@ -53,11 +53,8 @@ KXOPS_HOST_DEVICE Constants<double> make_constants(const Hyper& h, double lr, do
   return c;
 }
 
-KXOPS_HOST_DEVICE float square_root(float x) { return sqrtf(x); }
-KXOPS_HOST_DEVICE double square_root(double x) { return sqrt(x); }
-
-// One element (T = float/double) or one CPU vector (T = at::vec::Vectorized<...>, with a
-// square_root overload beside it). l2 is whether AdaX's weight decay term is added.
+// One element (T = float/double) or one CPU vector (T = at::vec::Vectorized<...>, see
+// cpu/vec_math.h). l2 is whether AdaX's weight decay term is added.
 template <typename T>
 KXOPS_HOST_DEVICE void update(T& p, T g, T& m, T& v, const Constants<T>& c, bool l2) {
   g = g * c.g_scale;

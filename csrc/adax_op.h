@@ -68,4 +68,33 @@ inline void check_scalar(const std::optional<at::Tensor>& t, const char* name,
               " is on ", t->device(), " but the params are on ", params[0].device());
 }
 
+// The op's two overloads (lr as a float, lr as a one-element tensor) around one device
+// implementation impl(lists, lr_tensor, hyper, grad_scale, found_inf); hyper.lr is the float lr
+// when lr_tensor is absent.
+using Impl = void (*)(const TensorLists&, const std::optional<at::Tensor>&, const Hyper&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
+template <Impl impl>
+struct Overloads {
+  static void scalar_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                        double beta1, double beta2, double weight_decay, double eps,
+                        bool decoupled, bool maximize,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+    impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, std::nullopt,
+         {lr, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale, found_inf);
+  }
+
+  static void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                        const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                        double eps, bool decoupled, bool maximize,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+    impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, lr,
+         {0.0, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale, found_inf);
+  }
+};
+
 }  // namespace kxops::adax

@@ -1,7 +1,7 @@
 // The gate of the DGCNN block, shared by the CPU and CUDA epilogue kernels (DESIGN §2):
 //   s = sigmoid(g * keep_scale),  y = (r (1 - s) + h s) m  (residual)  or  h s m,
 // keep_scale being the gate-dropout factor (0, or 1 / (1 - p) for a kept unit; 1 without
-// dropout). T is float/double, or a CPU vector type with an `exponential` overload beside it.
+// dropout). T is float/double, or a CPU vector type (see cpu/vec_math.h).
 #pragma once
 
 #include <cmath>
@@ -9,9 +9,6 @@
 #include "host_device.h"
 
 namespace kxops::gated_conv {
-
-KXOPS_HOST_DEVICE float exponential(float x) { return expf(x); }
-KXOPS_HOST_DEVICE double exponential(double x) { return exp(x); }
 
 template <typename T>
 KXOPS_HOST_DEVICE T sigmoid(T x) {

@@ -241,6 +241,17 @@ def loss_and_grad(fn, logits, grad_rows=None):
     return loss, grad
 
 
+def assert_dense_matches_reference(logits, labels):
+    """Per-row losses and gradients (under random per-row weights) of kxops vs the reference."""
+    grad_rows = torch.rand(logits.shape[:-1], device=logits.device)
+    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
+                           grad_rows)
+    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
+                             grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
 LABEL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16,
                 torch.float32, torch.float64]
 
@@ -249,14 +260,7 @@ LABEL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, t
 def test_kernel_label_dtypes(device, label_dtype):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((6, 37), masked=0.1, dtype=torch.float32, device=device)
-    labels = labels.to(label_dtype)
-    grad_rows = torch.rand(6, device=device)
-    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
-                           grad_rows)
-    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
-                             grad_rows)
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
+    assert_dense_matches_reference(logits, labels.to(label_dtype))
 
 
 @pytest.mark.parametrize("num_classes", [1, 5, 8, 100, 2048, 2049, 5000])
@@ -266,28 +270,16 @@ def test_kernel_row_lengths(device, dtype, num_classes):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((3, num_classes), soft=True, masked=0.1, dtype=dtype,
                                     device=device)
-    grad_rows = torch.rand(3, device=device)
-    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
-                           grad_rows)
-    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
-                             grad_rows)
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
+    assert_dense_matches_reference(logits, labels)
 
 
 def test_kernel_non_contiguous_and_offset_inputs(device):
     needs_kernel("zlpr", device)
     base, base_labels = random_problem((9, 2, 41), soft=True, dtype=torch.float32,
                                        device=device)
-    logits = base.transpose(0, 1)[:, 1:]          # strided, and rows start unaligned
-    labels = base_labels.transpose(0, 1)[:, 1:]
-    grad_rows = torch.rand(logits.shape[:-1], device=device)
-    actual = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="none"), logits,
-                           grad_rows)
-    expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels, reduction="none"), logits,
-                             grad_rows)
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
+    # Strided rows that start one element past alignment.
+    assert_dense_matches_reference(base.transpose(0, 1)[..., 1:],
+                                   base_labels.transpose(0, 1)[..., 1:])
     offset_logits = base.reshape(-1)[3:3 + 5 * 17].reshape(5, 17)  # storage offset 3
     offset_labels = base_labels.reshape(-1)[3:3 + 5 * 17].reshape(5, 17)
     assert_close(kxops.zlpr_loss(offset_logits, offset_labels, reduction="none"),

@@ -11,14 +11,7 @@
 #include <algorithm>
 #include <vector>
 
-namespace kxops::adax {
-// Declared before adax.h so that its update() finds the vector overload.
-template <typename T>
-at::vec::Vectorized<T> square_root(const at::vec::Vectorized<T>& x) {
-  return x.sqrt();
-}
-}  // namespace kxops::adax
-
+#include "cpu/vec_math.h"  // before adax.h: its update() needs the vector overloads
 #include "adax.h"
 #include "adax_op.h"
 
@@ -69,10 +62,13 @@ double scalar_value(const std::optional<at::Tensor>& t, double otherwise) {
   return t.has_value() ? t->item<double>() : otherwise;
 }
 
-void adax_cpu_impl(const TensorLists& lists, double lr, const Hyper& hyper,
+void adax_cpu_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr_tensor,
+                   const Hyper& hyper,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   const auto groups = check_and_group(lists, at::kCPU);
+  check_scalar(lr_tensor, "lr", lists.params);
+  const double lr = scalar_value(lr_tensor, hyper.lr);
   check_scalar(grad_scale, "grad_scale", lists.params);
   check_scalar(found_inf, "found_inf", lists.params);
   // GradScaler found an inf/NaN: skip the step, step counts included.
@@ -117,33 +113,11 @@ void adax_cpu_impl(const TensorLists& lists, double lr, const Hyper& hyper,
   }
 }
 
-void adax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-              at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
-              double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
-              const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
-  adax_cpu_impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, lr,
-                {lr, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale,
-                found_inf);
-}
-
-void adax_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                        const at::Tensor& lr, double beta1, double beta2, double weight_decay,
-                        double eps, bool decoupled, bool maximize,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(lr.numel() == 1, "kxops AdaX: lr must have one element, got ", lr.numel());
-  const double lr_value = lr.item<double>();
-  adax_cpu(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_value, beta1, beta2,
-           weight_decay, eps, decoupled, maximize, grad_scale, found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("adax_", &adax_cpu);
-  m.impl("adax_.tensor_lr", &adax_cpu_tensor_lr);
+  m.impl("adax_", &Overloads<&adax_cpu_impl>::scalar_lr);
+  m.impl("adax_.tensor_lr", &Overloads<&adax_cpu_impl>::tensor_lr);
 }
 
 }  // namespace kxops::adax

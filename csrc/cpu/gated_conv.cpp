@@ -10,14 +10,7 @@
 
 #include <vector>
 
-namespace kxops::gated_conv {
-// Declared before gated_conv.h so that its sigmoid() finds the vector overload.
-template <typename T>
-at::vec::Vectorized<T> exponential(const at::vec::Vectorized<T>& x) {
-  return x.exp_u20();
-}
-}  // namespace kxops::gated_conv
-
+#include "cpu/vec_math.h"  // before gated_conv.h: its sigmoid() needs the vector overloads
 #include "gated_conv.h"
 #include "gated_conv_op.h"
 

@@ -22,6 +22,7 @@
 
 #include "adax.h"
 #include "adax_op.h"
+#include "cuda/pack.cuh"
 
 namespace kxops::adax {
 namespace {
@@ -89,16 +90,6 @@ __global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs)
   job.constants = make_constants(scalars.hyper, lr, inv_grad_scale, step);
 }
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
-  T v[N];
-};
-
-template <typename P>
-__device__ __forceinline__ bool is_aligned(const void* ptr) {
-  return reinterpret_cast<std::uintptr_t>(ptr) % alignof(P) == 0;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     adax_kernel(const TensorJob* __restrict__ jobs, int num_jobs, bool l2) {
@@ -162,7 +153,7 @@ const void* optional_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr() : nullptr;
 }
 
-void adax_cuda_impl(const TensorLists& lists, double lr_value, const std::optional<at::Tensor>& lr,
+void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr,
                     const Hyper& hyper_in, const std::optional<at::Tensor>& grad_scale_in,
                     const std::optional<at::Tensor>& found_inf_in) {
   const auto groups = check_and_group(lists, at::kCUDA);
@@ -235,32 +226,11 @@ void adax_cuda_impl(const TensorLists& lists, double lr_value, const std::option
   }
 }
 
-void adax_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
-               double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
-               const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
-  adax_cuda_impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, lr, std::nullopt,
-                 {lr, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale,
-                 found_inf);
-}
-
-void adax_cuda_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                         const at::Tensor& lr, double beta1, double beta2, double weight_decay,
-                         double eps, bool decoupled, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
-  adax_cuda_impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, 0.0, lr,
-                 {0.0, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale,
-                 found_inf);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
-  m.impl("adax_", &adax_cuda);
-  m.impl("adax_.tensor_lr", &adax_cuda_tensor_lr);
+  m.impl("adax_", &Overloads<&adax_cuda_impl>::scalar_lr);
+  m.impl("adax_.tensor_lr", &Overloads<&adax_cuda_impl>::tensor_lr);
 }
 
 }  // namespace kxops::adax

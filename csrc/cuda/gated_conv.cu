@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "cuda/pack.cuh"
 #include "gated_conv.h"
 #include "gated_conv_op.h"
 
@@ -22,11 +23,6 @@ namespace kxops::gated_conv {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
-  T v[N];
-};
 
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> load(const T* p) {
@@ -71,16 +67,22 @@ struct RowSlice {
   }
 };
 
-template <typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads)
-    gate_forward_kernel(Pointers p, double keep_scale, bool residual, int64_t rows, int64_t out,
-                        scalar_t* __restrict__ y) {
+// Calls body(row, c) for every slice of kVec channels, grid-stride.
+template <int kVec, typename Body>
+__device__ __forceinline__ void for_each_slice(int64_t rows, int64_t out, Body body) {
   const int64_t slices_per_row = out / kVec;
   const int64_t total = rows * slices_per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / slices_per_row;
-    const int64_t c = (i % slices_per_row) * kVec;
+    body(i / slices_per_row, (i % slices_per_row) * kVec);
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    gate_forward_kernel(Pointers p, double keep_scale, bool residual, int64_t rows, int64_t out,
+                        scalar_t* __restrict__ y) {
+  for_each_slice<kVec>(rows, out, [&](int64_t row, int64_t c) {
     const RowSlice<scalar_t, kVec> s(p, keep_scale, row, out, c);
     Pack<scalar_t, kVec> result;
 #pragma unroll
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
           gate_forward(s.h[k], s.g[k], s.r[k], s.m, s.keep_scale[k], residual));
     }
     store(y + row * out + c, result);
-  }
+  });
 }
 
 template <typename scalar_t, int kVec>
@@ -98,12 +100,7 @@ __global__ void __launch_bounds__(kThreads)
                          const scalar_t* __restrict__ dy, scalar_t* __restrict__ dz,
                          scalar_t* __restrict__ dr) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t slices_per_row = out / kVec;
-  const int64_t total = rows * slices_per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / slices_per_row;
-    const int64_t c = (i % slices_per_row) * kVec;
+  for_each_slice<kVec>(rows, out, [&](int64_t row, int64_t c) {
     const RowSlice<scalar_t, kVec> s(p, keep_scale, row, out, c);
     const auto dyp = load<scalar_t, kVec>(dy + row * out + c);
     Pack<scalar_t, kVec> dh, dg, drp;
@@ -118,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
     store(dz + row * 2 * out + c, dh);
     store(dz + row * 2 * out + out + c, dg);
     if (dr != nullptr) store(dr + row * out + c, drp);
-  }
+  });
 }
 
 Pointers pointers(const EpilogueArgs& a) {

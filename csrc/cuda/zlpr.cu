@@ -18,6 +18,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda/pack.cuh"
 #include "zlpr.h"
 #include "zlpr_op.h"
 
@@ -29,16 +30,6 @@ constexpr int kWarpRowsPerBlock = 8;
 constexpr int kBlockRowThreads = 512;
 // Shared memory for the sparse kernel's bitmap of positives (one bit per class).
 constexpr int64_t kMaxBitmapBytes = 48 * 1024;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
-  T v[N];
-};
-
-template <typename P, typename T>
-__device__ __forceinline__ bool is_aligned(const T* ptr) {
-  return reinterpret_cast<std::uintptr_t>(ptr) % alignof(P) == 0;
-}
 
 // A row reduction over a logical warp (kThreads <= 32) or the whole block.
 template <typename T, int kThreads, bool kWarp = (kThreads <= 32)>
