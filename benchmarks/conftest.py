@@ -114,8 +114,10 @@ _progress = None
 def pytest_collection_finish(session):
     global _progress
     if os.environ.get("KXOPS_BENCH_PROGRESS"):
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:  # a machine without tqdm just has no bar
+            return
         _progress = tqdm(total=len(session.items), desc="make bench", unit="case")
 
 

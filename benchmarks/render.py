@@ -98,8 +98,11 @@ def markdown(rows, peers):
 def plot(rows, peers, device_label, path_for):
     """One PNG per op: speed-up over the op's peer per problem size (the mode that times a whole
     step: full, or the optimizer step). Returns {op: path}."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # CSV and tables still get written
+        print("render: matplotlib is not installed; no PNG plots")
+        return {}
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
