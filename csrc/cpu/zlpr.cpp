@@ -98,7 +98,7 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
     (Vec::loadu(s + j) * inv_neg - Vec::loadu(t + j) * inv_pos).store(s + j);
   }
   for (int64_t j = vec_end; j < n; ++j) s[j] = s[j] * finish.inv_neg - t[j] * finish.inv_pos;
-  at::vec::convert(s, grad, n);
+  if (static_cast<void*>(s) != static_cast<void*>(grad)) at::vec::convert(s, grad, n);
 }
 
 // The exact sparse row: positives leave the negative sum because their logits are replaced by
@@ -151,7 +151,7 @@ void sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
   const RowGrad<acc_t> finish(sums);
   at::vec::map([&](Vec e) { return e * Vec(finish.inv_neg); }, s, s, n);
   for (const auto& [index, logit] : kept) s[index] = finish(logit, acc_t(1));
-  at::vec::convert(s, grad, n);
+  if (static_cast<void*>(s) != static_cast<void*>(grad)) at::vec::convert(s, grad, n);
 }
 
 // Runs row_fn(row, s, t, loss, grad) over every row in parallel, with s holding the row's
@@ -167,11 +167,16 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(n), t(n);
+    std::vector<acc_t> s_buffer(n), t(n);
     for (int64_t row = begin; row < end; ++row) {
-      at::vec::convert(logits_data + row * n, s.data(), n);
-      row_fn(row, s.data(), t.data(), loss_data + row,
-             grad_data == nullptr ? nullptr : grad_data + row * n);
+      scalar_t* grad_row = grad_data == nullptr ? nullptr : grad_data + row * n;
+      // An fp32/fp64 gradient row is the working copy itself: no final copy out.
+      acc_t* s = s_buffer.data();
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (grad_row != nullptr) s = grad_row;
+      }
+      at::vec::convert(logits_data + row * n, s, n);
+      row_fn(row, s, t.data(), loss_data + row, grad_row);
     }
   });
 }
