@@ -119,13 +119,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
       as_conv_input(dz), as_conv_input(masked(x, mask)), weight.unsqueeze(2), bias_sizes,
       {1, 1}, {0, pad}, {1, dilation}, false, {0, 0}, 1, {true, true, has_bias});
-  auto grad_x = masked(from_conv_output(grad_input), mask);
   const auto empty = weight.new_empty({0});
   at::Tensor grad_rw = empty, grad_rb = empty;
+  // grad_x = (residual branch's gradient) + d(conv input) * m, the second term added in place
+  // into the first (a fresh tensor) in one pass.
+  at::Tensor grad_x;
   if (residual_weight.has_value()) {
     if (residual) {
       const auto dr_rows = dr.view({args.rows, args.out});
-      grad_x = grad_x + at::matmul(dr, residual_weight->squeeze(-1));
+      grad_x = at::matmul(dr, residual_weight->squeeze(-1));
       grad_rw = at::mm(dr_rows.t(), x.view({args.rows, x.size(2)})).unsqueeze(-1);
       if (residual_bias.has_value()) grad_rb = dr_rows.sum(0);
     } else {  // the projection is unused without the residual branch
@@ -133,7 +135,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
       if (residual_bias.has_value()) grad_rb = at::zeros_like(*residual_bias);
     }
   } else if (residual) {
-    grad_x = grad_x + dr;
+    grad_x = dr;
+  }
+  const auto grad_conv_input = from_conv_output(grad_input);
+  if (!grad_x.defined()) {
+    grad_x = masked(grad_conv_input, mask);
+  } else if (mask.has_value()) {
+    grad_x.addcmul_(grad_conv_input, mask->unsqueeze(-1));
+  } else {
+    grad_x.add_(grad_conv_input);
   }
   return {grad_x.contiguous(), grad_weight.squeeze(2).contiguous(), has_bias ? grad_bias : empty, grad_rw,
           grad_rb};

@@ -24,6 +24,18 @@ using at::vec::Vectorized;
 // Enough classes per task that thread start-up is paid for.
 constexpr int64_t kGrainElements = 32768;
 
+template <typename acc_t>
+acc_t lanes_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+acc_t lanes_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
 // One row whose logits are in s and targets in t (both opmath, length n). On return s and t
 // are overwritten with the weighted exponential terms; writes the loss and, when grad is not
 // null, d loss / d logits.
@@ -44,10 +56,8 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
     max_neg = at::vec::maximum(max_neg, Vec::blendv(zero, sj, kept & ((one - tj) > zero)));
     max_pos = at::vec::maximum(max_pos, Vec::blendv(zero, zero - sj, kept & (tj > zero)));
   }
-  acc_t m_neg = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_neg);
-  acc_t m_pos = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_pos);
+  acc_t m_neg = lanes_max(max_neg);
+  acc_t m_pos = lanes_max(max_pos);
   for (int64_t j = vec_end; j < n; ++j) {
     if (negative_weight(s[j], t[j]) > 0) m_neg = std::max(m_neg, s[j]);
     if (positive_weight(s[j], t[j]) > 0) m_pos = std::max(m_pos, -s[j]);
@@ -75,10 +85,8 @@ void zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
     e_pos.store(t + j);
   }
   RowSums<acc_t> sums;
-  sums.neg = {m_neg, at::vec::vec_reduce_all<acc_t>(
-                         [](Vec& a, Vec& b) { return a + b; }, sum_neg)};
-  sums.pos = {m_pos, at::vec::vec_reduce_all<acc_t>(
-                         [](Vec& a, Vec& b) { return a + b; }, sum_pos)};
+  sums.neg = {m_neg, lanes_sum(sum_neg)};
+  sums.pos = {m_pos, lanes_sum(sum_pos)};
   for (int64_t j = vec_end; j < n; ++j) {
     const acc_t w_neg = negative_weight(s[j], t[j]);
     const acc_t w_pos = positive_weight(s[j], t[j]);
@@ -131,8 +139,7 @@ void sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
   for (int64_t j = 0; j < vec_end; j += Vec::size()) {
     max_vec = at::vec::maximum(max_vec, Vec::loadu(s + j));
   }
-  acc_t max_neg = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_vec);
+  acc_t max_neg = lanes_max(max_vec);
   for (int64_t j = vec_end; j < n; ++j) max_neg = std::max(max_neg, s[j]);
   const Vec max_neg_vec(max_neg);
   Vec sum_vec(0);
@@ -143,8 +150,7 @@ void sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
     e.store(s + j);
   }
   sums.neg.max = max_neg;
-  sums.neg.sum = std::accumulate(s + vec_end, s + n, at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return a + b; }, sum_vec));
+  sums.neg.sum = std::accumulate(s + vec_end, s + n, lanes_sum(sum_vec));
   *loss = sums.loss();
   if (grad == nullptr) return;
 
@@ -154,8 +160,8 @@ void sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
   if (static_cast<void*>(s) != static_cast<void*>(grad)) at::vec::convert(s, grad, n);
 }
 
-// Runs row_fn(row, s, t, loss, grad) over every row in parallel, with s holding the row's
-// logits in opmath and t a scratch row of the same length.
+// Runs row_fn(row, s, loss, grad) over every row in parallel, with s holding the row's
+// logits in opmath.
 template <typename scalar_t, typename RowFn>
 void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& grad,
                   bool compute_grad, RowFn row_fn) {
@@ -167,7 +173,7 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buffer(n), t(n);
+    std::vector<acc_t> s_buffer(n);
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* grad_row = grad_data == nullptr ? nullptr : grad_data + row * n;
       // An fp32/fp64 gradient row is the working copy itself: no final copy out.
@@ -176,7 +182,7 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
         if (grad_row != nullptr) s = grad_row;
       }
       at::vec::convert(logits_data + row * n, s, n);
-      row_fn(row, s, t.data(), loss_data + row, grad_row);
+      row_fn(row, s, loss_data + row, grad_row);
     }
   });
 }
@@ -195,9 +201,11 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits_in,
                                "zlpr_cpu_labels", [&] {
       const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
       for_each_row<logit_t>(logits, row_loss, grad, compute_grad,
-                            [&](int64_t row, acc_t* s, acc_t* t, acc_t* loss, logit_t* g) {
-                              at::vec::convert(label_data + row * n, t, n);
-                              zlpr_row(s, t, n, loss, g);
+                            [&](int64_t row, acc_t* s, acc_t* loss, logit_t* g) {
+                              thread_local std::vector<acc_t> t;
+                              t.resize(n);
+                              at::vec::convert(label_data + row * n, t.data(), n);
+                              zlpr_row(s, t.data(), n, loss, g);
                             });
     });
   });
@@ -219,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits_in,
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
       const index_t* index_data = positives.const_data_ptr<index_t>();
       for_each_row<logit_t>(logits, row_loss, grad, compute_grad,
-                            [&](int64_t row, acc_t* s, acc_t*, acc_t* loss, logit_t* g) {
+                            [&](int64_t row, acc_t* s, acc_t* loss, logit_t* g) {
                               thread_local std::vector<std::pair<int64_t, acc_t>> kept;
                               sparse_zlpr_row(s, n, index_data + row * per_row, per_row,
                                               ignore_index, kept, loss, g);
