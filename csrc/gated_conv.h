@@ -5,10 +5,16 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "host_device.h"
 
 namespace kxops::gated_conv {
+
+// The row of the gapped z / dz (see gated_conv_op.h) that belongs to row b * time + t of y.
+KXOPS_HOST_DEVICE int64_t z_row(int64_t row, int64_t time, int64_t gap) {
+  return row + row / time * gap;
+}
 
 template <typename T>
 KXOPS_HOST_DEVICE T sigmoid(T x) {

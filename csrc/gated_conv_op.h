@@ -1,7 +1,12 @@
-// Host side of kxops::gated_conv(_backward), shared by CPU and CUDA: the convolution runs on the
-// channels-last view of [B, T, C] (no layout copies) through at::convolution (oneDNN / cuDNN),
-// the 1x1 projection through a GEMM, and everything elementwise in one fused epilogue kernel
-// per direction, supplied by the device file as Epilogue::forward / Epilogue::backward.
+// Host side of kxops::gated_conv(_backward), shared by CPU and CUDA. The k-tap dilated
+// convolution is k GEMMs over shifted row ranges of one "gapped" copy of x*m (no im2col):
+//   [pad zero rows][x_0: T rows][pad zero rows][x_1] ... [x_{B-1}][pad zero rows][pad spare]
+// so that output row q = b*(T+pad) + t reads input rows q + j*dilation for tap j, every tap a
+// contiguous row slice. Measured on the 2-core CPU (B16 T256) against oneDNN on the
+// channels-last view: forward equal at C=128 and 1.3x faster at C=512, backward 1.2-1.45x
+// faster. z therefore lives in the gapped layout [B, T+pad, 2*out]; rows t >= T are scratch.
+// The 1x1 projection is one more GEMM, and everything elementwise is one fused epilogue
+// kernel per direction, supplied by the device file as Epilogue::forward / ::backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,16 +14,19 @@
 #include <optional>
 #include <tuple>
 
+#include "gated_conv.h"
+
 namespace kxops::gated_conv {
 
 struct EpilogueArgs {
-  at::Tensor z;     // [B, T, 2 out] conv output (bias included), contiguous
+  at::Tensor z;     // [B, T + gap, 2 out] conv output (bias included) in the gapped layout
   at::Tensor r;     // [B, T, out] residual branch (x or its projection); undefined if !residual
   at::Tensor mask;  // [B, T] in x's dtype; undefined: all ones
   at::Tensor keep;  // [B, T, out] bool gate-dropout keep mask; undefined: no dropout
   double keep_scale;
   bool residual;
-  int64_t rows, out;
+  int64_t rows, out;  // rows = B * T: the epilogues run over these, z_row() maps them into z
+  int64_t time, gap;
 };
 
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t dilation) {
@@ -32,19 +40,58 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t 
   TORCH_CHECK(dilation >= 1, "kxops gated_conv: dilation must be >= 1, got ", dilation);
 }
 
-inline at::IntArrayRef::value_type same_padding(const at::Tensor& weight, int64_t dilation) {
-  return dilation * (weight.size(2) - 1) / 2;
+// The row arithmetic of the gapped layout.
+struct Gapped {
+  int64_t batch, time, pad, dilation, taps;
+  Gapped(const at::Tensor& x, const at::Tensor& weight, int64_t dilation)
+      : batch(x.size(0)),
+        time(x.size(1)),
+        pad(dilation * (weight.size(2) - 1) / 2),
+        dilation(dilation),
+        taps(weight.size(2)) {}
+  // Output rows q = b * (T + pad) + t: one per row of z.
+  int64_t out_rows() const { return batch * (time + pad); }
+  // Input rows: the leading pad, then the output rows shifted by pad, then the spare pad that
+  // the last output rows' taps may read.
+  int64_t in_rows() const { return out_rows() + 2 * pad; }
+  // Input rows read by tap j for all output rows.
+  at::Tensor tap(const at::Tensor& gapped, int64_t j) const {
+    return gapped.narrow(0, j * dilation, out_rows());
+  }
+  // [B, T + pad, C]: each sequence followed by its gap.
+  at::Tensor sequences(const at::Tensor& gapped) const {
+    return gapped.narrow(0, pad, out_rows()).view({batch, time + pad, gapped.size(1)});
+  }
+  // The [B, T, C] view of the real rows of a gapped [in_rows, C] buffer.
+  at::Tensor real_rows(const at::Tensor& gapped) const {
+    return sequences(gapped).narrow(1, 0, time);
+  }
+  // Zeroes every row of a gapped buffer that is not a real row.
+  void zero_gaps(const at::Tensor& gapped) const {
+    gapped.narrow(0, 0, pad).zero_();
+    sequences(gapped).narrow(1, time, pad).zero_();
+    gapped.narrow(0, pad + out_rows(), pad).zero_();
+  }
+  // x * m in the gapped layout.
+  at::Tensor input(const at::Tensor& x, const std::optional<at::Tensor>& mask) const {
+    auto gapped = x.new_empty({in_rows(), x.size(2)});
+    zero_gaps(gapped);
+    auto real = real_rows(gapped);
+    if (mask.has_value()) {
+      at::mul_out(real, x, mask->unsqueeze(-1));
+    } else {
+      real.copy_(x);
+    }
+    return gapped;
+  }
+};
+
+// weight [2 out, in, k] -> [k, 2 out, in]: one contiguous matrix per tap.
+inline at::Tensor taps_first(const at::Tensor& weight) {
+  return weight.permute({2, 0, 1}).contiguous();
 }
 
-// [B, T, C] -> the [B, C, 1, T] channels-last view a 2-D convolution takes, and back.
-inline at::Tensor as_conv_input(const at::Tensor& t) { return t.transpose(1, 2).unsqueeze(2); }
-inline at::Tensor from_conv_output(const at::Tensor& t) { return t.squeeze(2).transpose(1, 2); }
-
-inline at::Tensor masked(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  return mask.has_value() ? x * mask->unsqueeze(-1) : x;
-}
-
-inline EpilogueArgs epilogue_args(const at::Tensor& x, at::Tensor z,
+inline EpilogueArgs epilogue_args(const at::Tensor& x, at::Tensor z, const Gapped& geometry,
                                   const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& keep,
                                   const std::optional<at::Tensor>& residual_weight,
@@ -53,7 +100,11 @@ inline EpilogueArgs epilogue_args(const at::Tensor& x, at::Tensor z,
   EpilogueArgs args;
   args.out = z.size(2) / 2;
   args.rows = x.size(0) * x.size(1);
-  args.z = std::move(z);
+  args.time = geometry.time;
+  args.gap = geometry.pad;
+  TORCH_CHECK(z.dim() == 3 && z.size(0) == x.size(0) && z.size(1) == geometry.time + geometry.pad,
+              "kxops gated_conv: z must be the forward's [batch, time + pad, 2*out] output");
+  args.z = z.contiguous();
   if (residual) {
     args.r = residual_weight.has_value()
                  ? at::linear(x, residual_weight->squeeze(-1), residual_bias).contiguous()
@@ -85,13 +136,25 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
     bool residual) {
   check_inputs(x_in, weight, dilation);
   const auto x = x_in.contiguous();
-  const int64_t pad = same_padding(weight, dilation);
-  auto z = from_conv_output(at::convolution(as_conv_input(masked(x, mask)), weight.unsqueeze(2),
-                                            bias, {1, 1}, {0, pad}, {1, dilation}, false,
-                                            {0, 0}, 1))
-               .contiguous();
-  auto args = epilogue_args(x, z, mask, gate_keep, residual_weight, residual_bias, drop_gate,
-                            residual);
+  const Gapped geometry(x, weight, dilation);
+  const auto x_gapped = geometry.input(x, mask);
+  const auto w = taps_first(weight);
+  const int64_t two_out = weight.size(0);
+  auto z = x.new_empty({geometry.batch, geometry.time + geometry.pad, two_out});
+  auto z_rows = z.view({geometry.out_rows(), two_out});
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    const auto product_input = geometry.tap(x_gapped, j);
+    const auto tap_weight = w[j].t();
+    if (j > 0) {
+      z_rows.addmm_(product_input, tap_weight);
+    } else if (bias.has_value()) {
+      at::addmm_out(z_rows, *bias, product_input, tap_weight);
+    } else {
+      at::mm_out(z_rows, product_input, tap_weight);
+    }
+  }
+  auto args = epilogue_args(x, z, geometry, mask, gate_keep, residual_weight, residual_bias,
+                            drop_gate, residual);
   auto y = at::empty({x.size(0), x.size(1), args.out}, x.options());
   Epilogue::forward(args, y);
   return {y, z};
@@ -106,20 +169,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     double drop_gate, bool residual) {
   check_inputs(x_in, weight, dilation);
   const auto x = x_in.contiguous();
-  auto args = epilogue_args(x, z.contiguous(), mask, gate_keep, residual_weight, residual_bias,
+  const Gapped geometry(x, weight, dilation);
+  auto args = epilogue_args(x, z, geometry, mask, gate_keep, residual_weight, residual_bias,
                             drop_gate, residual);
+  // dz in the gapped layout with zero gap rows, so the GEMMs below may run over all rows.
   auto dz = at::empty_like(args.z);
+  dz.narrow(1, geometry.time, geometry.pad).zero_();
   at::Tensor dr = residual ? at::empty({x.size(0), x.size(1), args.out}, x.options())
                            : at::Tensor();
   Epilogue::backward(args, grad_y.contiguous(), dz, dr);
 
-  const int64_t pad = same_padding(weight, dilation);
-  const std::optional<at::IntArrayRef> bias_sizes =
-      has_bias ? std::optional<at::IntArrayRef>(weight.sizes().slice(0, 1)) : std::nullopt;
-  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      as_conv_input(dz), as_conv_input(masked(x, mask)), weight.unsqueeze(2), bias_sizes,
-      {1, 1}, {0, pad}, {1, dilation}, false, {0, 0}, 1, {true, true, has_bias});
+  const int64_t two_out = weight.size(0), in = x.size(2);
+  const auto dz_rows = dz.view({geometry.out_rows(), two_out});
+  const auto x_gapped = geometry.input(x, mask);
+  const auto w = taps_first(weight);
+  // Tap j's weight gradient is dz^T (input rows of tap j); its input gradient is dz w_j added
+  // into those same rows. The centre tap covers every real row, so it initialises them.
+  auto grad_w_taps = weight.new_empty({geometry.taps, two_out, in});
+  auto grad_x_gapped = x.new_empty({geometry.in_rows(), in});
+  geometry.zero_gaps(grad_x_gapped);
+  const int64_t centre = geometry.taps / 2;
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    auto grad_w_tap = grad_w_taps[j];
+    at::mm_out(grad_w_tap, dz_rows.t(), geometry.tap(x_gapped, j));
+  }
+  auto grad_x_centre = geometry.tap(grad_x_gapped, centre);
+  at::mm_out(grad_x_centre, dz_rows, w[centre]);
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    if (j != centre) geometry.tap(grad_x_gapped, j).addmm_(dz_rows, w[j]);
+  }
   const auto empty = weight.new_empty({0});
+  const auto grad_bias = has_bias ? dz_rows.sum(0) : empty;
   at::Tensor grad_rw = empty, grad_rb = empty;
   // grad_x = (residual branch's gradient) + d(conv input) * m, the second term added in place
   // into the first (a fresh tensor) in one pass.
@@ -128,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     if (residual) {
       const auto dr_rows = dr.view({args.rows, args.out});
       grad_x = at::matmul(dr, residual_weight->squeeze(-1));
-      grad_rw = at::mm(dr_rows.t(), x.view({args.rows, x.size(2)})).unsqueeze(-1);
+      grad_rw = at::mm(dr_rows.t(), x.view({args.rows, in})).unsqueeze(-1);
       if (residual_bias.has_value()) grad_rb = dr_rows.sum(0);
     } else {  // the projection is unused without the residual branch
       grad_rw = at::zeros_like(*residual_weight);
@@ -137,15 +217,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   } else if (residual) {
     grad_x = dr;
   }
-  const auto grad_conv_input = from_conv_output(grad_input);
+  const auto grad_conv_input = geometry.real_rows(grad_x_gapped);
   if (!grad_x.defined()) {
-    grad_x = masked(grad_conv_input, mask);
+    grad_x = mask.has_value() ? grad_conv_input * mask->unsqueeze(-1)
+                              : grad_conv_input.contiguous();
   } else if (mask.has_value()) {
     grad_x.addcmul_(grad_conv_input, mask->unsqueeze(-1));
   } else {
     grad_x.add_(grad_conv_input);
   }
-  return {grad_x.contiguous(), grad_weight.squeeze(2).contiguous(), has_bias ? grad_bias : empty, grad_rw,
+  return {grad_x.contiguous(), grad_w_taps.permute({1, 2, 0}).contiguous(), grad_bias, grad_rw,
           grad_rb};
 }
 

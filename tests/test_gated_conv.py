@@ -301,15 +301,26 @@ def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     y = results[0][0]
     assert y[~mask].eq(0).all()
-    assert results[0][1][~mask].eq(0).all() if mode == "no_residual" else True
+    if mode == "no_residual":  # without the residual, masked steps get no gradient at all
+        assert results[0][1][~mask].eq(0).all()
 
 
-def test_kernel_non_contiguous_input_and_short_sequences(device):
+@pytest.mark.parametrize("batch, time, k, dilation", [
+    (2, 3, 5, 1), (2, 3, 5, 5),  # a dilation whose taps reach past both ends of T = 3
+    (3, 6, 1, 1),                # one tap: no padding, no gaps between sequences
+    (0, 5, 3, 2), (2, 0, 3, 2),  # empty batch, empty sequences
+])
+def test_kernel_short_empty_and_strided(device, batch, time, k, dilation):
+    """Edges of the kernels' gapped layout (each sequence followed by `pad` zero rows), on a
+    strided input: forward and every gradient against the reference."""
     needs_kernel(device)
-    x, weight, bias, mask, _, _ = make_inputs(batch=2, time=3, cin=4, cout=4, k=5,
-                                              dtype=torch.float32, device=device)
-    x = torch.randn(2, 4, 3, device=device).transpose(1, 2)  # [B, T, C], strided
-    for dilation in (1, 5):  # a dilation that reaches past both ends of T = 3
-        got = kxops.dilated_gated_conv1d(x, weight, bias, mask, dilation=dilation)
-        want = kxops.reference.dilated_gated_conv1d(x, weight, bias, mask, dilation=dilation)
+    weight = torch.randn(8, 4, k, device=device, requires_grad=True)
+    bias = torch.randn(8, device=device, requires_grad=True)
+    x = torch.randn(batch, 4, time, device=device).transpose(1, 2).requires_grad_(True)
+    mask = torch.rand(batch, time, device=device) > 0.3
+    results = []
+    for fn in (kxops.dilated_gated_conv1d, kxops.reference.dilated_gated_conv1d):
+        y = fn(x, weight, bias, mask, dilation=dilation)
+        results.append([y, *torch.autograd.grad(y.square().sum(), (x, weight, bias))])
+    for got, want in zip(*results):
         assert_close(got, want)

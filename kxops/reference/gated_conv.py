@@ -98,7 +98,10 @@ def gated_conv_from_keep(x, weight, bias, mask, gate_keep, residual_weight, resi
     m = None if mask is None else mask.to(x.dtype).unsqueeze(-1)
     xm = x if m is None else x * m
     pad = dilation * (weight.shape[-1] - 1) // 2
-    z = F.conv1d(xm.transpose(1, 2), weight, bias, padding=pad, dilation=dilation).transpose(1, 2)
+    # One spare zero step on the right keeps an empty sequence valid (conv1d refuses an input
+    # shorter than its kernel); its output column is dropped.
+    padded = F.pad(xm.transpose(1, 2), (pad, pad + 1))
+    z = F.conv1d(padded, weight, bias, dilation=dilation)[..., :x.shape[1]].transpose(1, 2)
     h, g = z.split(out_channels, dim=-1)
     if gate_keep is not None:
         scale = 0.0 if drop_gate >= 1.0 else 1.0 / (1.0 - drop_gate)
