@@ -11,8 +11,9 @@
 
 namespace kxops::gated_conv {
 
-// The row of the gapped z / dz (see gated_conv_op.h) that belongs to row b * time + t of y.
-KXOPS_HOST_DEVICE int64_t z_row(int64_t row, int64_t time, int64_t gap) {
+// The row of a gapped buffer (each sequence followed by `gap` rows; see gated_conv_op.h) that
+// holds row b * time + t of a [B, T, C] tensor.
+KXOPS_HOST_DEVICE int64_t gapped_row(int64_t row, int64_t time, int64_t gap) {
   return row + row / time * gap;
 }
 

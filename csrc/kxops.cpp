@@ -38,8 +38,7 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(kxops, m) {
-  // Dilated gated convolution. Returns (y, z): z = conv output kept for backward, in a gapped
-  // layout [B, T + pad, 2*out] (pad = dilation * (k - 1) / 2; rows t >= T are scratch).
+  // Dilated gated convolution. Returns (y, z): z = conv output [B, T, 2*out] kept for backward.
   // gate_keep: bool [B, T, out] dropout keep-mask of the gate (None: no dropout).
   m.def(
       "gated_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? gate_keep, "

@@ -46,10 +46,8 @@ if _ext.LOADED:
     def _gated_conv_fake(x, weight, bias, mask, gate_keep, residual_weight, residual_bias,
                          dilation, drop_gate, residual):
         batch, time, _ = x.shape
-        two_out, _, kernel_size = weight.shape
-        # z in the kernels' gapped layout: each sequence followed by the padding's rows.
-        pad = dilation * (kernel_size - 1) // 2
-        return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, time + pad, two_out)
+        two_out = weight.shape[0]
+        return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, time, two_out)
 
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
