@@ -41,19 +41,23 @@ def test_gated_conv(benchmark, device, mode, provider, dilation, channel_index):
     mask[:, size["time"] * 3 // 4:] = False
     w, b = eager.conv.weight, eager.conv.bias
     compiled = torch.compile(eager) if provider == "conv1d_compiled" else None
-    block = {
+    blocks = {
         "kxops": lambda x: kxops.dilated_gated_conv1d(x, w, b, mask, dilation=dilation),
         "reference": lambda x: kxops.reference.dilated_gated_conv1d(x, w, b, mask,
                                                                     dilation=dilation),
         "conv1d_eager": lambda x: eager(x, mask),
         "conv1d_compiled": lambda x: compiled(x, mask),
-    }[provider]
+    }
 
-    def loss_of(x):
-        eager.zero_grad(set_to_none=True)
-        return block(x)
+    def loss_of(name):
+        def loss(x):
+            eager.zero_grad(set_to_none=True)
+            return blocks[name](x)
+        return loss
 
+    peer = "conv1d_eager"
     shape = [size["batch"], size["time"], dim]
-    run_modes(benchmark, mode, loss_of, x, device, provider=provider,
+    run_modes(benchmark, mode, loss_of(provider), x, device, provider=provider,
+              peer_loss_of=loss_of(peer) if provider != peer else None,
               count_saved=provider != "conv1d_compiled", op="gated_conv",
-              shape=f"{shape} d={dilation}", dtype="float32", peer="conv1d_eager")
+              shape=f"{shape} d={dilation}", dtype="float32", peer=peer)

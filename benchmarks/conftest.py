@@ -1,6 +1,7 @@
 """Shared benchmark fixtures: the devices to run on and timers that synchronise CUDA."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ import kxops  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MODES = ["forward", "backward", "full"]
-ROUNDS = 5
+# Rounds per case: as many as fit in about ROUND_SECONDS (the shared CPU's timing noise needs
+# many rounds of a fast case), within [MIN_ROUNDS, MAX_ROUNDS].
+ROUND_SECONDS = 0.6
+MIN_ROUNDS, MAX_ROUNDS = 5, 30
 
 
 @pytest.fixture(params=DEVICES)
@@ -37,9 +41,42 @@ def _synchronised(fn, device):
     return call
 
 
+def _seconds(call, *args):
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def _rounds_for(call):
+    """Runs call once (a warm-up); returns the number of rounds to time it for."""
+    seconds = max(_seconds(call), 1e-9)
+    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_SECONDS / seconds)))
+
+
+class Interleaved:
+    """The untimed setup of every round: times one call of the op's peer (a noisy neighbour
+    on this shared machine slows both alike, so speed-ups come from pairs of adjacent calls)
+    and then prepares the provider's call (prepare() returns its arguments)."""
+
+    def __init__(self, peer_call, prepare_peer=lambda: (), prepare=lambda: ()):
+        self.peer_call, self.prepare_peer, self.prepare = peer_call, prepare_peer, prepare
+        self.peer_ms = []
+
+    def __call__(self):
+        if self.peer_call is not None:
+            self.peer_ms.append(_seconds(self.peer_call, *self.prepare_peer()) * 1e3)
+        return self.prepare(), {}
+
+
 def _label(benchmark, device, provider, nbytes, info):
     benchmark.group = "|".join(str(info[k]) for k in ("op", "mode", "shape", "dtype"))
     benchmark.extra_info.update(provider=provider, device=device.type, bytes=nbytes, **info)
+
+
+def _pedantic(benchmark, call, setup, rounds):
+    benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1)
+    if setup.peer_ms:
+        benchmark.extra_info["peer_ms"] = setup.peer_ms
 
 
 def peak_extra_bytes(fn, device):
@@ -68,29 +105,42 @@ def saved_for_backward_bytes(fn):
     return sum(seen.values())
 
 
-def run_timed(benchmark, fn, device, *, provider, nbytes=None, **info):
-    """Time ``fn`` (synchronising inside the timed call on CUDA) and label the row."""
+def run_timed(benchmark, fn, device, *, provider, peer_fn=None, nbytes=None, **info):
+    """Time ``fn`` (synchronising inside the timed call on CUDA), each round paired with an
+    untimed-by-pytest-benchmark call of ``peer_fn`` (the op's peer; None for the peer itself)
+    whose times are recorded for the speed-ups, and label the row."""
     call = _synchronised(fn, device)
     call()  # warm-up outside the timing (compilation, allocator)
+    peer_call = None
+    if peer_fn is not None:
+        peer_call = _synchronised(peer_fn, device)
+        peer_call()
+    rounds = _rounds_for(call)
     _label(benchmark, device, provider, nbytes, info)
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _pedantic(benchmark, call, Interleaved(peer_call), rounds)
 
 
-def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None,
-              count_saved=False, **info):
+def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_of=None,
+              nbytes=None, count_saved=False, **info):
     """Time the forward (with grad enabled), the backward alone, or both, of ``loss_of(inputs)``
-    (a scalar or a tensor reduced by sum); records peak extra memory of a full step on CUDA
-    and, with count_saved, what the forward keeps for backward."""
+    (a scalar or a tensor reduced by sum), each round paired with the same for
+    ``peer_loss_of`` (see run_timed); records peak extra memory of a full step on CUDA and,
+    with count_saved, what the forward keeps for backward."""
     inputs = inputs.detach().requires_grad_(True)
 
-    def forward():
-        inputs.grad = None
-        out = loss_of(inputs)
-        return out if out.dim() == 0 else out.sum()
+    def forward_of(fn):
+        def forward():
+            inputs.grad = None
+            out = fn(inputs)
+            return out if out.dim() == 0 else out.sum()
+        return forward
 
-    def full():
-        forward().backward()
+    def full_of(fn):
+        forward = forward_of(fn)
+        return lambda: forward().backward()
 
+    forward, full = forward_of(loss_of), full_of(loss_of)
+    has_peer = peer_loss_of is not None
     info.update(mode=mode)
     info["peak_bytes"] = peak_extra_bytes(full, device) if mode == "full" else None
     if mode == "forward" and count_saved:
@@ -98,13 +148,19 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, nbytes=None
     if mode == "backward":
         call = _synchronised(lambda loss: loss.backward(), device)
         call(forward())  # warm-up
+        rounds = _rounds_for(_synchronised(full, device))  # the forward runs in every round too
+        if has_peer:
+            call(forward_of(peer_loss_of)())
         _label(benchmark, device, provider, nbytes, info)
-        # The graph is built in the untimed setup of each round.
-        benchmark.pedantic(call, setup=lambda: ((forward(),), {}), rounds=ROUNDS, iterations=1,
-                           warmup_rounds=1)
+        # The graphs are built in the untimed setup of each round.
+        setup = Interleaved(call if has_peer else None,
+                            prepare_peer=lambda: (forward_of(peer_loss_of)(),),
+                            prepare=lambda: (forward(),))
+        _pedantic(benchmark, call, setup, rounds)
     else:
+        peer = (forward_of if mode == "forward" else full_of)(peer_loss_of) if has_peer else None
         run_timed(benchmark, forward if mode == "forward" else full, device, provider=provider,
-                  nbytes=nbytes, **info)
+                  peer_fn=peer, nbytes=nbytes, **info)
 
 
 # A progress bar over the whole suite when run by `make bench` (benchmarks/run.py).

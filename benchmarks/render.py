@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# peer_p50: for time rows, the p50 of the peer's calls made alternately with this provider's
+# (the speed-ups use it: both sides saw the same machine load).
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80",
-           "device", "torch", "kxops", "git_rev", "timestamp"]
+           "peer_p50", "device", "torch", "kxops", "git_rev", "timestamp"]
 
 
 def git_rev():
@@ -50,7 +52,9 @@ def rows_from(raw):
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
         base = dict(op=info["op"], provider=info["provider"], mode=info["mode"],
                     shape=info["shape"], dtype=info["dtype"], device=info["device"], **common)
-        yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80), info
+        peer_p50 = float(np.median(info["peer_ms"])) if info.get("peer_ms") else None
+        yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80,
+                   peer_p50=peer_p50), info
         if info.get("bytes"):
             # GB/s from the op's minimum bytes; p20 of time is p80 of bandwidth.
             gbps = [info["bytes"] / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
@@ -65,33 +69,52 @@ def rows_from(raw):
             yield dict(base, metric="peak_memory", unit="MiB", p50=mib, p20=mib, p80=mib), info
 
 
+# The tables in the README, per metric: how values are shown and compared with the op's peer.
+TABLES = {
+    "time": ("p50 ms; ×: speed-up over", lambda value, peer: f"{peer / value:.2f}×"),
+    "saved_for_backward": ("MiB kept for backward by the forward; %: of",
+                           lambda value, peer: f"{100 * value / peer:.0f}%"),
+    "peak_memory": ("peak MiB allocated by a full step; %: of",
+                    lambda value, peer: f"{100 * value / peer:.0f}%"),
+}
+
+
+def peer_value(cell, provider, peer):
+    """The peer's value to compare cell[provider] with: the one measured alternately with it
+    where there is one, else the peer's own row (None if neither)."""
+    row = cell.get(provider)
+    if row is not None and row.get("peer_p50"):
+        return row["peer_p50"]
+    return cell[peer]["p50"] if peer in cell else None
+
+
 def markdown(rows, peers):
-    """One table per op: p50 time per provider and the speed-up over the op's eager peer."""
-    times = [r for r in rows if r["metric"] == "time"]
+    """One table per op and metric: the p50 per provider and its comparison with the peer."""
     lines = []
-    by_op = defaultdict(list)
-    for r in times:
-        by_op[(r["device"], r["op"])].append(r)
-    for (device, op), op_rows in by_op.items():
-        providers = list(dict.fromkeys(r["provider"] for r in op_rows))
-        cases = list(dict.fromkeys((r["mode"], r["shape"], r["dtype"]) for r in op_rows))
-        peer = peers[op]
-        lines += [f"**{op}** on {device} (p50 ms; ×: speed-up over `{peer}`)", "",
-                  "| mode | shape | dtype | " + " | ".join(providers) + " |",
-                  "|---|---|---|" + "---|" * len(providers)]
-        for case in cases:
-            cell = {r["provider"]: r["p50"] for r in op_rows if (r["mode"], r["shape"],
-                                                                    r["dtype"]) == case}
-            ref = cell.get(peer)
-            entries = []
-            for p in providers:
-                if p not in cell:
-                    entries.append("–")
-                else:
-                    speedup = f" ({ref / cell[p]:.2f}×)" if ref else ""
-                    entries.append(f"{cell[p]:.3g}{speedup}")
-            lines.append(f"| {case[0]} | {case[1]} | {case[2]} | " + " | ".join(entries) + " |")
-        lines.append("")
+    for metric, (legend, compare) in TABLES.items():
+        by_op = defaultdict(list)
+        for r in rows:
+            if r["metric"] == metric:
+                by_op[(r["device"], r["op"])].append(r)
+        for (device, op), op_rows in by_op.items():
+            providers = list(dict.fromkeys(r["provider"] for r in op_rows))
+            cases = list(dict.fromkeys((r["mode"], r["shape"], r["dtype"]) for r in op_rows))
+            peer = peers[op]
+            title = "" if metric == "time" else f" {metric}"
+            lines += [f"**{op}**{title} on {device} ({legend} `{peer}`)", "",
+                      "| mode | shape | dtype | " + " | ".join(providers) + " |",
+                      "|---|---|---|" + "---|" * len(providers)]
+            for case in cases:
+                cell = {r["provider"]: r for r in op_rows
+                        if (r["mode"], r["shape"], r["dtype"]) == case}
+                entries = []
+                for p in providers:
+                    ref = peer_value(cell, p, peer)
+                    entries.append("–" if p not in cell else f"{cell[p]['p50']:.3g}" if not ref
+                                   else f"{cell[p]['p50']:.3g} ({compare(cell[p]['p50'], ref)})")
+                lines.append(f"| {case[0]} | {case[1]} | {case[2]} | " + " | ".join(entries)
+                             + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -120,9 +143,9 @@ def plot(rows, peers, device_label, path_for):
         for i, provider in enumerate(providers):
             speedups = []
             for case in cases:
-                t = {r["provider"]: r["p50"] for r in op_rows if r["shape"] == case}
-                speedups.append(t[peers[op]] / t[provider] if provider in t and
-                                peers[op] in t else 0.0)
+                cell = {r["provider"]: r for r in op_rows if r["shape"] == case}
+                ref = peer_value(cell, provider, peers[op])
+                speedups.append(ref / cell[provider]["p50"] if provider in cell and ref else 0.0)
             ax.bar(np.arange(len(cases)) + i * width, speedups, width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(np.arange(len(cases)) + width * (len(providers) - 1) / 2)
