@@ -361,6 +361,24 @@ def test_kernel_sparse_matches_reference(device, dtype, index_dtype, num_classes
         assert_close(a, e)
 
 
+# On CUDA: the largest row whose bitmap of positives fits in shared memory, one class more
+# (dense labels instead), and a row whose bitmap plus the static storage passes 48 KiB.
+@pytest.mark.parametrize("num_classes", [327_680, 327_681, 393_216])
+def test_kernel_sparse_many_classes(device, num_classes):
+    needs_kernel("sparse_zlpr", device)
+    logits, _ = random_problem((2, num_classes), masked=0.05, dtype=torch.float32,
+                               device=device)
+    positives = torch.tensor([[0, num_classes - 1, 5, -1], [num_classes - 1, 7, 7, -1]],
+                             device=device)
+    grad_rows = torch.rand(2, device=device)
+    actual = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives, reduction="none"),
+                           logits, grad_rows)
+    expected = loss_and_grad(lambda s: ref.sparse_zlpr_loss(s, positives, reduction="none"),
+                             logits, grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
 def test_kernel_sparse_positives_dominate(device):
     needs_kernel("sparse_zlpr", device)
     logits = torch.full((2, 3000), -5.0, device=device)

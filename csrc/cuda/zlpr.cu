@@ -28,8 +28,10 @@ namespace {
 constexpr int64_t kMaxWarpRowClasses = 2048;
 constexpr int kWarpRowsPerBlock = 8;
 constexpr int kBlockRowThreads = 512;
-// Shared memory for the sparse kernel's bitmap of positives (one bit per class).
-constexpr int64_t kMaxBitmapBytes = 48 * 1024;
+// Shared memory for the sparse kernel's bitmap of positives (one bit per class): a launch may
+// use 48 KiB in all without opting in, and the static reduction storage (under 1 KiB) counts
+// towards it, so the bitmap stops at 40 KiB (327,680 classes).
+constexpr int64_t kMaxBitmapBytes = 40 * 1024;
 
 // A row reduction over a logical warp (kThreads <= 32) or the whole block.
 template <typename T, int kThreads, bool kWarp = (kThreads <= 32)>
