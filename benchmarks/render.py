@@ -160,23 +160,25 @@ def plot(rows, peers, device_label, path_for):
     return paths
 
 
-def update_readme(sections):
+def update_readme():
+    """The README section: every device's results/<device>.md, CPU first (a GPU run replaces
+    only its own device's section)."""
     text = README.read_text()
     if START not in text or END not in text:
         return
-    body = "\n".join(sections)
+    sections = sorted(RESULTS.glob("*.md"), key=lambda path: (path.stem != "cpu", path.stem))
+    body = "\n".join(path.read_text() for path in sections)
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
 
 
-def main(raw_path):
-    raw = json.loads(Path(raw_path).read_text())
+def write_device_results(raw):
+    """results/<device>.csv, .md (the device's README section) and one PNG per op."""
     rows, peers = [], {}
     for row, info in rows_from(raw):
         rows.append(row)
         peers[row["op"]] = info["peer"]
-    sections = []
     for device in sorted({r["device"] for r in rows}):
         name = device_name(device)
         device_rows = [r for r in rows if r["device"] == device]
@@ -187,16 +189,23 @@ def main(raw_path):
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
                                  for k, v in r.items()})
         table = markdown(device_rows, peers)
-        (RESULTS / f"{name}.md").write_text(table)
-        pngs = plot(device_rows, peers, name, lambda op, name=name: RESULTS / f"{name}_{op}.png")
         print(table)
+        pngs = plot(device_rows, peers, name, lambda op, name=name: RESULTS / f"{name}_{op}.png")
         images = "".join(f"![{op} on {name}](benchmarks/results/{path.name}) "
                          for op, path in pngs.items())
-        sections.append(f"#### {name} (kxops {device_rows[0]['kxops']}, torch "
-                        f"{device_rows[0]['torch']}, git {device_rows[0]['git_rev']})\n\n{table}"
-                        f"\n{images}\n")
-    update_readme(sections)
+        (RESULTS / f"{name}.md").write_text(
+            f"#### {name} (kxops {device_rows[0]['kxops']}, torch {device_rows[0]['torch']}, "
+            f"git {device_rows[0]['git_rev']})\n\n{table}\n{images}\n")
+
+
+def main(args):
+    """render.py [RAW_JSON]: the device results of a run (default results/raw.json), then the
+    README; render.py --readme: the README alone, from the results/*.md already there."""
+    if args[:1] != ["--readme"]:
+        write_device_results(json.loads(Path(args[0] if args else RESULTS / "raw.json")
+                                        .read_text()))
+    update_readme()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "raw.json")
+    main(sys.argv[1:])
