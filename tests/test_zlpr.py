@@ -341,6 +341,16 @@ def test_kernel_low_precision_error_rule(device, dtype):
         assert_error_rule(o, t, e, dtype)
 
 
+def assert_sparse_matches_reference(logits, positives, grad_rows):
+    """Per-row losses and the gradient under per-row weights grad_rows, kernel vs reference."""
+    actual = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives, reduction="none"),
+                           logits, grad_rows)
+    expected = loss_and_grad(lambda s: ref.sparse_zlpr_loss(s, positives, reduction="none"),
+                             logits, grad_rows)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("num_classes", [7, 700, 3000])
@@ -353,12 +363,7 @@ def test_kernel_sparse_matches_reference(device, dtype, index_dtype, num_classes
     positives = positives.to(device=device, dtype=index_dtype)
     grad_rows = torch.rand(4, 3, device=device, dtype=torch.float64 if dtype == torch.float64
                            else torch.float32)
-    actual = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives, reduction="none"),
-                           logits, grad_rows)
-    expected = loss_and_grad(lambda s: ref.sparse_zlpr_loss(s, positives, reduction="none"),
-                             logits, grad_rows)
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
+    assert_sparse_matches_reference(logits, positives, grad_rows)
 
 
 # On CUDA: the largest row whose bitmap of positives fits in shared memory, one class more
@@ -371,12 +376,7 @@ def test_kernel_sparse_many_classes(device, num_classes):
     positives = torch.tensor([[0, num_classes - 1, 5, -1], [num_classes - 1, 7, 7, -1]],
                              device=device)
     grad_rows = torch.rand(2, device=device)
-    actual = loss_and_grad(lambda s: kxops.sparse_zlpr_loss(s, positives, reduction="none"),
-                           logits, grad_rows)
-    expected = loss_and_grad(lambda s: ref.sparse_zlpr_loss(s, positives, reduction="none"),
-                             logits, grad_rows)
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
+    assert_sparse_matches_reference(logits, positives, grad_rows)
 
 
 def test_kernel_sparse_positives_dominate(device):
