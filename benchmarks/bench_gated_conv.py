@@ -59,5 +59,6 @@ def test_gated_conv(benchmark, device, mode, provider, dilation, channel_index):
     shape = [size["batch"], size["time"], dim]
     run_modes(benchmark, mode, loss_of(provider), x, device, provider=provider,
               peer_loss_of=loss_of(peer) if provider != peer else None,
-              count_saved=provider != "conv1d_compiled", op="gated_conv",
+              count_saved=provider != "conv1d_compiled", persistent=list(eager.parameters()),
+              op="gated_conv",
               shape=f"{shape} d={dilation}", dtype="float32", peer=peer)

@@ -91,18 +91,22 @@ def peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
-def saved_for_backward_bytes(fn):
-    """Bytes of the tensors autograd keeps for backward while fn runs (inputs and weights
-    included; counted once per tensor)."""
-    seen = {}
+def saved_for_backward_bytes(fn, persistent=()):
+    """Bytes of memory that the tensors autograd saves while fn runs keep alive: whole
+    storages, each counted once (a saved view keeps its base's storage), leaving out the
+    storages of ``persistent`` tensors (parameters: alive whatever the graph holds)."""
+    alive_anyway = {t.untyped_storage().data_ptr() for t in persistent}
+    storages = {}
 
     def pack(t):
-        seen[id(t)] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in alive_anyway:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values())
+    return sum(storages.values())
 
 
 def run_timed(benchmark, fn, device, *, provider, peer_fn=None, nbytes=None, **info):
@@ -121,11 +125,12 @@ def run_timed(benchmark, fn, device, *, provider, peer_fn=None, nbytes=None, **i
 
 
 def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_of=None,
-              nbytes=None, count_saved=False, **info):
+              nbytes=None, count_saved=False, persistent=(), **info):
     """Time the forward (with grad enabled), the backward alone, or both, of ``loss_of(inputs)``
     (a scalar or a tensor reduced by sum), each round paired with the same for
     ``peer_loss_of`` (see run_timed); records peak extra memory of a full step on CUDA and,
-    with count_saved, what the forward keeps for backward."""
+    with count_saved, the memory the forward keeps alive for backward (see
+    saved_for_backward_bytes)."""
     inputs = inputs.detach().requires_grad_(True)
 
     def forward_of(fn):
@@ -144,7 +149,7 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_o
     info.update(mode=mode)
     info["peak_bytes"] = peak_extra_bytes(full, device) if mode == "full" else None
     if mode == "forward" and count_saved:
-        info["saved_bytes"] = saved_for_backward_bytes(forward)
+        info["saved_bytes"] = saved_for_backward_bytes(forward, persistent)
     if mode == "backward":
         call = _synchronised(lambda loss: loss.backward(), device)
         call(forward())  # warm-up

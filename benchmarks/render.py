@@ -72,7 +72,7 @@ def rows_from(raw):
 # The tables in the README, per metric: how values are shown and compared with the op's peer.
 TABLES = {
     "time": ("p50 ms; ×: speed-up over", lambda value, peer: f"{peer / value:.2f}×"),
-    "saved_for_backward": ("MiB kept for backward by the forward; %: of",
+    "saved_for_backward": ("MiB the forward keeps alive for backward, parameters excluded; %: of",
                            lambda value, peer: f"{100 * value / peer:.0f}%"),
     "peak_memory": ("peak MiB allocated by a full step; %: of",
                     lambda value, peer: f"{100 * value / peer:.0f}%"),
