@@ -14,6 +14,11 @@ MODES = ["forward", "backward", "full"]
 # many rounds of a fast case), within [MIN_ROUNDS, MAX_ROUNDS].
 ROUND_SECONDS = 0.6
 MIN_ROUNDS, MAX_ROUNDS = 5, 30
+# On CUDA a round makes k calls and synchronises once, k chosen so that the round lasts about
+# CUDA_ROUND_SECONDS: one sync per call (~10 us with the launch) would swamp kernels of a few
+# microseconds. Rows report the time per call. CPU rounds make one call.
+CUDA_ROUND_SECONDS = 2e-3
+MAX_CALLS_PER_ROUND = 50
 
 
 @pytest.fixture(params=DEVICES)
@@ -33,12 +38,22 @@ def size_for(sizes, index):
     return sizes[index]
 
 
-def _synchronised(fn, device):
-    def call(*args):
-        fn(*args)
+def _repeated(fn, device, calls):
+    """fn called `calls` times (once per argument list when given lists), then a CUDA sync."""
+    def call(*arg_lists):
+        for args in zip(*arg_lists) if arg_lists else [()] * calls:
+            fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return call
+
+
+def _calls_per_round(fn, device):
+    """The calls per round (see CUDA_ROUND_SECONDS); on CUDA, from one more synchronised call."""
+    if device.type != "cuda":
+        return 1
+    seconds = max(_seconds(_repeated(fn, device, 1)), 1e-9)
+    return int(min(MAX_CALLS_PER_ROUND, max(1, CUDA_ROUND_SECONDS / seconds)))
 
 
 def _seconds(call, *args):
@@ -68,9 +83,10 @@ class Interleaved:
         return self.prepare(), {}
 
 
-def _label(benchmark, device, provider, nbytes, info):
+def _label(benchmark, device, provider, nbytes, calls, info):
     benchmark.group = "|".join(str(info[k]) for k in ("op", "mode", "shape", "dtype"))
-    benchmark.extra_info.update(provider=provider, device=device.type, bytes=nbytes, **info)
+    benchmark.extra_info.update(provider=provider, device=device.type, bytes=nbytes,
+                                calls_per_round=calls, **info)
 
 
 def _pedantic(benchmark, call, setup, rounds):
@@ -110,17 +126,18 @@ def saved_for_backward_bytes(fn, persistent=()):
 
 
 def run_timed(benchmark, fn, device, *, provider, peer_fn=None, nbytes=None, **info):
-    """Time ``fn`` (synchronising inside the timed call on CUDA), each round paired with an
-    untimed-by-pytest-benchmark call of ``peer_fn`` (the op's peer; None for the peer itself)
-    whose times are recorded for the speed-ups, and label the row."""
-    call = _synchronised(fn, device)
-    call()  # warm-up outside the timing (compilation, allocator)
+    """Time ``fn`` (see CUDA_ROUND_SECONDS for CUDA), each round paired with an untimed-by-
+    pytest-benchmark round of ``peer_fn`` (the op's peer; None for the peer itself) whose
+    times are recorded for the speed-ups, and label the row."""
+    fn()  # warm-up outside the timing (compilation, allocator)
+    calls = _calls_per_round(fn, device)
+    call = _repeated(fn, device, calls)
     peer_call = None
     if peer_fn is not None:
-        peer_call = _synchronised(peer_fn, device)
+        peer_call = _repeated(peer_fn, device, calls)
         peer_call()
     rounds = _rounds_for(call)
-    _label(benchmark, device, provider, nbytes, info)
+    _label(benchmark, device, provider, nbytes, calls, info)
     _pedantic(benchmark, call, Interleaved(peer_call), rounds)
 
 
@@ -131,12 +148,12 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_o
     ``peer_loss_of`` (see run_timed); records peak extra memory of a full step on CUDA and,
     with count_saved, the memory the forward keeps alive for backward (see
     saved_for_backward_bytes)."""
-    inputs = inputs.detach().requires_grad_(True)
+    shared_leaf = inputs.detach().requires_grad_(True)
 
     def forward_of(fn):
-        def forward():
-            inputs.grad = None
-            out = fn(inputs)
+        def forward(leaf=shared_leaf):
+            leaf.grad = None
+            out = fn(leaf)
             return out if out.dim() == 0 else out.sum()
         return forward
 
@@ -151,16 +168,24 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_o
     if mode == "forward" and count_saved:
         info["saved_bytes"] = saved_for_backward_bytes(forward, persistent)
     if mode == "backward":
-        call = _synchronised(lambda loss: loss.backward(), device)
-        call(forward())  # warm-up
-        rounds = _rounds_for(_synchronised(full, device))  # the forward runs in every round too
+        full()  # warm-up
+        calls = _calls_per_round(full, device)
+        call = _repeated(lambda loss: loss.backward(), device, calls)
+
+        def graphs(fn):
+            """The untimed part of a round: `calls` graphs, each from its own leaf, so that no
+            backward accumulates into another's gradient."""
+            forward = forward_of(fn)
+            return lambda: ([forward(inputs.detach().requires_grad_(True))
+                             for _ in range(calls)],)
+
+        rounds = _rounds_for(lambda: call(*graphs(loss_of)()))  # the forward runs in every round
         if has_peer:
-            call(forward_of(peer_loss_of)())
-        _label(benchmark, device, provider, nbytes, info)
-        # The graphs are built in the untimed setup of each round.
+            call(*graphs(peer_loss_of)())
+        _label(benchmark, device, provider, nbytes, calls, info)
         setup = Interleaved(call if has_peer else None,
-                            prepare_peer=lambda: (forward_of(peer_loss_of)(),),
-                            prepare=lambda: (forward(),))
+                            prepare_peer=graphs(peer_loss_of) if has_peer else tuple,
+                            prepare=graphs(loss_of))
         _pedantic(benchmark, call, setup, rounds)
     else:
         peer = (forward_of if mode == "forward" else full_of)(peer_loss_of) if has_peer else None

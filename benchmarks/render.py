@@ -48,11 +48,13 @@ def rows_from(raw):
                   timestamp=stamp)
     for bench in raw["benchmarks"]:
         info = bench["extra_info"]
-        times = np.asarray(bench["stats"].get("data") or [bench["stats"]["median"]]) * 1e3
+        # Per call: a CUDA round makes calls_per_round calls (benchmarks/conftest.py).
+        calls = info.get("calls_per_round", 1)
+        times = np.asarray(bench["stats"].get("data") or [bench["stats"]["median"]]) * 1e3 / calls
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
         base = dict(op=info["op"], provider=info["provider"], mode=info["mode"],
                     shape=info["shape"], dtype=info["dtype"], device=info["device"], **common)
-        peer_p50 = float(np.median(info["peer_ms"])) if info.get("peer_ms") else None
+        peer_p50 = float(np.median(info["peer_ms"])) / calls if info.get("peer_ms") else None
         yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80,
                    peer_p50=peer_p50), info
         if info.get("bytes"):
