@@ -324,3 +324,36 @@ def test_kernel_short_empty_and_strided(device, batch, time, k, dilation):
         results.append([y, *torch.autograd.grad(y.square().sum(), (x, weight, bias))])
     for got, want in zip(*results):
         assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_properties(0).total_memory < 70 * 2**30,
+                    reason="needs a CUDA GPU with 70 GiB")
+def test_cuda_more_than_2_pow_31_elements():
+    """fp16 activations past 2^31 elements (one long sequence): the output at the last steps and
+    every gradient of an upstream gradient that lives on those steps only (so all gradients are
+    local) match the op run on a window of the last steps alone."""
+    needs_kernel("cuda")
+    channels, dilation, window = 256, 2, 64
+    time = 2**31 // channels + window  # x holds 2^31 + 16384 elements, z twice as many
+    start = time - window - 2 * dilation  # the window's first step: pad steps of context
+    torch.manual_seed(0)
+    options = dict(device="cuda", dtype=torch.float16)
+    weight = (torch.randn(2 * channels, channels, 3, **options) / 16).requires_grad_()
+    bias = torch.randn(2 * channels, **options).requires_grad_()
+    x = torch.randn(1, time, channels, **options)
+    mask = torch.ones(1, time, dtype=torch.bool, device="cuda")
+    mask[:, -5:] = False
+    grad_y = torch.zeros_like(x)
+    grad_y[:, -window:] = torch.randn(1, window, channels, **options)
+    results = []
+    for first in (0, start):
+        x_in = x[:, first:].clone().requires_grad_()
+        y = kxops.dilated_gated_conv1d(x_in, weight, bias, mask[:, first:], dilation=dilation)
+        grad_x, grad_w, grad_b = torch.autograd.grad(y, (x_in, weight, bias), grad_y[:, first:])
+        tail = slice(start + dilation - first, None)  # steps whose taps all lie in the window
+        results.append((y[:, tail].clone(), grad_x[:, start - first:].clone(), grad_w, grad_b))
+        del x_in, y, grad_x
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
