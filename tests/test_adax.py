@@ -454,3 +454,28 @@ def test_cuda_hundreds_of_tensors_in_one_step():
          **HYPER)
     for got, want in zip(params, loop_params):
         assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_properties(0).total_memory < 32 * 2**30,
+                    reason="needs a CUDA GPU with 32 GiB")
+def test_cuda_tensor_past_2_pow_31_elements():
+    """One bf16 tensor of more than 2^31 elements (fp32 state): two steps; the elements at both
+    ends and their state match the for-loop steps on copies of those elements."""
+    needs_kernel("cuda")
+    numel = 2**31 + 33
+    params = [torch.randn(numel, device="cuda", dtype=torch.bfloat16)]
+    grads = [torch.randn_like(params[0])]
+    ends = [slice(0, 1000), slice(numel - 1000, numel)]
+    loop_params = [params[0][end].clone() for end in ends]
+    loop_grads = [grads[0][end].clone() for end in ends]
+    fused_state, loop_state = _device_states(params, "cuda"), _states(loop_params)
+    for _ in range(2):
+        adax(params, grads, *fused_state, fused=True, decoupled=True, maximize=False, **HYPER)
+        adax(loop_params, loop_grads, *loop_state, foreach=False, decoupled=True, maximize=False,
+             **HYPER)
+    for i, end in enumerate(ends):
+        assert_close(params[0][end], loop_params[i])
+        assert_close(fused_state[0][0][end], loop_state[0][i])
+        assert_close(fused_state[1][0][end], loop_state[1][i])
