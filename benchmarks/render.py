@@ -19,7 +19,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # peer_p50: for time rows, the p50 of the peer's calls made alternately with this provider's
 # (the speed-ups use it: both sides saw the same machine load).
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80",
-           "peer_p50", "device", "torch", "kxops", "git_rev", "timestamp"]
+           "peer_p50", "peer", "device", "torch", "kxops", "git_rev", "timestamp"]
+NUMBERS = ("p50", "p20", "p80", "peer_p50")
 
 
 def git_rev():
@@ -53,22 +54,23 @@ def rows_from(raw):
         times = np.asarray(bench["stats"].get("data") or [bench["stats"]["median"]]) * 1e3 / calls
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
         base = dict(op=info["op"], provider=info["provider"], mode=info["mode"],
-                    shape=info["shape"], dtype=info["dtype"], device=info["device"], **common)
+                    shape=info["shape"], dtype=info["dtype"], peer=info["peer"],
+                    device=info["device"], **common)
         peer_p50 = float(np.median(info["peer_ms"])) / calls if info.get("peer_ms") else None
         yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80,
-                   peer_p50=peer_p50), info
+                   peer_p50=peer_p50)
         if info.get("bytes"):
             # GB/s from the op's minimum bytes; p20 of time is p80 of bandwidth.
             gbps = [info["bytes"] / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]
             yield dict(base, metric="bandwidth", unit="GB/s", p50=gbps[0], p20=gbps[1],
-                       p80=gbps[2]), info
+                       p80=gbps[2])
         if info.get("saved_bytes") is not None:
             mib = info["saved_bytes"] / 2**20
             yield dict(base, metric="saved_for_backward", unit="MiB", p50=mib, p20=mib,
-                       p80=mib), info
+                       p80=mib)
         if info.get("peak_bytes") is not None:
             mib = info["peak_bytes"] / 2**20
-            yield dict(base, metric="peak_memory", unit="MiB", p50=mib, p20=mib, p80=mib), info
+            yield dict(base, metric="peak_memory", unit="MiB", p50=mib, p20=mib, p80=mib)
 
 
 # The tables in the README, per metric: how values are shown and compared with the op's peer.
@@ -175,15 +177,34 @@ def update_readme():
     README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
 
 
+def read_csv(path):
+    """The rows of a results CSV, numbers as floats (None where empty)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v else None) if k in NUMBERS else v for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def merged(old_rows, new_rows):
+    """The new rows, plus the old rows of every op the new run did not measure (so one op can
+    be re-measured alone), ops in their first order."""
+    new_ops = {r["op"] for r in new_rows}
+    kept = [r for r in old_rows if r["op"] not in new_ops]
+    rows = kept + new_rows
+    order = list(dict.fromkeys(r["op"] for r in old_rows + new_rows))
+    return sorted(rows, key=lambda r: order.index(r["op"]))
+
+
 def write_device_results(raw):
-    """results/<device>.csv, .md (the device's README section) and one PNG per op."""
-    rows, peers = [], {}
-    for row, info in rows_from(raw):
-        rows.append(row)
-        peers[row["op"]] = info["peer"]
+    """results/<device>.csv, .md (the device's README section) and one PNG per op; the ops this
+    run did not measure keep their earlier rows."""
+    rows = list(rows_from(raw))
     for device in sorted({r["device"] for r in rows}):
         name = device_name(device)
-        device_rows = [r for r in rows if r["device"] == device]
+        device_rows = merged(read_csv(RESULTS / f"{name}.csv"),
+                             [r for r in rows if r["device"] == device])
+        peers = {r["op"]: r["peer"] for r in device_rows}
         with open(RESULTS / f"{name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
@@ -195,9 +216,11 @@ def write_device_results(raw):
         pngs = plot(device_rows, peers, name, lambda op, name=name: RESULTS / f"{name}_{op}.png")
         images = "".join(f"![{op} on {name}](benchmarks/results/{path.name}) "
                          for op, path in pngs.items())
+        first = device_rows[0]
+        revs = ", ".join(dict.fromkeys(r["git_rev"] for r in device_rows))
         (RESULTS / f"{name}.md").write_text(
-            f"#### {name} (kxops {device_rows[0]['kxops']}, torch {device_rows[0]['torch']}, "
-            f"git {device_rows[0]['git_rev']})\n\n{table}\n{images}\n")
+            f"#### {name} (kxops {first['kxops']}, torch {first['torch']}, git {revs})\n\n"
+            f"{table}\n{images}\n")
 
 
 def main(args):

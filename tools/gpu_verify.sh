@@ -3,10 +3,14 @@
 #   build      the extension in place (ninja, incremental; archs of the visible GPU) + kxops info
 #   test       the whole suite (the cuda-marked tests included), slowest tests listed
 #   sanitize   compute-sanitizer memcheck on each op's CUDA tests, racecheck and synccheck on
-#              ZLPR (the kernels with shared memory and barriers)
+#              ZLPR (the kernels with shared memory and barriers); sanitize-OP: one op's
 #   bench      the benchmark suite on CUDA only; results/<gpu>.csv, .md and PNGs copied to $OUT
-# e.g. `tools/gpu_verify.sh build test`, then `tools/gpu_verify.sh sanitize bench`. Every stage
-# builds first, so a call that lands on a fresh machine still works (it only pays the build).
+#   bench-OP   the same for one op's cases (adax, zlpr: both ZLPRs, gated_conv); the rows of
+#              the other ops already in results/<gpu>.csv are kept, so copy the files from $OUT
+#              into benchmarks/results/ between device calls (each call gets a fresh tree copy)
+# e.g. `build test`, `sanitize`, then `bench-zlpr bench-adax` and `bench-gated_conv` (sanitizers
+# and the torch.compile peers make whole-suite calls risky under a 10-minute limit). Every
+# stage builds first, so a call that lands on a fresh machine still works (it pays the build).
 # Logs go to $OUT (default ./gpu_out); each step prints its verdict and the tail of its log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +36,7 @@ build() {
   "$PY" -m kxops >"$OUT/info.txt" 2>&1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 build|test|sanitize|bench ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 build|test|sanitize|bench|bench-OP ..." >&2; exit 2; }
 for stage in "$@"; do
   case "$stage" in
     build)
@@ -41,29 +45,34 @@ for stage in "$@"; do
     test)
       build && step tests "$PY" -m pytest tests -q -rs --durations=15
       ;;
-    sanitize)
+    sanitize | sanitize-*)
       build || continue
-      for op in zlpr adax gated_conv; do
+      ops="zlpr adax gated_conv"
+      [ "$stage" = sanitize ] || ops=${stage#sanitize-}
+      for op in $ops; do
         step "memcheck_$op" compute-sanitizer --tool memcheck --error-exitcode 9 \
           "$PY" -m pytest "tests/test_$op.py" -q -m cuda -x -k "not 2_pow_31"
-      done
-      for tool in racecheck synccheck; do
-        step "${tool}_zlpr" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest tests/test_zlpr.py -q -m cuda -x -k "kernel and not 2_pow_31"
+        [ "$op" = zlpr ] || continue
+        for tool in racecheck synccheck; do  # the kernels with shared memory and barriers
+          step "${tool}_zlpr" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            "$PY" -m pytest tests/test_zlpr.py -q -m cuda -x -k "kernel and not 2_pow_31"
+        done
       done
       ;;
-    bench)
+    bench | bench-*)
       build || continue
       # The GPU machine has no network: pytest-benchmark comes from the wheels kept in tools/.
       "$PY" -c "import pytest_benchmark" 2>/dev/null ||
         "$PY" -m pip install --no-index --find-links tools/wheels pytest-benchmark >/dev/null
       # CUDA cases only: this machine's CPU is not the one the committed CPU results describe.
-      step bench "$PY" benchmarks/run.py -k cuda &&
+      cases="cuda"
+      [ "$stage" = bench ] || cases="cuda and ${stage#bench-}"
+      step "$stage" "$PY" benchmarks/run.py -k "$cases" &&
         find benchmarks/results -maxdepth 1 -type f ! -name 'cpu*' ! -name '*.json' \
           -exec cp {} "$OUT/" \;
       ;;
     *)
-      echo "unknown stage '$stage' (build|test|sanitize|bench)" >&2
+      echo "unknown stage '$stage' (build|test|sanitize|bench|bench-OP)" >&2
       exit 2
       ;;
   esac
