@@ -8,6 +8,8 @@
 #   bench-OP   the same for one op's cases (adax, zlpr: both ZLPRs, gated_conv); the rows of
 #              the other ops already in results/<gpu>.csv are kept, so copy the files from $OUT
 #              into benchmarks/results/ between device calls (each call gets a fresh tree copy)
+#   profile    tools/profile_cuda.py (each op's CUDA kernels, torch.profiler) and Nsight Compute
+#              speed-of-light and memory sections of each op's own kernels, to $OUT
 # e.g. `build test`, `sanitize`, then `bench-zlpr bench-adax` and `bench-gated_conv` (sanitizers
 # and the torch.compile peers make whole-suite calls risky under a 10-minute limit). Every
 # stage builds first, so a call that lands on a fresh machine still works (it pays the build).
@@ -36,7 +38,7 @@ build() {
   "$PY" -m kxops >"$OUT/info.txt" 2>&1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 build|test|sanitize|bench|bench-OP ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 build|test|sanitize[-OP]|profile|bench[-OP] ..." >&2; exit 2; }
 for stage in "$@"; do
   case "$stage" in
     build)
@@ -59,6 +61,14 @@ for stage in "$@"; do
         done
       done
       ;;
+    profile)
+      build || continue
+      step profile "$PY" tools/profile_cuda.py
+      for op in zlpr sparse_zlpr adax gated_conv; do
+        step "ncu_$op" ncu --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          -k regex:'zlpr|adax|gate_' "$PY" tools/profile_cuda.py --ncu "$op"
+      done
+      ;;
     bench | bench-*)
       build || continue
       # The GPU machine has no network: pytest-benchmark comes from the wheels kept in tools/.
@@ -72,7 +82,7 @@ for stage in "$@"; do
           -exec cp {} "$OUT/" \;
       ;;
     *)
-      echo "unknown stage '$stage' (build|test|sanitize|bench|bench-OP)" >&2
+      echo "unknown stage '$stage' (build|test|sanitize[-OP]|profile|bench[-OP])" >&2
       exit 2
       ;;
   esac
