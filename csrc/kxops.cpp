@@ -31,6 +31,13 @@ std::string build_info() {
 #elif defined(__GNUC__)
   info += "gcc " __VERSION__;
 #endif
+  // The CPU kernels' at::parallel_for runs on one thread unless built with OpenMP.
+  info += ";openmp=";
+#ifdef _OPENMP
+  info += std::to_string(_OPENMP);
+#else
+  info += "0";
+#endif
 #ifdef KXOPS_WITH_CUDA
   info += ";" + cuda_build_info();
 #endif

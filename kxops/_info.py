@@ -39,7 +39,8 @@ def format_info(facts: dict) -> str:
         f"extension: {facts['extension']}",
         (f"built: CUDA {'yes' if 'cuda_runtime' in build else 'no'}"
          + (f", runtime {build['cuda_runtime']}, archs {archs}" if archs else "")
-         + f", debug={build['debug']}, {build['compiler']}") if build
+         + f", debug={build['debug']}, OpenMP {build.get('openmp', '?')}, {build['compiler']}")
+        if build
         else "built: (extension not loaded)",
         f"GPUs visible: {', '.join(facts['gpus']) or 'none'}",
         "",

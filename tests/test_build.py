@@ -17,6 +17,13 @@ def test_extension_loaded_with_build_info():
     assert build["compiler"]
 
 
+def test_cpu_kernels_built_with_torchs_parallel_backend():
+    """at::parallel_for is inline: an extension built without OpenMP runs every CPU kernel on
+    one thread while torch's own ops use all of them."""
+    if torch.backends.openmp.is_available() and sys.platform != "win32":
+        assert _ext.build_info()["openmp"] != "0"
+
+
 def test_cuda_sources_compiled_when_expected():
     """CI sets KXOPS_EXPECT_CUDA_BUILD=1 where nvcc and a CUDA torch exist."""
     build = _ext.build_info()
