@@ -66,10 +66,15 @@ if _ext.LOADED:
         (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
          residual) = inputs
         ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight, residual_bias)
+        # z is internal and never gets a gradient: without this, autograd would pass the
+        # backward an activation-sized tensor of zeros for it, filled on every call.
+        ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         ctx.config = (dilation, drop_gate, residual)
 
     def _backward(ctx, grad_y, _grad_z):
+        if grad_y is None:  # y got no gradient (grads are not materialised): nothing flows
+            return (None,) * 10
         x, z, weight, mask, keep, residual_weight, residual_bias = ctx.saved_tensors
         grad_x, grad_w, grad_b, grad_rw, grad_rb = torch.ops.kxops.gated_conv_backward(
             grad_y, x, z, weight, mask, keep, residual_weight, residual_bias, ctx.has_bias,

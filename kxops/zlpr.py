@@ -53,9 +53,13 @@ def _fake_forward(logits, compute_grad):
 def _save_grad(ctx, inputs, output):
     ctx.grad_computed = inputs[-1]
     ctx.save_for_backward(output[1])
+    # The gradient output is internal: no logits-sized zeros for its "gradient" per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _scaled_grad(ctx, grad_loss):
+    if grad_loss is None:  # the loss got no gradient (grads are not materialised)
+        return None
     if not ctx.grad_computed:
         raise RuntimeError("kxops ZLPR: backward through a forward called with "
                            "compute_grad=False; the gradient was not computed")
