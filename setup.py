@@ -85,7 +85,7 @@ def extensions():
         # at::vec is scalar code unless a capability is compiled in; kxops._ext refuses to load
         # the binary on an x86-64 CPU without AVX2 (the reference ops then run).
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    if torch.backends.openmp.is_available() and platform.system() != "Windows":
+    if torch.backends.openmp.is_available() and platform.system() == "Linux":
         # at::parallel_for is inline: without _OPENMP it runs its whole range on one thread.
         # Compile only: the OpenMP runtime then resolves to the one libtorch_cpu loads, so
         # torch.set_num_threads governs these loops too and no second thread pool exists.

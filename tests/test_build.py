@@ -20,7 +20,7 @@ def test_extension_loaded_with_build_info():
 def test_cpu_kernels_built_with_torchs_parallel_backend():
     """at::parallel_for is inline: an extension built without OpenMP runs every CPU kernel on
     one thread while torch's own ops use all of them."""
-    if torch.backends.openmp.is_available() and sys.platform != "win32":
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         assert _ext.build_info()["openmp"] != "0"
 
 
