@@ -129,7 +129,7 @@ def run_timed(benchmark, fn, device, *, provider, peer_fn=None, nbytes=None, **i
     """Time ``fn`` (see CUDA_ROUND_SECONDS for CUDA), each round paired with an untimed-by-
     pytest-benchmark round of ``peer_fn`` (the op's peer; None for the peer itself) whose
     times are recorded for the speed-ups, and label the row."""
-    fn()  # warm-up outside the timing (compilation, allocator)
+    _repeated(fn, device, 1)()  # warm-up outside the timing (compilation, allocator)
     calls = _calls_per_round(fn, device)
     call = _repeated(fn, device, calls)
     peer_call = None
@@ -168,7 +168,7 @@ def run_modes(benchmark, mode, loss_of, inputs, device, *, provider, peer_loss_o
     if mode == "forward" and count_saved:
         info["saved_bytes"] = saved_for_backward_bytes(forward, persistent)
     if mode == "backward":
-        full()  # warm-up
+        _repeated(full, device, 1)()  # warm-up
         calls = _calls_per_round(full, device)
         call = _repeated(lambda loss: loss.backward(), device, calls)
 
