@@ -20,6 +20,15 @@ DEVICES = [
 ]
 
 
+def cuda_with_memory(gib):
+    """Marks a test as cuda and skips it unless the GPU has at least `gib` GiB of memory (the
+    tests of offsets past 2^31 elements)."""
+    enough = (torch.cuda.is_available()
+              and torch.cuda.get_device_properties(0).total_memory >= gib * 2**30)
+    skip = pytest.mark.skipif(not enough, reason=f"needs a CUDA GPU with {gib} GiB")
+    return lambda test: pytest.mark.cuda(skip(test))
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

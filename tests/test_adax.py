@@ -11,7 +11,7 @@ import kxops
 from kxops import _ext
 from kxops.adax import adax
 from kxops.reference import adax as ref
-from tests.conftest import assert_close
+from tests.conftest import assert_close, cuda_with_memory
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8)
 
@@ -456,10 +456,7 @@ def test_cuda_hundreds_of_tensors_in_one_step():
         assert_close(got, want)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or torch.cuda.get_device_properties(0).total_memory < 32 * 2**30,
-                    reason="needs a CUDA GPU with 32 GiB")
+@cuda_with_memory(32)
 def test_cuda_tensor_past_2_pow_31_elements():
     """One bf16 tensor of more than 2^31 elements (fp32 state): two steps; the elements at both
     ends and their state match the for-loop steps on copies of those elements."""

@@ -10,7 +10,7 @@ from torch import nn
 import kxops
 from kxops import _ext
 from kxops.reference import gated_conv as ref
-from tests.conftest import assert_close, assert_error_rule
+from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
 
 
 def block_by_loops(x, weight, bias, mask, keep, drop_gate, residual_weight, residual_bias,
@@ -326,10 +326,7 @@ def test_kernel_short_empty_and_strided(device, batch, time, k, dilation):
         assert_close(got, want)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or torch.cuda.get_device_properties(0).total_memory < 70 * 2**30,
-                    reason="needs a CUDA GPU with 70 GiB")
+@cuda_with_memory(70)
 def test_cuda_more_than_2_pow_31_elements():
     """fp16 activations past 2^31 elements (one long sequence): the output at the last steps and
     every gradient of an upstream gradient that lives on those steps only (so all gradients are

@@ -9,7 +9,7 @@ import torch
 import kxops
 from kxops import _ext
 from kxops.reference import zlpr as ref
-from tests.conftest import assert_close, assert_error_rule
+from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
 
 
 def zlpr_by_loops(logits, labels):
@@ -398,10 +398,7 @@ def test_kernel_no_gradient_pass_without_requires_grad(device):
     assert_close(loss, ref.zlpr_row_loss(logits, labels))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
-                    reason="needs a CUDA GPU with 24 GiB")
+@cuda_with_memory(24)
 def test_cuda_more_than_2_pow_31_elements():
     """Row offsets past 2^31 elements: the last rows must match the reference."""
     needs_kernel("zlpr", "cuda")
