@@ -184,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   Epilogue::backward(args, grad_y.contiguous(), dz, dr);
 
   const auto dz_rows = dz.view({geometry.out_rows(), two_out});
+  // Rebuilt, not saved: the forward keeps x itself (the residual needs it unmasked, and a soft
+  // mask cannot be divided back out), and x*m costs one pass.
   const auto x_gapped = geometry.input(x, mask);
   const auto w = taps_first(weight);
   // Tap j's weight gradient is dz^T (input rows of tap j); its input gradient is dz w_j added

@@ -1,5 +1,6 @@
-// DGCNN block on CPU: the shared host code (the convolution as shifted GEMMs) plus the fused epilogues here: one parallel pass over the rows [B*T] per direction, each row
-// staged in fp32/fp64 and updated with at::vec.
+// DGCNN block on CPU: the shared host code (the convolution as shifted GEMMs) plus the fused
+// epilogues here: one parallel pass over the rows [B*T] per direction, each row staged in
+// fp32/fp64 and updated with at::vec.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
