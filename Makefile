@@ -9,7 +9,7 @@ DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest ninja ruff matpl
             setuptools wheel
 STAMP := $(VENV)/.kxops-deps
 
-.PHONY: deps build test bench demo lint info clean
+.PHONY: deps build test fuzz bench demo lint info clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -26,6 +26,10 @@ build: deps
 test: build
 	$(PY) -m kxops
 	$(PY) -m pytest tests
+
+# The long fuzz profile (thousands of cases per property), for before a release.
+fuzz: build
+	KXOPS_FUZZ=long $(PY) -m pytest tests -m fuzz
 
 bench: build
 	$(PY) benchmarks/run.py

@@ -1,7 +1,18 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import kxops  # noqa: F401  (loads the extension and registers fake kernels / autograd)
+
+# Fuzz profiles: a quick, deterministic one in `make test`; `make fuzz` (KXOPS_FUZZ=long) for
+# before a release.
+settings.register_profile("quick", max_examples=30, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("KXOPS_FUZZ", "quick"))
 
 # Tolerances per dtype (atol, rtol) for comparing an op against kxops.reference.
 TOLERANCES = {
