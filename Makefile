@@ -1,6 +1,7 @@
-# From a fresh clone: `make test` runs the tests, `make bench` runs the benchmarks. Both create
-# .venv (reusing an installed torch through --system-site-packages), install torch and the dev
-# tools, and build the extension incrementally (ninja) before running.
+# The two commands of a fresh clone: `make bench` runs the benchmarks and writes
+# benchmarks/results/, `make test` runs the tests. Each creates .venv (with
+# --system-site-packages, so an installed torch is reused), installs torch and the dev tools,
+# builds the extension incrementally (ninja) and makes the checkout importable from .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -8,18 +9,26 @@ TORCH_SPEC ?= torch>=2.4
 DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest ninja ruff matplotlib tqdm \
             setuptools wheel
 STAMP := $(VENV)/.kxops-deps
+# Arguments for benchmarks/run.py (CI: --quick --out DIR) and the demo's step count.
+BENCH_ARGS ?=
+DEMO_STEPS ?= 400
 
-.PHONY: deps build test fuzz bench demo lint info clean
+.PHONY: deps build test fuzz bench demo lint info gpu-wheels clean
 
+# The .pth file puts this checkout on .venv's path (what an editable install does), so kxops
+# imports from any directory while the build stays `build_ext --inplace`: pip's editable
+# builds start from a fresh temp dir and recompile everything every time.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install --upgrade-strategy only-if-needed "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(PY) -c 'import pathlib, sys, sysconfig; \
+	  pathlib.Path(sysconfig.get_paths()["purelib"], "kxops-checkout.pth").write_text(sys.argv[1] + "\n")' \
+	  "$(CURDIR)"
 	touch $@
 
 deps: $(STAMP)
 
-# build_ext --inplace keeps ninja's object files in build/, so a rebuild recompiles only what
-# changed (pip's editable builds start from a fresh temp dir every time).
+# ninja keeps its object files in build/, so a rebuild recompiles only what changed.
 build: deps
 	$(PY) setup.py -q build_ext --inplace
 
@@ -32,19 +41,24 @@ fuzz: build
 	KXOPS_FUZZ=long $(PY) -m pytest tests -m fuzz
 
 bench: build
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 # The example trained with the kernels, then the same steps on the reference ops for the time
 # per step (the first run fails if the event micro-F1 stays below its stated level).
 demo: build
-	$(PY) examples/train_multilabel_dgcnn.py --steps 400
-	KXOPS_DISABLE_EXT=1 $(PY) examples/train_multilabel_dgcnn.py --steps 400
+	$(PY) examples/train_multilabel_dgcnn.py --steps $(DEMO_STEPS)
+	KXOPS_DISABLE_EXT=1 $(PY) examples/train_multilabel_dgcnn.py --steps $(DEMO_STEPS)
 
 lint: deps
 	$(PY) -m ruff check .
 
 info: build
 	$(PY) -m kxops
+
+# Wheels of the benchmark tools for a GPU machine without network access (tools/gpu_verify.sh
+# installs them from there; the device run carries the ignored folder).
+gpu-wheels: deps
+	$(PIP) download --no-deps --only-binary=:all: -d build/gpu-wheels pytest-benchmark py-cpuinfo
 
 clean:
 	rm -rf build kxops/*.so *.egg-info

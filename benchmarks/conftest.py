@@ -9,11 +9,15 @@ import torch
 import kxops  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# KXOPS_BENCH_QUICK=1 (`benchmarks/run.py --quick`, run by CI): every op and provider once at its
+# first (smallest) size, in as few rounds as the renderer needs: a check that the whole pipeline
+# works, not a measurement.
+QUICK = os.environ.get("KXOPS_BENCH_QUICK", "0") not in ("", "0")
 MODES = ["forward", "backward", "full"]
 # Rounds per case: as many as fit in about ROUND_SECONDS (the shared CPU's timing noise needs
 # many rounds of a fast case), within [MIN_ROUNDS, MAX_ROUNDS].
 ROUND_SECONDS = 0.6
-MIN_ROUNDS, MAX_ROUNDS = 5, 30
+MIN_ROUNDS, MAX_ROUNDS = (1, 2) if QUICK else (5, 30)
 # On CUDA a round makes k calls and synchronises once, k chosen so that the round lasts about
 # CUDA_ROUND_SECONDS: one sync per call (~10 us with the launch) would swamp kernels of a few
 # microseconds. Rows report the time per call. CPU rounds make one call.
@@ -35,6 +39,8 @@ def size_for(sizes, index):
     """The index-th problem size of this device's list; skip when the device has fewer."""
     if index >= len(sizes):
         pytest.skip("size not benchmarked on this device")
+    if QUICK and index > 0:
+        pytest.skip("quick run: the first size only")
     return sizes[index]
 
 

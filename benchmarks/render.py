@@ -1,11 +1,11 @@
 """Turn pytest-benchmark JSON into benchmarks/results/<device>.csv, a markdown table, a PNG of
 speed-ups, and the README results section (never edited by hand)."""
 
+import argparse
 import csv
 import json
 import re
 import subprocess
-import sys
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -196,16 +196,16 @@ def merged(old_rows, new_rows):
     return sorted(rows, key=lambda r: order.index(r["op"]))
 
 
-def write_device_results(raw):
-    """results/<device>.csv, .md (the device's README section) and one PNG per op; the ops this
-    run did not measure keep their earlier rows."""
+def write_device_results(raw, results):
+    """<results>/<device>.csv, .md (the device's README section) and one PNG per op; the ops
+    this run did not measure keep their earlier rows."""
     rows = list(rows_from(raw))
     for device in sorted({r["device"] for r in rows}):
         name = device_name(device)
-        device_rows = merged(read_csv(RESULTS / f"{name}.csv"),
+        device_rows = merged(read_csv(results / f"{name}.csv"),
                              [r for r in rows if r["device"] == device])
         peers = {r["op"]: r["peer"] for r in device_rows}
-        with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+        with open(results / f"{name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for r in device_rows:
@@ -213,24 +213,33 @@ def write_device_results(raw):
                                  for k, v in r.items()})
         table = markdown(device_rows, peers)
         print(table)
-        pngs = plot(device_rows, peers, name, lambda op, name=name: RESULTS / f"{name}_{op}.png")
+        pngs = plot(device_rows, peers, name, lambda op, name=name: results / f"{name}_{op}.png")
         images = "".join(f"![{op} on {name}](benchmarks/results/{path.name}) "
                          for op, path in pngs.items())
         first = device_rows[0]
         revs = ", ".join(dict.fromkeys(r["git_rev"] for r in device_rows))
-        (RESULTS / f"{name}.md").write_text(
+        (results / f"{name}.md").write_text(
             f"#### {name} (kxops {first['kxops']}, torch {first['torch']}, git {revs})\n\n"
             f"{table}\n{images}\n")
 
 
-def main(args):
-    """render.py [RAW_JSON]: the device results of a run (default results/raw.json), then the
-    README; render.py --readme: the README alone, from the results/*.md already there."""
-    if args[:1] != ["--readme"]:
-        write_device_results(json.loads(Path(args[0] if args else RESULTS / "raw.json")
-                                        .read_text()))
-    update_readme()
+def main():
+    parser = argparse.ArgumentParser(
+        description="The device results of a run (results/<device>.csv, .md, PNGs), then the "
+                    "README section rebuilt from every results/<device>.md.")
+    parser.add_argument("raw", nargs="?", type=Path, help="pytest-benchmark JSON "
+                        "(default: results/raw.json)")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rebuild the README from the results/*.md already there")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results to this folder instead and leave the README alone")
+    args = parser.parse_args()
+    results = args.out or RESULTS
+    if not args.readme:
+        write_device_results(json.loads((args.raw or results / "raw.json").read_text()), results)
+    if args.out is None:
+        update_readme()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

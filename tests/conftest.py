@@ -56,8 +56,9 @@ def assert_close(actual, expected, dtype=None):
 
 
 def assert_error_rule(ours, theirs, exact, dtype):
-    """fp16/bf16 rule (DESIGN §4): our error against an fp64 result is at most twice the error
-    of the reference run at that precision, plus the dtype's tolerance (for exact references)."""
+    """fp16/bf16 rule (docs/design.md §6): our error against an fp64 result is at most twice
+    the error of the reference run at that precision, plus the dtype's tolerance (for exact
+    references)."""
     if not exact.numel():
         return
     atol, rtol = TOLERANCES[dtype]

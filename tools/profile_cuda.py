@@ -1,4 +1,4 @@
-"""Where the CUDA time of each kxops op goes (issue 7: say what bounds a kernel that misses its
+"""Where the CUDA time of each kxops op goes (to say what bounds a kernel that misses its
 target). One representative step per op at the benchmark sizes, as a torch.profiler table of
 its kernels; run under Nsight Compute with --ncu for the same calls only:
 
