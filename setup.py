@@ -2,12 +2,17 @@
 
 Environment: KXOPS_USE_CUDA=0|1 overrides the CUDA detection; TORCH_CUDA_ARCH_LIST picks the
 archs (default 8.0;9.0 when no GPU is visible); MAX_JOBS caps parallel compiles; DEBUG=1 builds
-with -O0 -g. A GPU is never needed to build.
+with -O0 -g; KXOPS_LOCAL_VERSION sets a wheel's local version label (default: the torch and
+device it is built for, e.g. +pt214cpu; empty: none, for a package index that refuses them).
+A GPU is never needed to build.
 """
 
+import json
 import os
 import platform
+import re
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -43,6 +48,9 @@ from torch.utils.cpp_extension import (  # noqa: E402
 )
 
 MIN_PYTHON_HEX = "0x030A0000"  # the limited API of Python 3.10, our oldest supported Python
+# Beside the binary: the torch it was compiled against, read by kxops._ext before loading it.
+BUILD_RECORD = "_C.json"
+BUILDING_WHEEL = "bdist_wheel" in sys.argv
 
 
 def env_flag(name):
@@ -74,9 +82,8 @@ def relative_sources(pattern):
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
-def extensions():
+def extensions(use_cuda):
     debug = bool(env_flag("DEBUG"))
-    use_cuda = want_cuda()
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = ["-DKXOPS_DEBUG=1"] if debug else []
     cxx = [*opt, *defines, f"-DPy_LIMITED_API={MIN_PYTHON_HEX}", "-fdiagnostics-color=always",
@@ -117,8 +124,53 @@ def extensions():
     ]
 
 
+def torch_minor():
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def base_version():
+    text = (ROOT / "kxops" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def version(use_cuda):
+    """A wheel's version carries the torch and device it was built for as a local label
+    (+pt214cpu, +pt214cu130), as torch's own +cpu/+cu130 wheels do: the abi3 file names of the
+    variants are otherwise the same. Source builds keep the plain version."""
+    label = os.environ.get("KXOPS_LOCAL_VERSION")
+    if label is None and BUILDING_WHEEL:
+        device = "cu" + torch.version.cuda.replace(".", "") if use_cuda else "cpu"
+        label = f"pt{torch_minor().replace('.', '')}{device}"
+    return base_version() + (f"+{label}" if label else "")
+
+
+def torch_requirement():
+    """A wheel pins the torch minor version it was compiled against (torch's C++ ABI changes
+    with every minor release); an sdist or an editable install keeps the loose range."""
+    return f"torch=={torch_minor()}.*" if BUILDING_WHEEL else "torch>=2.4"
+
+
+class BuildWithRecord(BuildExtension):
+    """build_ext that also writes kxops/_C.json beside the binary: the torch (and CUDA) it was
+    compiled against, so that an import under another torch warns and falls back to the
+    references instead of failing on undefined symbols or worse."""
+
+    def run(self):
+        super().run()
+        record = json.dumps({"torch": torch.__version__,
+                             "cuda": torch.version.cuda if USE_CUDA else None})
+        targets = {Path(self.get_ext_fullpath("kxops._C")).parent}
+        if getattr(self, "editable_mode", False):  # pip install -e copies the binary back
+            targets.add(ROOT / "kxops")
+        for folder in targets:
+            (folder / BUILD_RECORD).write_text(record + "\n")
+
+
+USE_CUDA = want_cuda()
 setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    version=version(USE_CUDA),
+    install_requires=[torch_requirement(), "numpy"],
+    ext_modules=extensions(USE_CUDA),
+    cmdclass={"build_ext": BuildWithRecord.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -4,6 +4,7 @@
 warns once and leaves the references in charge; it never breaks ``import kxops``.
 """
 
+import json
 import os
 import platform
 import warnings
@@ -19,9 +20,38 @@ BLOCK_OPS = {
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def _minor(version):
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _build_mismatch():
+    """Why the binary cannot run under this torch, from the record the build writes beside it
+    (kxops/_C.json: the torch and CUDA it was compiled against), or None. torch's C++ ABI
+    changes with every minor version: a binary built for another one fails on undefined
+    symbols at best."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_C.json")) as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return None  # no record (an older build): the import itself decides
+    if _minor(built["torch"]) != _minor(torch.__version__):
+        return (f"it was built for torch {built['torch']}, but torch {torch.__version__} is "
+                f"installed; install the kxops wheel built for torch {_minor(torch.__version__)} "
+                "or rebuild from source")
+    if built.get("cuda") and torch.version.cuda is None:
+        return (f"it was built for a CUDA {built['cuda']} build of torch, but torch "
+                f"{torch.__version__} is a CPU-only build; install the kxops CPU wheel")
+    return None
+
+
 def _load():
     if os.environ.get("KXOPS_DISABLE_EXT", "0") not in ("", "0"):
         return False, "disabled by KXOPS_DISABLE_EXT"
+    mismatch = _build_mismatch()
+    if mismatch:
+        warnings.warn(f"kxops: not loading the compiled extension: {mismatch}. Using the "
+                      "pure-PyTorch reference ops.", RuntimeWarning, stacklevel=3)
+        return False, f"not loaded: {mismatch}"
     if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported():
         # The x86-64 build's CPU kernels use AVX2/FMA (setup.py); running them here would crash.
         warnings.warn("kxops: this CPU lacks AVX2, which the compiled extension needs; using the "

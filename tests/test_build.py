@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import kxops
@@ -76,3 +77,38 @@ def test_disabled_extension_still_runs_every_op():
     )
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "KXOPS_DISABLE_EXT": "1"})
+
+
+def test_binary_built_for_another_torch_warns_and_falls_back(tmp_path):
+    """A wheel's binary under another torch minor version: one clear warning naming both
+    versions, then the references run (never an undefined-symbol error or a crash)."""
+    import shutil
+
+    package = tmp_path / "kxops"
+    shutil.copytree(os.path.dirname(kxops.__file__), package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "_C.json").write_text('{"torch": "1.99.0", "cuda": null}\n')
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import kxops\n"
+        "from kxops import _ext\n"
+        "messages = [str(w.message) for w in caught if 'kxops' in str(w.message)]\n"
+        "assert len(messages) == 1, messages\n"
+        "assert '1.99.0' in messages[0] and torch.__version__ in messages[0], messages\n"
+        "assert not _ext.LOADED and 'torch 1.99.0' in _ext.LOAD_STATUS\n"
+        "assert kxops.zlpr_loss(torch.randn(3, 6), torch.rand(3, 6) > 0.5).dim() == 0\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                   env={**os.environ, "PYTHONPATH": str(tmp_path)})
+
+
+def test_build_records_the_torch_it_was_compiled_against():
+    if not _ext.LOADED:
+        pytest.skip(f"extension not loaded: {_ext.LOAD_STATUS}")
+    import json
+
+    with open(os.path.join(os.path.dirname(kxops.__file__), "_C.json")) as f:
+        record = json.load(f)
+    assert record["torch"] == torch.__version__
