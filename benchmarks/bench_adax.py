@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kxops
-from benchmarks.conftest import run_timed, size_for
+from benchmarks.harness import run_timed, size_for
 
 
 class AuthorsAdaXW(torch.optim.Optimizer):

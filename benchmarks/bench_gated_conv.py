@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import kxops
-from benchmarks.conftest import QUICK, run_modes, size_for
+from benchmarks.harness import QUICK, run_modes, size_for
 
 
 class EagerGatedConv(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kxops
-from benchmarks.conftest import run_modes, size_for
+from benchmarks.harness import run_modes, size_for
 
 
 def bert4keras_zlpr(logits, labels):

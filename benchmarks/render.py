@@ -49,7 +49,7 @@ def rows_from(raw):
                   timestamp=stamp)
     for bench in raw["benchmarks"]:
         info = bench["extra_info"]
-        # Per call: a CUDA round makes calls_per_round calls (benchmarks/conftest.py).
+        # Per call: a CUDA round makes calls_per_round calls (benchmarks/harness.py).
         calls = info.get("calls_per_round", 1)
         times = np.asarray(bench["stats"].get("data") or [bench["stats"]["median"]]) * 1e3 / calls
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
