@@ -50,7 +50,9 @@ from torch.utils.cpp_extension import (  # noqa: E402
 MIN_PYTHON_HEX = "0x030A0000"  # the limited API of Python 3.10, our oldest supported Python
 # Beside the binary: the torch it was compiled against, read by kxops._ext before loading it.
 BUILD_RECORD = "_C.json"
-BUILDING_WHEEL = "bdist_wheel" in sys.argv
+# Metadata of a binary build (a wheel, `pip install .` or `-e .`, and the metadata pip prepares
+# for them) pins this torch and labels the version; the sdist's stays loose and plain.
+BUILDING_SDIST = "sdist" in sys.argv
 
 
 def env_flag(name):
@@ -136,18 +138,18 @@ def base_version():
 def version(use_cuda):
     """A wheel's version carries the torch and device it was built for as a local label
     (+pt214cpu, +pt214cu130), as torch's own +cpu/+cu130 wheels do: the abi3 file names of the
-    variants are otherwise the same. Source builds keep the plain version."""
+    variants are otherwise the same. The sdist keeps the plain version."""
     label = os.environ.get("KXOPS_LOCAL_VERSION")
-    if label is None and BUILDING_WHEEL:
+    if label is None and not BUILDING_SDIST:
         device = "cu" + torch.version.cuda.replace(".", "") if use_cuda else "cpu"
         label = f"pt{torch_minor().replace('.', '')}{device}"
     return base_version() + (f"+{label}" if label else "")
 
 
 def torch_requirement():
-    """A wheel pins the torch minor version it was compiled against (torch's C++ ABI changes
-    with every minor release); an sdist or an editable install keeps the loose range."""
-    return f"torch=={torch_minor()}.*" if BUILDING_WHEEL else "torch>=2.4"
+    """A binary build pins the torch minor version it was compiled against (torch's C++ ABI
+    changes with every minor release); the sdist keeps the loose range."""
+    return "torch>=2.4" if BUILDING_SDIST else f"torch=={torch_minor()}.*"
 
 
 class BuildWithRecord(BuildExtension):
