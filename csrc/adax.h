@@ -6,6 +6,7 @@
 // itself overflows double near t = 7e6 for beta2 = 1e-4.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 
 #include "host_device.h"
@@ -51,6 +52,19 @@ KXOPS_HOST_DEVICE Constants<double> make_constants(const Hyper& h, double lr, do
   c.v_weight = h.beta2 * inv_bc;
   c.eps_term = h.eps * sqrt(inv_bc);
   return c;
+}
+
+// The constants in the math type T (float or double). eps / sqrt(B_t) underflows as t grows
+// (to 0 in float32 past ~1.5M steps at beta2 = 1e-4, in double past ~7e6): an element whose
+// gradient has always been 0 would then get 0/0. The term is kept at least T's smallest normal
+// number, so that element keeps the authors' zero update (0/eps); next to any non-zero
+// sqrt(v_hat) (at least ~4e-23 in float32) the floor is far below rounding.
+template <typename T>
+KXOPS_HOST_DEVICE Constants<T> math_constants(const Constants<double>& c) {
+  auto out = Constants<T>::broadcast(c);
+  const T tiny = T(sizeof(T) == sizeof(float) ? FLT_MIN : DBL_MIN);
+  if (out.eps_term < tiny) out.eps_term = tiny;  // a NaN eps stays NaN
+  return out;
 }
 
 // One element (T = float/double) or one CPU vector (T = at::vec::Vectorized<...>, see

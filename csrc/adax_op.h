@@ -1,80 +1,205 @@
-// Host-side parts of kxops::adax_ shared by the CPU and CUDA kernels: input checks and the
-// grouping of tensors by dtype (one kernel launch per group).
+// Host-side parts of kxops::adax_ shared by the CPU and CUDA kernels: the argument checks, the
+// lists a kernel can run on (dense, one layout per tensor, no tensor twice) and the grouping of
+// tensors by dtype (one kernel launch per group).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <optional>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "adax.h"
 
 namespace kxops::adax {
 
+// What a device implementation gets: tensors on one device; each tensor's param, grad and
+// state dense with the same strides; no param, state or step twice (so every element is
+// updated once and the tensors can be updated in parallel).
 struct TensorLists {
-  at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
 };
 
 // Indices of the tensors of each param dtype.
 using DtypeGroups = std::map<at::ScalarType, std::vector<size_t>>;
 
-inline DtypeGroups check_and_group(const TensorLists& t, at::DeviceType device_type) {
-  const size_t n = t.params.size();
-  TORCH_CHECK(t.grads.size() == n && t.exp_avgs.size() == n && t.exp_avg_sqs.size() == n &&
-                  t.steps.size() == n,
-              "kxops AdaX: params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
-              "same length, got ", n, ", ", t.grads.size(), ", ", t.exp_avgs.size(), ", ",
-              t.exp_avg_sqs.size(), ", ", t.steps.size());
+inline DtypeGroups group_by_dtype(const TensorLists& t) {
   DtypeGroups groups;
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = t.params[i];
-    const auto type = p.scalar_type();
-    TORCH_CHECK(at::isFloatingType(type), "kxops AdaX: params[", i,
-                "] must be floating point, got ", type);
-    TORCH_CHECK(p.device().type() == device_type && !p.is_sparse(), "kxops AdaX: params[", i,
-                "] is on ", p.device(), "; this kernel is for ", device_type, " dense tensors");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "kxops AdaX: params[", i,
-                "] must be dense and non-overlapping");
-    const auto state_type = at::toOpMathType(type);
-    for (const auto& [name, other, want] :
-         {std::tuple{"grads", &t.grads[i], type}, std::tuple{"exp_avgs", &t.exp_avgs[i], state_type},
-          std::tuple{"exp_avg_sqs", &t.exp_avg_sqs[i], state_type}}) {
-      TORCH_CHECK(!other->is_sparse(), "kxops AdaX: ", name, "[", i,
-                  "] is sparse; AdaX does not support sparse gradients");
-      TORCH_CHECK(other->scalar_type() == want, "kxops AdaX: ", name, "[", i, "] has dtype ",
-                  other->scalar_type(), " but must be ", want, " for ", type, " params");
-      TORCH_CHECK(other->device() == p.device(), "kxops AdaX: ", name, "[", i, "] is on ",
-                  other->device(), " but params[", i, "] is on ", p.device());
-      TORCH_CHECK(other->sizes() == p.sizes() && other->strides() == p.strides(),
-                  "kxops AdaX: ", name, "[", i, "] must have the shape and strides of params[",
-                  i, "]: ", other->sizes(), " vs ", p.sizes());
-    }
-    const auto& step = t.steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat,
-                "kxops AdaX: state_steps[", i, "] must be a one-element float32 tensor, got ",
-                step.scalar_type(), " with ", step.numel(), " elements");
-    groups[type].push_back(i);
-  }
+  for (size_t i = 0; i < t.params.size(); ++i) groups[t.params[i].scalar_type()].push_back(i);
   return groups;
 }
 
-inline void check_scalar(const std::optional<at::Tensor>& t, const char* name,
-                         const at::TensorList& params) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, "kxops AdaX: ", name, " must have one element, got ", t->numel());
-  TORCH_CHECK(params.empty() || t->device() == params[0].device(), "kxops AdaX: ", name,
-              " is on ", t->device(), " but the params are on ", params[0].device());
+struct Arguments {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
+  const std::optional<at::Tensor>& lr;  // absent: hyper.lr
+  const Hyper& hyper;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+inline void check_written(const at::Tensor& t, const char* name, size_t i) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "kxops.adax_: ", name, "[", i,
+              "] has elements that share memory (e.g. an expanded tensor); it is written in "
+              "place, so clone() it first");
 }
 
-// The op's two overloads (lr as a float, lr as a one-element tensor) around one device
-// implementation impl(lists, lr_tensor, hyper, grad_scale, found_inf); hyper.lr is the float lr
-// when lr_tensor is absent.
-using Impl = void (*)(const TensorLists&, const std::optional<at::Tensor>&, const Hyper&,
-                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
+                                const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "kxops.adax_: ", name,
+                   " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->numel() == 1, "kxops.adax_: ", name, " must have one element, got ",
+                    t->numel(), " (shape ", t->sizes(), ")");
+  TORCH_CHECK(t->device() == device, "kxops.adax_: ", name, " is on ", t->device(),
+              " but the params are on ", device);
+}
 
-template <Impl impl>
+// Every argument, before any memory is read or written.
+inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
+  const size_t n = a.params.size();
+  TORCH_CHECK_VALUE(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+                        a.steps.size() == n,
+                    "kxops.adax_: params, grads, exp_avgs, exp_avg_sqs and state_steps must "
+                    "have the same length, got ", n, ", ", a.grads.size(), ", ",
+                    a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.steps.size());
+  const auto& h = a.hyper;
+  TORCH_CHECK_VALUE(!(h.beta1 < 0.0 || h.beta1 >= 1.0), "kxops.adax_: beta1 must be in [0, 1), got ",
+                    h.beta1);
+  // 1/B_t needs a positive, finite beta2 (beta2 = 0 would give 1/0).
+  TORCH_CHECK_VALUE(h.beta2 > 0.0 && std::isfinite(h.beta2),
+                    "kxops.adax_: beta2 must be positive and finite, got ", h.beta2);
+  TORCH_CHECK_VALUE(!(h.eps < 0.0), "kxops.adax_: eps must be >= 0, got ", h.eps);
+  TORCH_CHECK_VALUE(!(h.weight_decay < 0.0), "kxops.adax_: weight_decay must be >= 0, got ",
+                    h.weight_decay);
+  if (n == 0) return;
+  const auto device = a.params[0].device();
+  TORCH_CHECK(device.type() == device_type, "kxops.adax_: params[0] is on ", device,
+              "; this kernel is for ", device_type, " tensors");
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = a.params[i];
+    const auto type = p.scalar_type();
+    TORCH_CHECK(p.layout() == at::kStrided, "kxops.adax_: params[", i,
+                "] must be a dense (strided) tensor, got layout ", p.layout());
+    TORCH_CHECK_TYPE(at::isFloatingType(type), "kxops.adax_: params[", i,
+                     "] must be a floating-point tensor, got ", type,
+                     " (step complex params as torch.view_as_real)");
+    TORCH_CHECK(p.device() == device, "kxops.adax_: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device, "; call the op once per device");
+    check_written(p, "params", i);
+    const auto state_type = at::toOpMathType(type);
+    for (const auto& [name, other, want] :
+         {std::tuple{"grads", &a.grads[i], type}, std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
+          std::tuple{"exp_avg_sqs", &a.exp_avg_sqs[i], state_type}}) {
+      TORCH_CHECK(other->layout() == at::kStrided, "kxops.adax_: ", name, "[", i,
+                  "] has layout ", other->layout(),
+                  "; AdaX does not support sparse gradients or state");
+      TORCH_CHECK_TYPE(other->scalar_type() == want, "kxops.adax_: ", name, "[", i,
+                       "] has dtype ", other->scalar_type(), " but must be ", want, " for ",
+                       type, " params");
+      TORCH_CHECK(other->device() == device, "kxops.adax_: ", name, "[", i, "] is on ",
+                  other->device(), " but params[", i, "] is on ", device);
+      TORCH_CHECK_VALUE(other->sizes() == p.sizes(), "kxops.adax_: ", name, "[", i,
+                        "] has shape ", other->sizes(), " but params[", i, "] has shape ",
+                        p.sizes());
+    }
+    check_written(a.exp_avgs[i], "exp_avgs", i);
+    check_written(a.exp_avg_sqs[i], "exp_avg_sqs", i);
+    const auto& step = a.steps[i];
+    TORCH_CHECK(step.layout() == at::kStrided, "kxops.adax_: state_steps[", i,
+                "] must be a dense tensor, got layout ", step.layout());
+    TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "kxops.adax_: state_steps[", i,
+                     "] must be float32, got ", step.scalar_type());
+    TORCH_CHECK_VALUE(step.numel() == 1, "kxops.adax_: state_steps[", i,
+                      "] must have one element, got ", step.numel(), " (shape ", step.sizes(),
+                      ")");
+    TORCH_CHECK(step.device() == device, "kxops.adax_: state_steps[", i, "] is on ",
+                step.device(), " but params[", i, "] is on ", device,
+                " (the optimizer keeps it there with fused=True or capturable=True)");
+  }
+  check_scalar_tensor(a.lr, "lr", device);
+  check_scalar_tensor(a.grad_scale, "grad_scale", device);
+  check_scalar_tensor(a.found_inf, "found_inf", device);
+}
+
+// Splits the tensors into rounds in which no param, state or step appears twice (the same
+// param twice in a list), keeping each tensor's occurrences in order: round by round, a
+// duplicate is stepped as often, and in the same order, as the per-param loop steps it.
+inline std::vector<std::vector<size_t>> rounds(const Arguments& a) {
+  const size_t n = a.params.size();
+  std::unordered_map<const void*, size_t> next_round;
+  std::vector<size_t> round_of(n);
+  size_t count = n == 0 ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const void* keys[] = {a.params[i].const_data_ptr(), a.exp_avgs[i].const_data_ptr(),
+                          a.exp_avg_sqs[i].const_data_ptr(), a.steps[i].const_data_ptr()};
+    size_t r = 0;
+    for (const void* key : keys) {
+      if (key == nullptr) continue;  // empty tensors own no memory
+      const auto found = next_round.find(key);
+      if (found != next_round.end()) r = std::max(r, found->second);
+    }
+    for (const void* key : keys) {
+      if (key != nullptr) next_round[key] = r + 1;
+    }
+    round_of[i] = r;
+    count = std::max(count, r + 1);
+  }
+  std::vector<std::vector<size_t>> out(count);
+  for (size_t i = 0; i < n; ++i) out[round_of[i]].push_back(i);
+  return out;
+}
+
+// A copy of t with like's layout (t itself when it already has it); like is dense.
+inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  auto out = at::empty_like(like, t.options());
+  out.copy_(t);
+  return out;
+}
+
+using Impl = void (*)(const TensorLists&, const std::optional<at::Tensor>& lr, const Hyper&,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf);
+
+// Checks the arguments, then runs impl round by round on lists it can update in place: a
+// param that is not dense (a strided view) and state or grads laid out unlike their param
+// (transposed, expanded, channels_last against contiguous) are stepped through dense copies,
+// which are copied back.
+template <at::DeviceType kDevice, Impl impl>
+void run(const Arguments& a) {
+  check_arguments(a, kDevice);
+  for (const auto& round : rounds(a)) {
+    TensorLists lists;
+    std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
+    for (size_t i : round) {
+      const auto& p = a.params[i];
+      auto param = p.is_non_overlapping_and_dense() ? p : p.contiguous();
+      auto exp_avg = with_layout_of(a.exp_avgs[i], param);
+      auto exp_avg_sq = with_layout_of(a.exp_avg_sqs[i], param);
+      for (const auto& [original, work] :
+           {std::pair{&p, &param}, std::pair{&a.exp_avgs[i], &exp_avg},
+            std::pair{&a.exp_avg_sqs[i], &exp_avg_sq}}) {
+        if (!work->is_same(*original)) copy_back.emplace_back(*original, *work);
+      }
+      lists.grads.push_back(with_layout_of(a.grads[i], param));
+      lists.params.push_back(std::move(param));
+      lists.exp_avgs.push_back(std::move(exp_avg));
+      lists.exp_avg_sqs.push_back(std::move(exp_avg_sq));
+      lists.steps.push_back(a.steps[i]);
+    }
+    impl(lists, a.lr, a.hyper, a.grad_scale, a.found_inf);
+    for (auto& [original, work] : copy_back) original.copy_(work);
+  }
+}
+
+// The op's two overloads (lr as a float, lr as a one-element tensor).
+template <at::DeviceType kDevice, Impl impl>
 struct Overloads {
   static void scalar_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
@@ -82,8 +207,10 @@ struct Overloads {
                         bool decoupled, bool maximize,
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
-    impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, std::nullopt,
-         {lr, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale, found_inf);
+    const Hyper hyper{lr, beta1, beta2, weight_decay, eps, decoupled, maximize};
+    const std::optional<at::Tensor> no_lr;
+    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper,
+                        grad_scale, found_inf});
   }
 
   static void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -92,8 +219,10 @@ struct Overloads {
                         double eps, bool decoupled, bool maximize,
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
-    impl({params, grads, exp_avgs, exp_avg_sqs, state_steps}, lr,
-         {0.0, beta1, beta2, weight_decay, eps, decoupled, maximize}, grad_scale, found_inf);
+    const Hyper hyper{0.0, beta1, beta2, weight_decay, eps, decoupled, maximize};
+    const std::optional<at::Tensor> lr_tensor = lr;
+    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, hyper,
+                        grad_scale, found_inf});
   }
 };
 

@@ -14,6 +14,51 @@ def fused_available(tensors) -> bool:
     return all(_ext.has_kernel("adax_", t.device) for t in tensors)
 
 
+def fused_devices() -> list:
+    """The device types kxops::adax_ has a compiled kernel for."""
+    return [d for d in _ext.DEVICE_KEYS if _ext.has_kernel("adax_", torch.device(d))]
+
+
+def resolve_path(params, *, foreach, fused, differentiable):
+    """(fused, foreach) as the step runs them: ``fused=None`` and ``foreach=None`` take the
+    fused kernel when one is compiled for every param's device, else foreach;
+    ``differentiable=True`` takes the for-loop."""
+    if fused is None and foreach is None and not differentiable:
+        fused = fused_available(params)
+        return fused, not fused
+    return bool(fused), bool(foreach)
+
+
+def _rounds(params, state_steps):
+    """Index lists in which no param (nor its step) appears twice, each param's occurrences in
+    order: the same param twice in a list is stepped twice, in turn, as the for-loop does."""
+    next_round, rounds = {}, []
+    for i, (p, s) in enumerate(zip(params, state_steps)):
+        r = max(next_round.get(id(p), 0), next_round.get(id(s), 0))
+        next_round[id(p)] = next_round[id(s)] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return rounds
+
+
+def _check_lr_for_capture(params, lr):
+    """A tensor lr is read on the device at each replay of a captured step, so that a
+    scheduler's changes take effect; one on another device would need a copy inside the
+    capture (which fails) or be baked into the graph."""
+    if not isinstance(lr, torch.Tensor) or not params:
+        return
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    devices = sorted({str(p.device) for p in params if p.device != lr.device})
+    if devices:
+        raise RuntimeError(
+            f"AdaX: lr is a Tensor on {lr.device} but the params are on {', '.join(devices)}; "
+            "a step captured in a CUDA graph needs lr on the params' device (e.g. "
+            "lr=torch.tensor(1e-3, device='cuda')) so that lr_scheduler's changes reach the "
+            "replays")
+
+
 def _local_shards(tensors):
     """DTensor (FSDP2) params, grads and state update through their local shards: the step is
     elementwise, so each rank updates what it holds."""
@@ -61,11 +106,22 @@ def _device_inverse_bias_corrections(steps, beta2):
     return torch._foreach_div(torch._foreach_exp(neg_x), one_minus)
 
 
-def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
-                  weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
+def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
     ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    found_inf = kwargs["found_inf"]
     if found_inf is not None and bool(found_inf.item()):
         return
+    rounds = _rounds(params, state_steps)
+    if len(rounds) == 1:
+        _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+        return
+    for indices in rounds:
+        _foreach_round(*([tensors[i] for i in indices] for tensors in
+                         (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs)
+
+
+def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+                   weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (device, dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in \
@@ -87,16 +143,22 @@ def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
         torch._foreach_lerp_(dev_m, g, 1 - beta1)
         g_sq = torch._foreach_mul(g, g)
         if capturable:
+            # v (1 - w) + w g^2 as the other paths compute it: a lerp would give inf - inf
+            # (NaN) at w = 1 (the first step) for a g^2 that overflows.
             inv_bc = _device_inverse_bias_corrections(dev_steps, beta2)
-            weights = [(w * beta2).to(v.dtype) for w, v in zip(inv_bc, dev_v)]
-            torch._foreach_lerp_(dev_v, g_sq, weights)
+            weights = torch._foreach_mul(inv_bc, beta2)
+            decays = torch._foreach_add(torch._foreach_neg(weights), 1)
+            torch._foreach_mul_(dev_v, decays)
+            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, weights))
             eps_terms = torch._foreach_sqrt(inv_bc)
             torch._foreach_mul_(eps_terms, eps)
+            # See ref.eps_term: the floor keeps never-updated elements at 0/eps, not 0/0.
+            torch._foreach_clamp_min_(eps_terms, torch.finfo(work[0].dtype).tiny)
         else:
             inv_bc = [ref.inverse_bias_correction(float(s.item()), beta2) for s in dev_steps]
             torch._foreach_mul_(dev_v, [1 - beta2 * b for b in inv_bc])
             torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, [beta2 * b for b in inv_bc]))
-            eps_terms = [eps * math.sqrt(b) for b in inv_bc]
+            eps_terms = [ref.eps_term(eps, b, work[0].dtype) for b in inv_bc]
         denom = torch._foreach_sqrt(dev_v)
         torch._foreach_add_(denom, eps_terms)
         update = torch._foreach_div(dev_m, denom)
@@ -109,10 +171,9 @@ def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
 def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fused=None,
          capturable=False, differentiable=False, lr, beta1, beta2, weight_decay, eps,
          decoupled, maximize, grad_scale=None, found_inf=None):
-    """Functional AdaX / AdaX-W step, in place; picks the fused, foreach or for-loop path.
-
-    ``fused=None`` takes the fused kernel when one is compiled for every param's device,
-    else ``foreach``; ``differentiable=True`` needs the for-loop path.
+    """Functional AdaX / AdaX-W step, in place; picks the fused, foreach or for-loop path
+    (see ``resolve_path``). Complex params (with their grads and state) are stepped as their
+    real views.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                  decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
@@ -120,9 +181,11 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fus
     if differentiable and (fused or foreach):
         raise RuntimeError("AdaX: differentiable=True is supported by the for-loop path only; "
                            "pass fused=False, foreach=False")
-    if fused is None and foreach is None and not differentiable:
-        fused = fused_available(params)
-        foreach = not fused
+    fused, foreach = resolve_path(params, foreach=foreach, fused=fused,
+                                  differentiable=differentiable)
+    _check_lr_for_capture(params, lr)
+    if fused or foreach:
+        params, grads, exp_avgs, exp_avg_sqs = ref.as_real(params, grads, exp_avgs, exp_avg_sqs)
     if fused:
         _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
     elif foreach:

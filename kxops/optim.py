@@ -1,9 +1,9 @@
 """AdaX and AdaX-W as ``torch.optim.Optimizer`` drop-ins (flags as in ``torch.optim.AdamW``)."""
 
 import torch
-from torch.optim.optimizer import Optimizer, _use_grad_for_differentiable
+from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
-from kxops.adax import adax, fused_available
+from kxops.adax import adax, fused_devices, resolve_path
 from kxops.reference.adax import check_hyperparameters, state_dtype
 
 __all__ = ["AdaX", "AdaXW"]
@@ -12,28 +12,18 @@ _FLAG_DEFAULTS = dict(foreach=None, fused=None, capturable=False, maximize=False
                       differentiable=False)
 
 
-def _all_params(params):
-    """The tensors of an Optimizer's ``params`` argument: tensors, (name, tensor) pairs or
-    param-group dicts of either."""
-    for item in params:
-        if isinstance(item, dict):
-            group = item["params"]
-            yield from _all_params([group] if isinstance(group, torch.Tensor) else group)
-        elif isinstance(item, tuple):
-            yield item[1]
-        else:
-            yield item
-
-
 class AdaX(Optimizer):
     """AdaX (Li et al., 2020) with L2 weight decay: Adam with an exponentially growing,
     bias-corrected long-term memory of squared gradients.
 
     The second moment is kept normalised (``v / B_t``), so the state never overflows however
     long training runs; the update is exactly that of the authors' AdaX. Low-precision
-    (fp16/bf16) params keep fp32 state. ``fused=None`` picks the compiled multi-tensor kernel
-    when one exists for every param's device, else the foreach path. Handles GradScaler's
-    ``grad_scale``/``found_inf`` itself on every path (``_step_supports_amp_scaling``).
+    (fp16/bf16) params keep fp32 state; complex params are stepped as their real views.
+    ``fused=None`` (saved as such in ``state_dict``) picks, at each step, the compiled
+    multi-tensor kernel when one exists for every param's device, else the foreach path.
+    Handles GradScaler's ``grad_scale``/``found_inf`` itself on every path
+    (``_step_supports_amp_scaling``). With ``capturable=True``, a tensor ``lr`` on the params'
+    device lets ``torch.optim.lr_scheduler`` change the lr of a step captured in a CUDA graph.
     """
 
     _decoupled = False
@@ -42,32 +32,16 @@ class AdaX(Optimizer):
                  foreach=None, fused=None, capturable=False, maximize=False,
                  differentiable=False):
         check_hyperparameters(lr, betas, eps, weight_decay)
-        if fused and foreach:
-            raise RuntimeError("AdaX: `fused` and `foreach` cannot both be True")
-        if fused and differentiable:
-            raise RuntimeError("AdaX: `fused` does not support `differentiable`")
-        params = list(params)
-        if fused is None and foreach is None and not differentiable:
-            # Resolved once, so that state["step"] is created where the chosen path wants it.
-            fused = fused_available(_all_params(params))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize,
                         differentiable=differentiable)
         super().__init__(params, defaults)
         if fused:
-            for group in self.param_groups:
-                self._check_fused(group["params"])
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._step_supports_amp_scaling = True
-
-    @staticmethod
-    def _check_fused(params):
-        for p in params:
-            if not p.is_floating_point():
-                raise RuntimeError(f"AdaX fused=True needs floating-point params, got {p.dtype}")
-        if not fused_available(params):
-            devices = sorted({p.device.type for p in params})
-            raise RuntimeError(f"AdaX fused=True: kxops has no compiled AdaX kernel for "
-                               f"device(s) {devices}; use foreach=True or leave fused=None")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -91,25 +65,53 @@ class AdaX(Optimizer):
                     self.state[param][key] = saved[key].to(device=param.device,
                                                            dtype=state_dtype(param.dtype))
 
+    @staticmethod
+    def _step_tensor(step, param, on_param_device):
+        """state["step"] as the chosen path reads it: a float32 scalar on the param's device
+        for the fused kernel and capturable steps, else a CPU scalar of the default dtype (as
+        torch.optim.Adam). A plain number (an older or hand-edited checkpoint) or a step saved
+        by another path is converted; one already right is returned as it is."""
+        if on_param_device:
+            dtype, device = torch.float32, param.device
+        else:
+            dtype = _get_scalar_dtype()
+            device = step.device if isinstance(step, torch.Tensor) else torch.device("cpu")
+        if not isinstance(step, torch.Tensor):
+            return torch.tensor(float(step), dtype=dtype, device=device)
+        if on_param_device and (step.dtype != dtype or step.device != device):
+            return step.to(dtype=dtype, device=device)
+        return step
+
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        step_on_param_device = bool(group["fused"] or group["capturable"])
+        """The lists of the params with a grad; returns (fused, foreach) as resolved for
+        them."""
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("AdaX does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+        fused, foreach = resolve_path(params, foreach=group["foreach"], fused=group["fused"],
+                                      differentiable=group["differentiable"])
+        step_on_param_device = fused or group["capturable"]
+        for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=p.device if step_on_param_device else "cpu")
+                if fused:
+                    _check_fused_param(p)
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32 if step_on_param_device else _get_scalar_dtype(),
+                    device=p.device if step_on_param_device else "cpu")
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
                                                   memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
+            else:
+                state["step"] = self._step_tensor(state["step"], p, step_on_param_device)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+        return fused, foreach
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
@@ -120,17 +122,27 @@ class AdaX(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lists = ([], [], [], [], [])
-            self._init_group(group, *lists)
+            fused, foreach = self._init_group(group, *lists)
             if len(lists[0]) == 0:
                 continue
             beta1, beta2 = group["betas"]
-            adax(*lists, foreach=group["foreach"], fused=group["fused"],
-                 capturable=group["capturable"], differentiable=group["differentiable"],
-                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                 eps=group["eps"], decoupled=self._decoupled, maximize=group["maximize"],
+            adax(*lists, foreach=foreach, fused=fused, capturable=group["capturable"],
+                 differentiable=group["differentiable"], lr=group["lr"], beta1=beta1,
+                 beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                 decoupled=self._decoupled, maximize=group["maximize"],
                  grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         return loss
+
+
+def _check_fused_param(p):
+    """torch.optim's check, in its words, at the first step as torch does it (so that an
+    optimizer over meta params can still be built)."""
+    devices = fused_devices()
+    if not (p.device.type in devices and (p.is_floating_point() or p.is_complex())):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices} but {p.dtype} and {p.device.type}")
 
 
 class AdaXW(AdaX):

@@ -3,15 +3,17 @@ reference, the optimizer classes, GradScaler's protocol and bad inputs."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 
 import kxops
 from kxops import _ext
-from kxops.adax import adax
+from kxops.adax import adax, resolve_path
 from kxops.reference import adax as ref
 from tests.conftest import assert_close, cuda_with_memory
+from tests.utils import run_isolated
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8)
 
@@ -152,8 +154,11 @@ def test_defaults_follow_the_design():
     assert (adax_defaults["lr"], adax_defaults["betas"], adax_defaults["eps"],
             adax_defaults["weight_decay"]) == (1.5e-3, (0.9, 1e-4), 1e-12, 5e-4)
     assert (adaxw_defaults["lr"], adaxw_defaults["weight_decay"]) == (5e-3, 5e-2)
+    # What the user asked is kept; the path is resolved at each step.
+    assert adaxw_defaults["fused"] is None and adaxw_defaults["foreach"] is None
     fused_expected = all(_ext.has_kernel("adax_", t.device) for t in p)
-    assert adaxw_defaults["fused"] == fused_expected
+    assert resolve_path(p, foreach=None, fused=None, differentiable=False) == (
+        fused_expected, not fused_expected)
 
 
 def test_resume_from_state_dict_is_bitwise_identical():
@@ -265,13 +270,15 @@ def test_bad_hyperparameters(kwargs, message):
 
 def test_bad_flags_and_grads():
     params = [torch.nn.Parameter(torch.randn(2))]
-    with pytest.raises(RuntimeError, match="cannot both be True"):
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         kxops.optim.AdaXW(params, fused=True, foreach=True)
-    with pytest.raises(RuntimeError, match="differentiable"):
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         kxops.optim.AdaXW(params, fused=True, differentiable=True)
     if not _ext.has_kernel("adax_", torch.device("cpu")):
-        with pytest.raises(RuntimeError, match="no compiled AdaX kernel"):
-            kxops.optim.AdaXW(params, fused=True)
+        optimizer = kxops.optim.AdaXW(params, fused=True)
+        params[0].grad = torch.randn(2)
+        with pytest.raises(RuntimeError, match="`fused=True` requires all the params"):
+            optimizer.step()
     embedding = torch.nn.Embedding(4, 3, sparse=True)
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
@@ -391,21 +398,87 @@ def test_fused_opcheck(device):
     torch.library.opcheck(torch.ops.kxops.adax_.tensor_lr, (params, grads, *state), kwargs)
 
 
-@pytest.mark.parametrize("make_bad, message", [
-    (lambda p, g, m, v, s: (p, g + g, m, v, s), "same length"),
-    (lambda p, g, m, v, s: (p, [g[0].double()], m, v, s), "grads\\[0\\] has dtype"),
-    (lambda p, g, m, v, s: (p, g, [m[0][:2]], v, s), "shape and strides"),
-    (lambda p, g, m, v, s: (p, g, m, v, [s[0].double()]), "float32"),
-    (lambda p, g, m, v, s: ([p[0].long()], g, m, v, s), "floating point"),
-])
-def test_fused_bad_inputs(make_bad, message):
+# Each case: (name, the Python error, a regex of its message, code that builds the bad lists
+# or arguments from good ones). Run in one child process: a crash shows as a failed run.
+BAD_OP_ARGUMENTS = [
+    ("lengths", "ValueError", "same length", "g = g + g"),
+    ("long param", "TypeError", r"params\[1\] must be a floating-point tensor, got Long",
+     "p[1] = p[1].long()"),
+    ("complex param", "TypeError", r"params\[1\] must be a floating-point",
+     "p[1] = torch.zeros(4, dtype=torch.complex64); g[1] = g[1].to(torch.complex64)"),
+    ("grad dtype", "TypeError", r"grads\[1\] has dtype Double but must be Float",
+     "g[1] = g[1].double()"),
+    ("exp_avg dtype", "TypeError", r"exp_avgs\[1\] has dtype", "m[1] = m[1].double()"),
+    ("exp_avg_sq dtype", "TypeError", r"exp_avg_sqs\[1\] has dtype",
+     "v[1] = v[1].bfloat16()"),
+    ("grad shape", "ValueError", r"grads\[1\] has shape \[5\] but params\[1\] has shape \[4\]",
+     "g[1] = torch.randn(5)"),
+    ("grad numel", "ValueError", r"grads\[1\] has shape \[2, 2\]", "g[1] = torch.randn(2, 2)"),
+    ("exp_avg shape", "ValueError", r"exp_avgs\[1\] has shape \[2\]", "m[1] = m[1][:2]"),
+    ("exp_avg_sq shape", "ValueError", r"exp_avg_sqs\[1\] has shape \[40\]",
+     "v[1] = torch.zeros(40)"),
+    ("step dtype", "TypeError", r"state_steps\[1\] must be float32, got Double",
+     "s[1] = s[1].double()"),
+    ("step numel", "ValueError", r"state_steps\[1\] must have one element",
+     "s[1] = torch.zeros(2)"),
+    ("overlapping param", "RuntimeError", r"params\[1\] has elements that share memory",
+     "p[1] = torch.randn(1).expand(4)"),
+    ("overlapping exp_avg", "RuntimeError", r"exp_avgs\[1\] has elements that share memory",
+     "m[1] = torch.zeros(1).expand(4)"),
+    ("lr elements", "ValueError", "lr must have one element", "kw['lr'] = torch.ones(2)"),
+    ("lr dtype", "TypeError", "lr must be a floating-point tensor",
+     "kw['lr'] = torch.tensor(1)"),
+    ("grad_scale elements", "ValueError", "grad_scale must have one element",
+     "kw['grad_scale'] = torch.ones(3)"),
+    ("found_inf dtype", "TypeError", "found_inf must be a floating-point tensor",
+     "kw['found_inf'] = torch.tensor(True)"),
+    ("beta1", "ValueError", "beta1 must be in", "kw['beta1'] = 1.0"),
+    ("beta2", "ValueError", "beta2 must be positive and finite", "kw['beta2'] = 0.0"),
+    ("beta2 inf", "ValueError", "beta2 must be positive and finite", "kw['beta2'] = math.inf"),
+    ("eps", "ValueError", "eps must be >= 0", "kw['eps'] = -1.0"),
+    ("weight_decay", "ValueError", "weight_decay must be >= 0", "kw['weight_decay'] = -1.0"),
+]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_op_checks_every_argument_before_touching_memory(tensor_lr):
+    """Both overloads of torch.ops.kxops.adax_ called directly: each bad argument (at index 1,
+    after a good tensor 0; a tensor lr picks the tensor_lr overload) raises the Python type
+    the wrappers use, naming it, and leaves every tensor as it was."""
     needs_kernel("cpu")
-    p = [torch.randn(4)]
-    lists = make_bad(p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)],
-                     [torch.zeros(())])
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.kxops.adax_(*lists, lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.0,
-                              eps=1e-8, decoupled=True, maximize=False)
+    cases = BAD_OP_ARGUMENTS
+    code = f"""
+        import math, torch, kxops
+        cases = {[(name, build) for name, _, _, build in cases]!r}
+        for name, build in cases:
+            p = [torch.randn(4), torch.randn(4)]
+            g = [torch.randn(4), torch.randn(4)]
+            m = [torch.zeros(4), torch.zeros(4)]
+            v = [torch.zeros(4), torch.zeros(4)]
+            s = [torch.zeros(()), torch.zeros(())]
+            kw = dict(lr={'torch.tensor(1e-2)' if tensor_lr else '1e-2'}, beta1=0.9, beta2=1e-4,
+                      weight_decay=0.0, eps=1e-8, decoupled=True, maximize=False)
+            exec(build)
+            before = [t.clone() for t in p + m + v + s]
+            op = torch.ops.kxops.adax_
+            if not isinstance(kw["lr"], float):
+                op = op.tensor_lr
+            try:
+                op(p, g, m, v, s, **kw)
+                print(name, "|no error|")
+            except Exception as e:
+                untouched = all(torch.equal(a, b) for a, b in zip(before, p + m + v + s))
+                print(name, "|" + type(e).__name__ + "|" + str(e).splitlines()[0],
+                      "|untouched" if untouched else "|MODIFIED")
+    """
+    result = run_isolated(code)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" |", 1) for line in result.stdout.splitlines())
+    for name, error, match, _ in cases:
+        got = lines[name]
+        assert got.startswith(error + "|"), (name, got)
+        assert re.search(match, got), (name, match, got)
+        assert got.endswith("|untouched"), (name, got)
 
 
 @pytest.mark.cuda
@@ -433,7 +506,8 @@ def test_cuda_graph_capture_of_the_fused_step():
     torch.cuda.synchronize()
     for a, b in zip(model.parameters(), eager_model.parameters()):
         assert_close(a.detach(), b.detach())
-    assert optimizer.state[next(model.parameters())]["step"].item() == 5
+    # One eager step, then three replays of the captured one.
+    assert optimizer.state[next(model.parameters())]["step"].item() == 4
 
 
 @pytest.mark.cuda
@@ -476,3 +550,358 @@ def test_cuda_tensor_past_2_pow_31_elements():
         assert_close(params[0][end], loop_params[i])
         assert_close(fused_state[0][0][end], loop_state[0][i])
         assert_close(fused_state[1][0][end], loop_state[1][i])
+
+
+# --- long training, layouts, duplicates, complex params, checkpoints, torch.optim parity -----
+
+PATHS = {
+    "fused": dict(fused=True),
+    "foreach": dict(foreach=True),
+    "capturable": dict(foreach=True, capturable=True),
+    "loop": dict(foreach=False, fused=False),
+}
+
+
+def path_flags(path):
+    if path == "fused":
+        needs_kernel("cpu")
+    return PATHS[path]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("steps", [1e7, 1e9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_closed_form_after_a_billion_steps(path, steps, dtype):
+    """eps / sqrt(B_t) underflows long before 10^7 steps: elements whose gradient has always
+    been 0 keep the authors' zero update (not 0/0 = NaN), the others get m / sqrt(v_hat)."""
+    flags = path_flags(path)
+    p = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.75]).to(dtype)
+    g = torch.tensor([0.0, 0.0, 0.25, -1.0, 1e-3]).to(dtype)
+    m = torch.tensor([0.0, 0.0, 0.1, -0.3, 2e-3], dtype=ref.state_dtype(dtype))
+    v = torch.tensor([0.0, 0.0, 0.04, 0.5, 1e-6], dtype=ref.state_dtype(dtype))
+    step = torch.tensor(steps)
+    p0, m0 = p.clone(), m.clone()
+    adax([p], [g], [m], [v], [step], lr=1e-3, beta1=0.9, beta2=1e-4, weight_decay=0.0,
+         eps=1e-12, decoupled=True, maximize=False, **flags)
+    assert ref.inverse_bias_correction(step.item(), 1e-4) == 0.0  # v_hat is frozen
+    m_new = m0 + 0.1 * (g.to(m0.dtype) - m0)
+    expected = p0.double() - 1e-3 * m_new.double() / v.double().sqrt()
+    expected[:2] = p0[:2].double()
+    assert torch.isfinite(p).all() and torch.equal(p[:2], p0[:2])
+    assert_close(p, expected.to(dtype))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_embedding_padding_row_stays_finite_after_long_training(path):
+    """The padding row's gradient is always 0; at beta2 = 1e-3 its eps term underflows in
+    float32 after ~153K steps."""
+    flags = path_flags(path)
+    embedding = torch.nn.Embedding(10, 4, padding_idx=0)
+    optimizer = kxops.optim.AdaXW(embedding.parameters(), betas=(0.9, 1e-3), **flags)
+    padding = embedding.weight[0].detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        embedding(torch.tensor([0, 3, 5, 0])).square().sum().backward()
+        optimizer.step()
+        optimizer.state[embedding.weight]["step"].fill_(200_000)
+    weight = embedding.weight.detach()
+    assert torch.isfinite(weight).all()
+    decay = (1 - optimizer.defaults["lr"] * optimizer.defaults["weight_decay"]) ** 2
+    assert_close(weight[0], padding * decay)
+
+
+def _steps_of(optimizer_factory, params_factory, grads, steps=3):
+    params = params_factory()
+    optimizer = optimizer_factory(params)
+    for _ in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("path", ["fused", "foreach", "capturable"])
+@pytest.mark.parametrize("cls", [kxops.optim.AdaX, kxops.optim.AdaXW])
+def test_every_layout_torch_accepts_gives_the_loops_numbers(path, cls):
+    flags = path_flags(path)
+    torch.manual_seed(0)
+    base = [torch.randn(2, 3, 4, 5), torch.randn(5, 3), torch.randn(4, 6), torch.randn(3, 4),
+            torch.randn(7, 5), torch.randn(3, 1, 4)]
+
+    def make_params():
+        return [
+            torch.nn.Parameter(base[0].clone().to(memory_format=torch.channels_last)),
+            torch.nn.Parameter(base[1].clone().t()),   # transposed: dense, not contiguous
+            base[2].clone()[:, ::2].requires_grad_(),  # strided: not dense
+            torch.nn.Parameter(base[3].clone()),
+            torch.nn.Parameter(base[4].clone()),
+            torch.nn.Parameter(base[5].clone()),
+        ]
+
+    grads = [
+        torch.randn(2, 3, 4, 5),                       # contiguous for a channels_last param
+        torch.randn(3, 5),
+        torch.randn(4, 3),
+        torch.randn(1, 4).expand(3, 4),                # expanded
+        torch.randn(5, 7).t(),                         # transposed
+        torch.randn(3, 4).unsqueeze(1),                # size-1 dim with other strides
+    ]
+    grads_before = [g.clone() for g in grads]
+    got, _ = _steps_of(lambda ps: cls(ps, lr=1e-2, **flags), make_params, grads)
+    want, _ = _steps_of(lambda ps: cls(ps, lr=1e-2, **PATHS["loop"]), make_params, grads)
+    for a, b in zip(got, want):
+        assert a.stride() == b.stride()
+        assert_close(a.detach(), b.detach())
+    assert all(torch.equal(g, b) for g, b in zip(grads, grads_before))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_huge_gradient_stays_finite_on_every_path(path):
+    """g^2 overflows float32 to inf: v_hat is inf, the update m / inf is 0 (the capturable
+    path used to take inf - inf in a lerp at the first step)."""
+    flags = path_flags(path)
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    optimizer = kxops.optim.AdaXW([p], lr=1e-2, **flags)
+    p.grad = torch.tensor([1e30, 1.0, -1e30, 0.0])
+    optimizer.step()
+    loop = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    loop_optimizer = kxops.optim.AdaXW([loop], lr=1e-2, **PATHS["loop"])
+    loop.grad = p.grad.clone()
+    loop_optimizer.step()
+    assert torch.isfinite(p).all()
+    assert_close(p.detach(), loop.detach())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_duplicate_params_warn_and_step_as_the_loop(path):
+    flags = path_flags(path)
+    torch.manual_seed(0)
+    start, other, grad = torch.randn(40000), torch.randn(5), torch.randn(40000)
+
+    def run(flags):
+        p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(other.clone())
+        with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):
+            optimizer = kxops.optim.AdaXW([p, q, p], lr=1e-2, **flags)
+        for _ in range(2):
+            p.grad, q.grad = grad, torch.ones(5)
+            optimizer.step()
+        return p, q, optimizer.state[p]
+
+    p, q, state = run(flags)
+    loop_p, loop_q, loop_state = run(PATHS["loop"])
+    assert state["step"].item() == loop_state["step"].item() == 4
+    assert_close(p.detach(), loop_p.detach())
+    assert_close(q.detach(), loop_q.detach())
+    assert_close(state["exp_avg_sq"], loop_state["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("cls", [kxops.optim.AdaX, kxops.optim.AdaXW])
+def test_complex_params_step_as_their_real_views(path, cls):
+    flags = path_flags(path)
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, dtype=torch.complex64)
+    grads = [torch.randn(3, 4, dtype=torch.complex64) for _ in range(3)]
+    complex_param = torch.nn.Parameter(z.clone())
+    real_param = torch.nn.Parameter(torch.view_as_real(z).clone())
+    complex_opt = cls([complex_param], lr=1e-2, **flags)
+    real_opt = cls([real_param], lr=1e-2, **flags)
+    for g in grads:
+        complex_param.grad, real_param.grad = g, torch.view_as_real(g)
+        complex_opt.step()
+        real_opt.step()
+    assert complex_opt.state[complex_param]["exp_avg"].dtype == torch.complex64
+    assert_close(torch.view_as_real(complex_param.detach()), real_param.detach())
+
+
+def test_state_dict_saves_the_requested_flags_and_loads_without_the_kernel(tmp_path):
+    model = _model()
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2)
+    _train(model, optimizer, 2)
+    assert optimizer.state_dict()["param_groups"][0]["fused"] is None
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "checkpoint.pt")
+    result = run_isolated(f"""
+        import torch, kxops
+        from kxops import _ext
+        assert not _ext.LOADED
+        from tests.test_adax import _model, _train
+        checkpoint = torch.load({str(tmp_path / "checkpoint.pt")!r})
+        model = _model()
+        model.load_state_dict(checkpoint["model"])
+        optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _train(model, optimizer, 2)
+        print(optimizer.state[next(model.parameters())]["step"].item())
+    """, env={"KXOPS_DISABLE_EXT": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "4.0"
+    # A foreach optimizer stays one through a checkpoint.
+    foreach = kxops.optim.AdaXW(model.parameters(), lr=1e-2, foreach=True)
+    foreach.load_state_dict(kxops.optim.AdaXW(model.parameters(), foreach=True).state_dict())
+    assert foreach.param_groups[0]["foreach"] is True and foreach.param_groups[0]["fused"] is None
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_plain_number_step_in_a_loaded_state_dict(path):
+    flags = path_flags(path)
+    model = _model()
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2, **flags)
+    _train(model, optimizer, 2)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for state in saved["state"].values():
+        state["step"] = int(state["step"].item())
+    expected = copy.deepcopy(model)
+    expected_opt = kxops.optim.AdaXW(expected.parameters(), lr=1e-2, **flags)
+    expected_opt.load_state_dict(optimizer.state_dict())
+    optimizer.load_state_dict(saved)
+    _train(model, optimizer, 2, seed=3)
+    _train(expected, expected_opt, 2, seed=3)
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+    assert all(isinstance(s["step"], torch.Tensor) and s["step"].item() == 4
+               for s in optimizer.state.values())
+
+
+def test_fused_with_meta_params_builds_and_raises_torchs_error_at_step():
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    optimizer = kxops.optim.AdaXW([p], fused=True)
+    p.grad = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating "
+                                           "point Tensors of supported devices"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("params", [torch.nn.Parameter(torch.randn(3, 4)), torch.randn(3, 4)])
+def test_one_tensor_as_params_is_a_type_error(params):
+    with pytest.raises(TypeError, match="params argument given to the optimizer should be an "
+                                        "iterable of Tensors or dicts"):
+        kxops.optim.AdaX(params)
+
+
+@pytest.fixture
+def default_float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("path, step_dtype", [("fused", torch.float32),
+                                              ("capturable", torch.float32),
+                                              ("foreach", torch.float64),
+                                              ("loop", torch.float64)])
+def test_step_dtype_follows_torch_under_default_float64(default_float64, path, step_dtype):
+    flags = path_flags(path)
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float32))
+    optimizer = kxops.optim.AdaXW([p], **flags)
+    p.grad = torch.randn(3, dtype=torch.float32)
+    optimizer.step()
+    assert optimizer.state[p]["step"].dtype == step_dtype
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(lr=torch.tensor(-1e-3)), "Invalid learning rate"),
+    (dict(betas=(0.9, math.inf)), "Invalid beta parameter at index 1"),
+    (dict(weight_decay=math.inf), "Invalid weight_decay value: inf"),
+    (dict(eps=math.nan), "Invalid epsilon value"),
+])
+def test_hyperparameters_torch_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kxops.optim.AdaXW([torch.nn.Parameter(torch.randn(2))], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [kxops.optim.AdaX, kxops.optim.AdaXW])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_differentiable_step_passes_gradcheck(cls, maximize):
+    """As torch's own differentiable-optimizer tests: the step as a function of the param,
+    its grad and the moments."""
+    torch.manual_seed(0)
+    p = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    grad = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    exp_avg = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    exp_avg_sq = torch.rand(10, dtype=torch.float64, requires_grad=True)
+
+    def step(p, grad, exp_avg, exp_avg_sq):
+        p = p.clone()
+        p.grad = grad
+        optimizer = cls([p], lr=1e-2, weight_decay=0.1, maximize=maximize, differentiable=True)
+        optimizer.state[p].update(step=torch.tensor(3.0), exp_avg=exp_avg.clone(),
+                                  exp_avg_sq=exp_avg_sq.clone())
+        optimizer.step()
+        state = optimizer.state[p]
+        return p, state["exp_avg"], state["exp_avg_sq"]
+
+    assert torch.autograd.gradcheck(step, (p, grad, exp_avg, exp_avg_sq))
+
+
+def test_capturable_tensor_lr_follows_a_scheduler():
+    """The capturable step reads lr from its tensor at each step (what a CUDA-graph replay
+    does); StepLR updates that tensor in place."""
+    def run(lr, flags):
+        model = _model()
+        optimizer = kxops.optim.AdaXW(model.parameters(), lr=lr, **flags)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(4):
+            _train(model, optimizer, 1)
+            scheduler.step()
+        return model
+
+    captured = run(torch.tensor(1e-2), dict(foreach=True, capturable=True))
+    floats = run(1e-2, PATHS["loop"])
+    for a, b in zip(captured.parameters(), floats.parameters()):
+        assert_close(a.detach(), b.detach())
+
+
+def test_capture_rejects_an_lr_tensor_on_another_device(monkeypatch):
+    """Under capture, an lr tensor not on the params' device cannot reach the replays."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    p = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="lr is a Tensor on cpu but the params are on meta"):
+        adax([p], [torch.empty_like(p)], [torch.empty_like(p)], [torch.empty_like(p)],
+             [torch.zeros((), device="meta")], foreach=True, capturable=True,
+             lr=torch.tensor(1e-2), beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8,
+             decoupled=True, maximize=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)])
+def test_cuda_graph_capture_with_an_lr_scheduler(flags):
+    if flags.get("fused"):
+        needs_kernel("cuda")
+    model = _model().cuda()
+    lr = torch.tensor(1e-2, device="cuda")
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=lr, capturable=True, **flags)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    eager_model = copy.deepcopy(model)
+    eager_opt = kxops.optim.AdaXW(eager_model.parameters(), lr=1e-2, **flags)
+    eager_scheduler = torch.optim.lr_scheduler.StepLR(eager_opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 6, device="cuda")
+    for m in (model, eager_model):
+        m(x).square().mean().backward()
+    optimizer.step()  # state is created outside the capture
+    eager_opt.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        scheduler.step()
+        eager_scheduler.step()
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 8)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert_close(a.detach(), b.detach())
+    cpu_lr = kxops.optim.AdaXW(model.parameters(), lr=torch.tensor(1e-2), capturable=True,
+                               **flags)
+    cpu_lr.step()  # eager: allowed
+    with pytest.raises(RuntimeError, match="needs lr on the params' device"):
+        with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            cpu_lr.step()

@@ -63,20 +63,15 @@ double scalar_value(const std::optional<at::Tensor>& t, double otherwise) {
 }
 
 void adax_cpu_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr_tensor,
-                   const Hyper& hyper,
-                   const std::optional<at::Tensor>& grad_scale,
+                   const Hyper& hyper, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  const auto groups = check_and_group(lists, at::kCPU);
-  check_scalar(lr_tensor, "lr", lists.params);
-  const double lr = scalar_value(lr_tensor, hyper.lr);
-  check_scalar(grad_scale, "grad_scale", lists.params);
-  check_scalar(found_inf, "found_inf", lists.params);
   // GradScaler found an inf/NaN: skip the step, step counts included.
   if (scalar_value(found_inf, 0.0) != 0.0) return;
+  const double lr = scalar_value(lr_tensor, hyper.lr);
   const double inv_grad_scale = 1.0 / scalar_value(grad_scale, 1.0);
   const bool l2 = !hyper.decoupled && hyper.weight_decay != 0.0;
 
-  for (const auto& [type, indices] : groups) {
+  for (const auto& [type, indices] : group_by_dtype(lists)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "adax_cpu", [&] {
       using T = at::opmath_type<scalar_t>;
       struct Slice {
@@ -88,11 +83,9 @@ void adax_cpu_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr
       for (size_t i : indices) {
         // Plain stores, not add_/item: a dispatcher call per tensor would cost more than the
         // update of a small tensor.
-        TORCH_CHECK(lists.steps[i].is_cpu(), "kxops AdaX: state_steps[", i,
-                    "] must be on the CPU for CPU params, got ", lists.steps[i].device());
         float* step = lists.steps[i].data_ptr<float>();
         *step += 1.0f;
-        constants[i] = Constants<T>::broadcast(make_constants(hyper, lr, inv_grad_scale, *step));
+        constants[i] = math_constants<T>(make_constants(hyper, lr, inv_grad_scale, *step));
         const int64_t numel = lists.params[i].numel();
         for (int64_t begin = 0; begin < numel; begin += kSlice) {
           slices.push_back({i, begin, std::min(numel, begin + kSlice)});
@@ -116,8 +109,8 @@ void adax_cpu_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("adax_", &Overloads<&adax_cpu_impl>::scalar_lr);
-  m.impl("adax_.tensor_lr", &Overloads<&adax_cpu_impl>::tensor_lr);
+  m.impl("adax_", &Overloads<at::kCPU, &adax_cpu_impl>::scalar_lr);
+  m.impl("adax_.tensor_lr", &Overloads<at::kCPU, &adax_cpu_impl>::tensor_lr);
 }
 
 }  // namespace kxops::adax

@@ -4,9 +4,10 @@
 // limits PyTorch's fused Adam to a few dozen tensors per launch). Small "fill" launches write
 // it from argument batches and, per tensor, increment the step and compute the bias-correction
 // constants in double from the device step, lr, grad_scale and found_inf: no host sync, so the
-// whole step can be captured in a CUDA graph. The update kernel then gives each block one
-// chunk of one tensor (found by binary search over the tensors' first chunks), with 16-byte
-// loads when every pointer of the chunk is aligned and fp32 (fp64) math.
+// whole step can be captured in a CUDA graph. The fill launches also write the block -> tensor
+// table, so that each block of the update kernel reads which chunk of which tensor it owns
+// (no search), and updates it with 16-byte loads when every pointer of the chunk is aligned,
+// in fp32 (fp64) math.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,6 +32,7 @@ constexpr int64_t kChunk = 16384;  // elements per block
 constexpr int kThreads = 256;
 constexpr int kArgsPerFill = 64;  // keeps FillBatch under the portable 4 KB argument limit
 
+// Chunks are numbered across all dtype groups: chunk c is row c of the block -> tensor table.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -38,7 +40,7 @@ struct TensorArgs {
   void* exp_avg_sq;
   float* step;
   int64_t numel;
-  int64_t chunk_begin;  // first chunk of this tensor within its dtype group
+  int64_t chunk_begin;  // first chunk of this tensor
 };
 
 struct TensorJob {
@@ -65,14 +67,22 @@ struct StepScalars {
   const float* found_inf;
 };
 
-static_assert(sizeof(FillBatch) + sizeof(StepScalars) + sizeof(void*) < 4000,
+static_assert(sizeof(FillBatch) + sizeof(StepScalars) + 2 * sizeof(void*) < 4000,
               "fill kernel arguments must stay under 4 KB");
 
-__global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs) {
-  const int k = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= batch.count) return;
+// One block per tensor of the batch: its threads write the tensor's rows of the block table,
+// thread 0 its job.
+__global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs,
+                          int* block_table) {
+  const int k = blockIdx.x;
   const TensorArgs& args = batch.args[k];
-  TensorJob& job = jobs[batch.first + k];
+  const int64_t job_index = batch.first + k;
+  const int64_t chunks = (args.numel + kChunk - 1) / kChunk;
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    block_table[args.chunk_begin + c] = static_cast<int>(job_index);
+  }
+  if (threadIdx.x != 0) return;
+  TensorJob& job = jobs[job_index];
   job.param = args.param;
   job.grad = args.grad;
   job.exp_avg = args.exp_avg;
@@ -90,36 +100,24 @@ __global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs)
   job.constants = make_constants(scalars.hyper, lr, inv_grad_scale, step);
 }
 
+// Block b updates chunk first_chunk + b (this dtype group's chunks start at first_chunk).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    adax_kernel(const TensorJob* __restrict__ jobs, int num_jobs, bool l2) {
+    adax_kernel(const TensorJob* __restrict__ jobs, const int* __restrict__ block_table,
+                int64_t first_chunk, bool l2) {
   using T = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  __shared__ int job_index;
-  if (threadIdx.x == 0) {
-    // The last tensor whose first chunk is at or before this block (empty tensors own none).
-    int lo = 0, hi = num_jobs - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (jobs[mid].chunk_begin <= static_cast<int64_t>(blockIdx.x)) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    job_index = lo;
-  }
-  __syncthreads();
-  const TensorJob& job = jobs[job_index];
+  const int64_t chunk = first_chunk + blockIdx.x;
+  const TensorJob& job = jobs[block_table[chunk]];
   if (job.skip) return;
-  const int64_t offset = (static_cast<int64_t>(blockIdx.x) - job.chunk_begin) * kChunk;
+  const int64_t offset = (chunk - job.chunk_begin) * kChunk;
   const int64_t remaining = job.numel - offset;
   const int64_t n = remaining < kChunk ? remaining : kChunk;  // std::min would odr-use kChunk
   scalar_t* p = static_cast<scalar_t*>(job.param) + offset;
   const scalar_t* g = static_cast<const scalar_t*>(job.grad) + offset;
   T* m = static_cast<T*>(job.exp_avg) + offset;
   T* v = static_cast<T*>(job.exp_avg_sq) + offset;
-  const auto c = Constants<T>::broadcast(job.constants);
+  const auto c = math_constants<T>(job.constants);
 
   using ParamPack = Pack<scalar_t, kVec>;
   using StatePack = Pack<T, kVec>;
@@ -154,22 +152,10 @@ const void* optional_ptr(const std::optional<at::Tensor>& t) {
 }
 
 void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr,
-                    const Hyper& hyper_in, const std::optional<at::Tensor>& grad_scale_in,
+                    const Hyper& hyper, const std::optional<at::Tensor>& grad_scale_in,
                     const std::optional<at::Tensor>& found_inf_in) {
-  const auto groups = check_and_group(lists, at::kCUDA);
   if (lists.params.empty()) return;
   const auto device = lists.params[0].device();
-  for (size_t i = 0; i < lists.steps.size(); ++i) {
-    TORCH_CHECK(lists.steps[i].device() == device, "kxops AdaX: state_steps[", i, "] is on ",
-                lists.steps[i].device(), "; the fused CUDA step needs it on ", device,
-                " (the optimizer creates it there with fused=True or capturable=True)");
-    TORCH_CHECK(lists.params[i].device() == device, "kxops AdaX: params[", i, "] is on ",
-                lists.params[i].device(), " but params[0] is on ", device,
-                "; call the op once per device");
-  }
-  check_scalar(lr, "lr", lists.params);
-  check_scalar(grad_scale_in, "grad_scale", lists.params);
-  check_scalar(found_inf_in, "found_inf", lists.params);
   const c10::cuda::CUDAGuard guard(device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Device scalars in the types fill_jobs reads (a cast kernel at most: graph-safe).
@@ -178,20 +164,20 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
       grad_scale_in.has_value() ? std::optional(grad_scale_in->to(at::kFloat)) : std::nullopt;
   const auto found_inf =
       found_inf_in.has_value() ? std::optional(found_inf_in->to(at::kFloat)) : std::nullopt;
-  const StepScalars scalars{hyper_in, static_cast<const double*>(optional_ptr(lr_double)),
+  const StepScalars scalars{hyper, static_cast<const double*>(optional_ptr(lr_double)),
                             static_cast<const float*>(optional_ptr(grad_scale)),
                             static_cast<const float*>(optional_ptr(found_inf))};
 
-  // Tensors in dtype-group order; chunk numbers restart at 0 in each group.
+  // Tensors in dtype-group order, their chunks numbered on across the groups.
   std::vector<TensorArgs> args;
   struct Group {
     at::ScalarType type;
-    int64_t first_job, num_jobs, num_chunks;
+    int64_t first_chunk, num_chunks;
   };
   std::vector<Group> launches;
-  for (const auto& [type, indices] : groups) {
-    int64_t chunks = 0;
-    const int64_t first = static_cast<int64_t>(args.size());
+  int64_t chunks = 0;
+  for (const auto& [type, indices] : group_by_dtype(lists)) {
+    const int64_t first_chunk = chunks;
     for (size_t i : indices) {
       const int64_t numel = lists.params[i].numel();
       args.push_back({lists.params[i].data_ptr(), lists.grads[i].const_data_ptr(),
@@ -199,28 +185,35 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
                       lists.steps[i].data_ptr<float>(), numel, chunks});
       chunks += (numel + kChunk - 1) / kChunk;
     }
-    TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "kxops AdaX: too many elements (",
-                chunks, " chunks of ", kChunk, ") for one launch");
-    launches.push_back({type, first, static_cast<int64_t>(indices.size()), chunks});
+    TORCH_CHECK(chunks - first_chunk <= std::numeric_limits<int>::max(),
+                "kxops.adax_: too many elements (", chunks - first_chunk, " chunks of ", kChunk,
+                ") for one launch");
+    launches.push_back({type, first_chunk, chunks - first_chunk});
   }
+  TORCH_CHECK(static_cast<int64_t>(args.size()) <= std::numeric_limits<int>::max(),
+              "kxops.adax_: too many tensors (", args.size(), ") for one call");
 
-  auto jobs = at::empty({static_cast<int64_t>(args.size() * sizeof(TensorJob))},
-                        lists.params[0].options().dtype(at::kByte));
-  auto* jobs_data = reinterpret_cast<TensorJob*>(jobs.mutable_data_ptr());
+  // One buffer: the jobs, then the block table (TensorJob's alignment covers the ints).
+  const int64_t jobs_bytes = static_cast<int64_t>(args.size() * sizeof(TensorJob));
+  auto buffer = at::empty({jobs_bytes + chunks * static_cast<int64_t>(sizeof(int))},
+                          lists.params[0].options().dtype(at::kByte));
+  auto* jobs = reinterpret_cast<TensorJob*>(buffer.mutable_data_ptr());
+  auto* block_table = reinterpret_cast<int*>(static_cast<char*>(buffer.mutable_data_ptr()) +
+                                             jobs_bytes);
   for (size_t first = 0; first < args.size(); first += kArgsPerFill) {
     FillBatch batch{};
     batch.count = static_cast<int>(std::min<size_t>(kArgsPerFill, args.size() - first));
     batch.first = static_cast<int64_t>(first);
     std::copy_n(args.begin() + first, batch.count, batch.args);
-    fill_jobs<<<1, kArgsPerFill, 0, stream>>>(batch, scalars, jobs_data);
+    fill_jobs<<<batch.count, kThreads, 0, stream>>>(batch, scalars, jobs, block_table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const bool l2 = !hyper_in.decoupled && hyper_in.weight_decay != 0.0;
+  const bool l2 = !hyper.decoupled && hyper.weight_decay != 0.0;
   for (const auto& group : launches) {
     if (group.num_chunks == 0) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.type, "adax_cuda", [&] {
       adax_kernel<scalar_t><<<static_cast<unsigned int>(group.num_chunks), kThreads, 0, stream>>>(
-          jobs_data + group.first_job, static_cast<int>(group.num_jobs), l2);
+          jobs, block_table, group.first_chunk, l2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -229,8 +222,8 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
-  m.impl("adax_", &Overloads<&adax_cuda_impl>::scalar_lr);
-  m.impl("adax_.tensor_lr", &Overloads<&adax_cuda_impl>::tensor_lr);
+  m.impl("adax_", &Overloads<at::kCUDA, &adax_cuda_impl>::scalar_lr);
+  m.impl("adax_.tensor_lr", &Overloads<at::kCUDA, &adax_cuda_impl>::tensor_lr);
 }
 
 }  // namespace kxops::adax

@@ -11,6 +11,12 @@ Per parameter, with t the step count after the increment::
 ``v_hat = v / B_t``, updated as ``v_hat = (1 - b_t) v_hat + b_t g^2`` with ``b_t = beta2 / B_t``,
 and the step is ``p -= lr * m / (sqrt(v_hat) + eps / sqrt(B_t))``: the same update, no overflow.
 Only ``1 / B_t`` is ever formed (B_t itself overflows float64 near t = 7e6 for beta2 = 1e-4).
+``eps / sqrt(B_t)`` underflows in turn (float32: ~1.5M steps at beta2 = 1e-4), so it is kept at
+least the smallest normal number of the math dtype: an element whose gradient has always been 0
+keeps the authors' zero update (0/eps) instead of 0/0.
+
+Complex parameters are stepped as their real views (``torch.view_as_real``), as torch's
+optimizers do.
 """
 
 import math
@@ -21,8 +27,21 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Low-precision parameters keep fp32 state; fp32/fp64 parameters their own dtype."""
+    """Low-precision parameters keep fp32 state; fp32/fp64 (and complex) parameters their own
+    dtype."""
     return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+def as_real(params, grads, exp_avgs, exp_avg_sqs):
+    """The lists with every complex param, and its grad and state, as real views."""
+    if not any(torch.is_complex(p) for p in params):
+        return params, grads, exp_avgs, exp_avg_sqs
+    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
+    for i, p in enumerate(params):
+        if torch.is_complex(p):
+            for tensors in lists:
+                tensors[i] = torch.view_as_real(tensors[i])
+    return tuple(lists)
 
 
 def inverse_bias_correction(step: float, beta2: float) -> float:
@@ -35,22 +54,30 @@ def inverse_bias_correction(step: float, beta2: float) -> float:
     return math.exp(neg_x) / -math.expm1(neg_x)
 
 
+def eps_term(eps: float, inv_bc: float, dtype: torch.dtype) -> float:
+    """eps / sqrt(B_t), at least the smallest normal number of ``dtype`` (the math dtype): it
+    underflows to 0 for large t, and 0/0 would make NaN of elements whose gradient has always
+    been 0. Next to any non-zero sqrt(v_hat) the floor is far below rounding."""
+    term = eps * math.sqrt(inv_bc)
+    return max(term, torch.finfo(dtype).tiny) if term == term else term  # NaN eps stays NaN
+
+
 def check_hyperparameters(lr, betas, eps, weight_decay):
-    """The optimizer constructors' argument checks (ValueError naming the argument)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
-    elif not 0.0 <= lr:
+    """The optimizer constructors' argument checks, in torch.optim.Adam's words (ValueError);
+    unlike Adam's, infinities are rejected too (beta2 has no upper bound in AdaX)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
+    if not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (need 0 <= beta1 < 1)")
-    if not 0.0 < betas[1]:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need beta2 > 0)")
-    if not 0.0 <= weight_decay:
+    if not 0.0 < betas[1] < math.inf:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need 0 < beta2 < inf)")
+    if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
@@ -67,8 +94,6 @@ def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         if g.shape != p.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape "
                              f"{tuple(p.shape)}")
-        if torch.is_complex(p):
-            raise TypeError(f"params[{i}] is complex ({p.dtype}); AdaX supports real params")
 
 
 def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
@@ -81,6 +106,7 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
     check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if found_inf is not None and bool(found_inf.item()):
         return
+    params, grads, exp_avgs, exp_avg_sqs = as_real(params, grads, exp_avgs, exp_avg_sqs)
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs,
                                                       state_steps):
         work = param if param.dtype not in LOW_PRECISION else param.float()
@@ -98,7 +124,8 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                 g = g.add(work, alpha=weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(1 - beta2 * inv_bc).addcmul_(g, g, value=beta2 * inv_bc)
-        denom = exp_avg_sq.sqrt().add_(eps * math.sqrt(inv_bc))
+        # Out of place: sqrt's backward needs its output (differentiable=True).
+        denom = exp_avg_sq.sqrt() + eps_term(eps, inv_bc, work.dtype)
         work.sub_(exp_avg / denom * lr)
         if work is not param:
             param.copy_(work)
