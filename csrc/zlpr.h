@@ -4,8 +4,14 @@
 //   loss = log(1 + sum_j (1 - t_j) e^{s_j}) + log(1 + sum_j t_j e^{-s_j})
 // Each sum is held as a stabilised pair (max, sum) with  1 + sum_j w_j e^{x_j} = e^{max} *
 // (e^{-max} + sum): max starts at 0 (the "1" term), so it is finite from the start and the loss
-// never forms -inf - -inf. A term enters only with weight > 0 and a logit that is not -inf, so a
-// masked logit or a zero weight drops out even when its exponential would overflow.
+// never forms -inf - -inf.
+//
+// Non-finite inputs give the reference's values (it works in the log domain, term_j =
+// x_j + log w_j): a class is left out of a sum only when its logit is -inf (masked) or its
+// label excludes it (t >= 1 for the negative sum, t <= 0 for the positive one), so a NaN label
+// joins both sums and makes them NaN. A +inf term makes its sum, and the loss, +inf; the
+// gradient is then 0 at the finite terms and NaN (inf/inf) at the infinite ones. A NaN makes
+// its sum NaN, and the gradient NaN at every class in that sum, and only there.
 #pragma once
 
 #include <cmath>
@@ -15,21 +21,32 @@
 namespace kxops::zlpr {
 
 // Stabilised sum of w_j e^{x_j}: the sum equals e^{max} * sum, the "1 +" is added at the end.
+// max is never NaN (a NaN term goes to sum).
 template <typename acc_t>
 struct ExpSum {
   acc_t max = 0;
   acc_t sum = 0;
 };
 
-// Adds w e^x (w > 0) online: rescales the running sum when the maximum moves. NaN x makes the
-// sum NaN, so NaN propagates.
+// e^{x - max} for x <= max; 1 when x == max, also for x == max == +inf (not inf - inf = NaN),
+// so that terms tied at +inf count once each.
+template <typename acc_t>
+KXOPS_HOST_DEVICE acc_t relative_exp(acc_t x, acc_t max) {
+  return x == max ? acc_t(1) : std::exp(x - max);
+}
+
+// Adds w e^x (w > 0, +inf or NaN) online: rescales the running sum when the maximum moves.
 template <typename acc_t>
 KXOPS_HOST_DEVICE void push(ExpSum<acc_t>& acc, acc_t x, acc_t w) {
+  if (w == INFINITY) {  // inf e^x = e^{x + inf}: +inf, or NaN for x = -inf, as log-domain terms
+    x += w;
+    w = 1;
+  }
   if (x > acc.max) {
-    acc.sum = acc.sum * std::exp(acc.max - x) + w;
+    acc.sum = acc.sum * relative_exp(acc.max, x) + w;
     acc.max = x;
   } else {
-    acc.sum += w * std::exp(x - acc.max);
+    acc.sum += w * relative_exp(x, acc.max);  // NaN x (not > max) lands here: the sum is NaN
   }
 }
 
@@ -37,7 +54,7 @@ template <typename acc_t>
 KXOPS_HOST_DEVICE ExpSum<acc_t> merge(const ExpSum<acc_t>& a, const ExpSum<acc_t>& b) {
   ExpSum<acc_t> out;
   out.max = a.max > b.max ? a.max : b.max;
-  out.sum = a.sum * std::exp(a.max - out.max) + b.sum * std::exp(b.max - out.max);
+  out.sum = a.sum * relative_exp(a.max, out.max) + b.sum * relative_exp(b.max, out.max);
   return out;
 }
 
@@ -53,15 +70,16 @@ KXOPS_HOST_DEVICE acc_t inv_total(const ExpSum<acc_t>& acc) {
   return acc_t(1) / (std::exp(-acc.max) + acc.sum);
 }
 
-// Weights of a class in the negative (e^{s}) and positive (e^{-s}) sums; zero for -inf logits.
+// Whether a class enters the negative (weight 1 - t, term e^{s}) and the positive (weight t,
+// term e^{-s}) sums; written so that a NaN label enters both.
 template <typename acc_t>
-KXOPS_HOST_DEVICE acc_t negative_weight(acc_t s, acc_t t) {
-  return s == -INFINITY ? acc_t(0) : acc_t(1) - t;
+KXOPS_HOST_DEVICE bool in_negative(acc_t s, acc_t t) {
+  return s != -INFINITY && !(t >= 1);
 }
 
 template <typename acc_t>
-KXOPS_HOST_DEVICE acc_t positive_weight(acc_t s, acc_t t) {
-  return s == -INFINITY ? acc_t(0) : t;
+KXOPS_HOST_DEVICE bool in_positive(acc_t s, acc_t t) {
+  return s != -INFINITY && !(t <= 0);
 }
 
 // Both sums of one row, accumulated one class at a time.
@@ -71,10 +89,8 @@ struct RowSums {
   ExpSum<acc_t> pos;
 
   KXOPS_HOST_DEVICE void add(acc_t s, acc_t t) {
-    const acc_t w_neg = negative_weight(s, t);
-    const acc_t w_pos = positive_weight(s, t);
-    if (w_neg > 0 || w_neg != w_neg) push(neg, s, w_neg);
-    if (w_pos > 0 || w_pos != w_pos) push(pos, -s, w_pos);
+    if (in_negative(s, t)) push(neg, s, acc_t(1) - t);
+    if (in_positive(s, t)) push(pos, -s, t);
   }
 
   KXOPS_HOST_DEVICE acc_t loss() const { return log_one_plus(neg) + log_one_plus(pos); }
@@ -85,7 +101,8 @@ KXOPS_HOST_DEVICE RowSums<acc_t> merge(const RowSums<acc_t>& a, const RowSums<ac
   return {merge(a.neg, b.neg), merge(a.pos, b.pos)};
 }
 
-// The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} / Z_pos.
+// The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} / Z_pos,
+// each part only for a class in that sum (elsewhere 0, even when the other sum is NaN).
 template <typename acc_t>
 struct RowGrad {
   acc_t max_neg, inv_neg, max_pos, inv_pos;
@@ -97,10 +114,9 @@ struct RowGrad {
         inv_pos(inv_total(sums.pos)) {}
 
   KXOPS_HOST_DEVICE acc_t operator()(acc_t s, acc_t t) const {
-    const acc_t w_neg = negative_weight(s, t);
-    const acc_t w_pos = positive_weight(s, t);
-    const acc_t g_neg = w_neg != 0 ? w_neg * std::exp(s - max_neg) * inv_neg : acc_t(0);
-    const acc_t g_pos = w_pos != 0 ? w_pos * std::exp(-s - max_pos) * inv_pos : acc_t(0);
+    const acc_t g_neg =
+        in_negative(s, t) ? (acc_t(1) - t) * std::exp(s - max_neg) * inv_neg : acc_t(0);
+    const acc_t g_pos = in_positive(s, t) ? t * std::exp(-s - max_pos) * inv_pos : acc_t(0);
     return g_neg - g_pos;
   }
 };

@@ -12,33 +12,76 @@ inline at::ScalarType opmath_type(at::ScalarType type) {
   return type == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+inline bool is_kernel_float(at::ScalarType type) {
+  return type == at::kDouble || type == at::kFloat || type == at::kHalf ||
+         type == at::kBFloat16;
+}
+
 inline void check_logits(const at::Tensor& logits) {
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
-              "kxops ZLPR: logits must be a floating-point tensor, got ", logits.scalar_type());
-  TORCH_CHECK(logits.dim() >= 1, "kxops ZLPR: logits must have at least 1 dim (the class dim)");
+  TORCH_CHECK_TYPE(is_kernel_float(logits.scalar_type()),
+                   "kxops ZLPR: logits must be a float64, float32, float16 or bfloat16 tensor, "
+                   "got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() >= 1,
+                    "kxops ZLPR: logits must have at least 1 dim (the class dim), got a 0-dim "
+                    "tensor");
 }
 
 inline void check_dense(const at::Tensor& logits, const at::Tensor& labels) {
   check_logits(logits);
-  TORCH_CHECK(labels.sizes() == logits.sizes(), "kxops ZLPR: labels shape ", labels.sizes(),
-              " must equal logits shape ", logits.sizes());
+  const auto type = labels.scalar_type();
+  // (float4_e2m1fn_x2 packs two values per element: not a label per class.)
+  TORCH_CHECK_TYPE(at::isIntegralType(type, /*includeBool=*/true) ||
+                       (at::isFloatingType(type) && type != at::kFloat4_e2m1fn_x2),
+                   "kxops ZLPR: labels must be a bool, integer or floating-point tensor, got ",
+                   type);
+  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes(), "kxops ZLPR: labels shape ",
+                    labels.sizes(), " must equal logits shape ", logits.sizes());
   TORCH_CHECK(labels.device() == logits.device(), "kxops ZLPR: labels are on ",
               labels.device(), " but logits are on ", logits.device());
-  TORCH_CHECK(!labels.is_complex(), "kxops ZLPR: labels must be bool, integer or floating point");
 }
 
+// Contiguous labels of a type every kernel reads natively (bool, the signed integers and
+// the float types of at::opmath); others (uint16/32/64, float8) as the logits' opmath type.
+inline at::Tensor readable_labels(const at::Tensor& labels, at::ScalarType logits_type) {
+  const auto type = labels.scalar_type();
+  const bool native = type == at::kBool || type == at::kByte || type == at::kChar ||
+                      type == at::kShort || type == at::kInt || type == at::kLong ||
+                      is_kernel_float(type);
+  return native ? labels.contiguous() : labels.to(opmath_type(logits_type)).contiguous();
+}
+
+// ignore_index is any int64: compared with the positives as int64, a value out of their
+// dtype's range matches no entry, so nothing wraps.
 inline void check_sparse(const at::Tensor& logits, const at::Tensor& positives) {
   check_logits(logits);
-  TORCH_CHECK(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
-              "kxops ZLPR: positives must be an int32 or int64 tensor, got ",
-              positives.scalar_type());
-  TORCH_CHECK(positives.dim() == logits.dim() &&
-                  positives.sizes().slice(0, positives.dim() - 1) ==
-                      logits.sizes().slice(0, logits.dim() - 1),
-              "kxops ZLPR: positives shape ", positives.sizes(),
-              " must be logits.shape[:-1] + (P,) with logits shape ", logits.sizes());
+  TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
+                   "kxops ZLPR: positives must be an int32 or int64 tensor, got ",
+                   positives.scalar_type());
+  TORCH_CHECK_VALUE(positives.dim() == logits.dim() &&
+                        positives.sizes().slice(0, positives.dim() - 1) ==
+                            logits.sizes().slice(0, logits.dim() - 1),
+                    "kxops ZLPR: positives shape ", positives.sizes(),
+                    " must be logits.shape[:-1] + (P,) with logits shape ", logits.sizes());
   TORCH_CHECK(positives.device() == logits.device(), "kxops ZLPR: positives are on ",
               positives.device(), " but logits are on ", logits.device());
+}
+
+inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad) {
+  TORCH_CHECK_TYPE(is_kernel_float(grad.scalar_type()),
+                   "kxops ZLPR backward: grad must be a float64, float32, float16 or bfloat16 "
+                   "tensor, got ",
+                   grad.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_loss.scalar_type()),
+                   "kxops ZLPR backward: grad_loss must be a floating-point tensor, got ",
+                   grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(grad.dim() >= 1 &&
+                        grad_loss.sizes() == grad.sizes().slice(0, grad.dim() - 1),
+                    "kxops ZLPR backward: grad_loss shape ", grad_loss.sizes(),
+                    " must be the shape of grad without its last dim; grad shape ",
+                    grad.sizes());
+  TORCH_CHECK(grad_loss.device() == grad.device(), "kxops ZLPR backward: grad_loss is on ",
+              grad_loss.device(), " but grad is on ", grad.device());
 }
 
 // (loss per row in fp32/fp64, gradient or an empty tensor when not requested).

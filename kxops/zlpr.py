@@ -5,6 +5,16 @@ import torch
 from kxops import _ext
 from kxops.reference import zlpr as ref
 
+# The logits dtypes the compiled kernels take; any other floating type runs the reference.
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_kernel(op, logits):
+    # functorch transforms (torch.func.grad, vmap, ...) cannot run the autograd that
+    # register_autograd gives the op (no setup_context): the reference runs under them.
+    return (_ext.has_kernel(op, logits.device) and logits.dtype in _KERNEL_DTYPES
+            and not torch._C._are_functorch_transforms_active())
+
 
 def _needs_grad(logits):
     return torch.is_grad_enabled() and logits.requires_grad
@@ -16,10 +26,19 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     ``labels``: same shape as ``logits``; bool/int (hard) or float in [0, 1] (soft). ``-inf``
     logits are masked out with zero gradient. Reduction ``none`` keeps ``logits.shape[:-1]``;
     ``mean`` averages over rows. The loss is computed in fp32 (fp64 for fp64 logits) and returned
-    in the logits' dtype; labels get no gradient.
+    in the logits' dtype.
+
+    Labels are constants: they get no gradient, even with ``requires_grad`` (they are targets;
+    the kernels compute d loss / d logits only). NaN and inf follow the reference: a NaN logit
+    or label makes its row's loss NaN, and the gradient NaN at the classes of the sum it
+    enters (a NaN label enters both); a ``+inf`` term (a ``+inf`` logit among the negatives,
+    an infinite label) makes the loss ``inf``, the gradient NaN at that class and 0 at the
+    finite terms of its sum. Only first derivatives: differentiating the gradient again raises
+    (``kxops.reference.zlpr_loss`` supports it).
     """
     ref.check_zlpr_inputs(logits, labels, reduction)
-    if _ext.has_kernel("zlpr", logits.device):
+    labels = labels.detach()
+    if _use_kernel("zlpr", logits):
         row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits))
     else:
         row_loss = ref.zlpr_row_loss(logits, labels)
@@ -33,9 +52,11 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     Entries equal to ``ignore_index`` are padding; duplicates count once; the negative sum is
     exact (positives excluded, not subtracted). An index out of range raises ``IndexError`` on
     CPU; on CUDA the compiled kernel raises a device-side assert, as ``torch.gather`` does.
+    ``ignore_index`` is any int64, compared with the indices as int64: one that int32
+    positives cannot hold marks no entry as padding. NaN and inf as in ``zlpr_loss``.
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
-    if _ext.has_kernel("sparse_zlpr", logits.device):
+    if _use_kernel("sparse_zlpr", logits):
         row_loss, _ = torch.ops.kxops.sparse_zlpr(logits, positives, ignore_index,
                                                   _needs_grad(logits))
         return ref.reduce_loss(row_loss, reduction, logits.dtype)
@@ -87,6 +108,14 @@ if _ext.LOADED:
     def _sparse_zlpr_backward(ctx, grad_loss, _grad_of_grad):
         return _scaled_grad(ctx, grad_loss), None, None, None
 
+    def _no_double_backward(ctx, grad):
+        raise RuntimeError(
+            "kxops ZLPR: double backward is not supported (the gradient of the loss was "
+            "differentiated again, e.g. after create_graph=True); use "
+            "kxops.reference.zlpr_loss / sparse_zlpr_loss for higher-order gradients")
+
     torch.library.register_autograd("kxops::zlpr", _zlpr_backward, setup_context=_save_grad)
     torch.library.register_autograd("kxops::sparse_zlpr", _sparse_zlpr_backward,
                                     setup_context=_save_grad)
+    # Raises only when the scaled gradient is itself differentiated, not on create_graph=True.
+    torch.library.register_autograd("kxops::zlpr_backward", _no_double_backward)

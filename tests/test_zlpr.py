@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kxops
-from kxops import _ext
 from kxops.reference import zlpr as ref
 from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
+from tests.utils import needs_kernel, run_isolated
 
 
 def zlpr_by_loops(logits, labels):
@@ -196,10 +196,6 @@ def test_inputs_are_not_modified():
 
 
 # --- the compiled ops, wherever a kernel is registered --------------------------------------
-
-def needs_kernel(op, device):
-    if not _ext.has_kernel(op, torch.device(device)):
-        pytest.skip(f"no compiled kxops::{op} kernel for {device} yet")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -412,3 +408,301 @@ def test_cuda_more_than_2_pow_31_elements():
                              logits[tail], torch.ones(4, device="cuda"))
     assert_close(loss[tail], expected[0])
     assert_close(grad[tail], expected[1])
+
+
+# --- NaN and infinities: the reference's rules, and every kernel on them ----------------------
+
+def test_reference_nan_and_inf_rules():
+    """The rules the kernels follow: a +inf term makes its sum and the loss inf (gradient 0 at
+    the finite terms, NaN at the infinite one); NaN reaches only the classes in its sum."""
+    logits = torch.tensor([[math.inf, 1.0, -2.0, 0.5], [math.nan, 1.0, -2.0, -math.inf]],
+                          dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0]])
+    loss = ref.zlpr_loss(logits, labels, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    # Row 0: +inf negative. The positive side is finite and keeps its gradient.
+    assert loss[0] == math.inf
+    assert grad[0, 0].isnan() and grad[0, 1] == 0
+    _, positive_side = zlpr_by_loops(logits.detach()[:1, 2:], labels[:1, 2:])
+    assert_close(grad[0, 2:], positive_side[0])
+    # Row 1: NaN positive: NaN at the positives, the negative keeps its gradient, masked 0.
+    assert loss[1].isnan()
+    assert grad[1, [0, 2]].isnan().all() and grad[1, 3] == 0
+    assert_close(grad[1, 1], torch.tensor(math.exp(1.0) / (1 + math.exp(1.0)),
+                                          dtype=torch.float64))
+    # A NaN soft label joins both sums: the whole row (but masked classes) is NaN.
+    labels = torch.tensor([[0.0, math.nan, 1.0, 0.0]], dtype=torch.float64)
+    s = torch.tensor([[1.0, 2.0, 3.0, -math.inf]], dtype=torch.float64, requires_grad=True)
+    loss = ref.zlpr_loss(s, labels, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    assert loss.isnan().all() and grad[0, :3].isnan().all() and grad[0, 3] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_gradient_exact_for_huge_and_tied_logits(dtype):
+    """logsumexp's backward, exp(x - result), rounds the ties away (16 tied at 1e8 summed to
+    16); factoring out the maximum keeps each at 1/16."""
+    logits = torch.full((2, 16), 1e8, dtype=dtype)
+    logits[1] = -1e8
+    labels = torch.zeros(2, 16)
+    labels[1] = 1
+    logits.requires_grad_(True)
+    loss = ref.zlpr_loss(logits, labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert_close(grad[0], torch.full((16,), 1 / 16, dtype=dtype))
+    assert_close(grad[1], torch.full((16,), -1 / 16, dtype=dtype))
+    assert_close(loss, torch.tensor(2 * (1e8 + math.log(16)), dtype=dtype))
+
+
+@pytest.mark.parametrize("loss_fn", [ref.zlpr_loss, kxops.zlpr_loss])
+def test_huge_tied_logits_keep_their_soft_weights(loss_fn):
+    """s + log(w) rounds to s at 1e30: the weights must enter after the maximum is out."""
+    logits = torch.tensor([[1e30, 0.0, 0.0, 1e30]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0.25, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss_fn(logits, labels, reduction="sum"), logits)
+    # Negative weights 0.75 and 0.5 share the sum at 1e30; the positive side is 1 + 0.5 e^0.
+    expected = torch.tensor([[0.75 / 1.25, 0.0, -0.5 / 1.5, 0.5 / 1.25]],
+                            dtype=torch.float64)
+    assert_close(grad, expected)
+
+
+# Classes 17 and 19 put an entry in every SIMD lane position and in the scalar tail on CPU
+# (4 or 8 lanes), in several threads of a CUDA warp row; 2100 classes make a CUDA block row.
+NAN_INF_SIZES = [17, 19, 2100]
+SPECIAL_VALUES = [math.nan, math.inf, -math.inf]
+
+
+def special_positions(num_classes):
+    return sorted({0, 3, 5, 9, num_classes // 2, num_classes - 2, num_classes - 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_classes", NAN_INF_SIZES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_kernel_nan_inf_logits_match_reference(device, dtype, num_classes, soft):
+    """One NaN/+inf/-inf logit per row, at every position, as a positive and as a negative."""
+    needs_kernel("zlpr", device)
+    positions = special_positions(num_classes)
+    rows = len(positions) * len(SPECIAL_VALUES) * 2
+    logits, labels = random_problem((rows, num_classes), soft=soft, dtype=torch.float64)
+    row = 0
+    for position in positions:
+        for value in SPECIAL_VALUES:
+            for target in (0.0, 1.0):
+                logits[row, position] = value
+                labels[row, position] = target if soft else bool(target)
+                row += 1
+    assert_dense_matches_reference(logits.to(device=device, dtype=dtype), labels.to(device))
+    # Two +inf negatives tie at +inf: they must count, not cancel (inf - inf).
+    logits[:, :2] = math.inf
+    assert_dense_matches_reference(logits.to(device=device, dtype=dtype),
+                                   torch.zeros_like(labels).to(device))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("num_classes", NAN_INF_SIZES)
+def test_kernel_nan_inf_soft_labels_match_reference(device, label_dtype, num_classes):
+    """A NaN or infinite label at every position (a SIMD lane or the scalar tail on CPU)."""
+    needs_kernel("zlpr", device)
+    positions = special_positions(num_classes)
+    logits, labels = random_problem((len(positions) * 3, num_classes), soft=True,
+                                    masked=0.1, dtype=torch.float32, device=device)
+    labels = labels.to(label_dtype)
+    for row, (position, value) in enumerate(
+            (p, v) for p in positions for v in SPECIAL_VALUES):
+        labels[row, position] = value
+        logits[row, position] = 0.5  # not masked there
+    assert_dense_matches_reference(logits, labels)
+    loss = kxops.zlpr_loss(logits, labels, reduction="none")
+    assert loss[0::3].isnan().all() and (loss[1::3] == math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_classes", NAN_INF_SIZES)
+def test_kernel_sparse_nan_inf_logits_match_reference(device, dtype, num_classes):
+    needs_kernel("sparse_zlpr", device)
+    positions = special_positions(num_classes)
+    rows = len(positions) * len(SPECIAL_VALUES) * 2
+    logits, _ = random_problem((rows, num_classes), dtype=torch.float64)
+    positives = torch.randint(0, num_classes, (rows, 3))
+    row = 0
+    for position in positions:
+        for value in SPECIAL_VALUES:
+            for positive in (False, True):
+                logits[row, position] = value
+                positives[row, 0] = position if positive else -1
+                positives[row, 1:][positives[row, 1:] == position] = -1
+                row += 1
+    assert_sparse_matches_reference(logits.to(device=device, dtype=dtype),
+                                    positives.to(device),
+                                    torch.rand(rows, device=device, dtype=torch.float64
+                                               if dtype == torch.float64 else torch.float32))
+
+
+def test_nan_logit_row_gradient_only_where_its_sum_reaches():
+    """Hard labels: a NaN positive leaves the negatives' gradients finite (no 0 * NaN)."""
+    logits = torch.randn(2, 19)
+    labels = torch.zeros(2, 19, dtype=torch.bool)
+    labels[:, [2, 18]] = True
+    logits[0, 2] = math.nan   # a SIMD lane on CPU
+    logits[1, 18] = math.nan  # the scalar tail
+    _, grad = loss_and_grad(lambda s: kxops.zlpr_loss(s, labels, reduction="sum"), logits)
+    assert grad[labels].isnan().all() and torch.isfinite(grad[~labels]).all()
+
+
+# --- arguments: every registered op checks every argument -----------------------------------
+
+DIRECT_BAD_CALLS = {
+    # name: (call on torch.ops.kxops, Python error type, message pattern)
+    "zlpr int logits": ("zlpr(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), True)",
+                        "TypeError", "logits"),
+    "zlpr float8 logits": ("zlpr(torch.ones(2, 3).to(torch.float8_e4m3fn), torch.ones(2, 3), "
+                           "True)", "TypeError", "logits"),
+    "zlpr 0-dim logits": ("zlpr(torch.tensor(1.0), torch.tensor(1.0), True)", "ValueError",
+                          "class dim"),
+    "zlpr short labels": ("zlpr(torch.randn(64, 300), torch.ones(2, 3), True)", "ValueError",
+                          "labels shape"),
+    "zlpr long labels": ("zlpr(torch.randn(2, 3), torch.ones(2, 3, 5), False)", "ValueError",
+                         "labels shape"),
+    "zlpr complex labels": ("zlpr(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.cfloat), "
+                            "True)", "TypeError", "labels"),
+    "sparse int logits": ("sparse_zlpr(torch.ones(2, 3, dtype=torch.int32), "
+                          "torch.zeros(2, 1, dtype=torch.long), -1, True)", "TypeError",
+                          "logits"),
+    "sparse float positives": ("sparse_zlpr(torch.randn(2, 3), torch.zeros(2, 1), -1, True)",
+                               "TypeError", "positives"),
+    "sparse uint16 positives": ("sparse_zlpr(torch.randn(2, 3), "
+                                "torch.zeros(2, 1, dtype=torch.uint16), -1, True)",
+                                "TypeError", "positives"),
+    "sparse positives rows": ("sparse_zlpr(torch.randn(64, 3), "
+                              "torch.zeros(2, 1, dtype=torch.long), -1, True)", "ValueError",
+                              "positives shape"),
+    "sparse positives dims": ("sparse_zlpr(torch.randn(2, 3, 4), "
+                              "torch.zeros(2, 1, dtype=torch.long), -1, True)", "ValueError",
+                              "positives shape"),
+    "sparse index too big": ("sparse_zlpr(torch.randn(2, 3), torch.tensor([[0], [3]]), -1, "
+                             "True)", "IndexError", "out of range"),
+    "sparse index negative": ("sparse_zlpr(torch.randn(2, 3), "
+                              "torch.tensor([[0], [-2]], dtype=torch.int32), -1, True)",
+                              "IndexError", "out of range"),
+    "sparse wrapped ignore_index": ("sparse_zlpr(torch.randn(1, 3), "
+                                    "torch.tensor([[0, -1]], dtype=torch.int32), 2**32 - 1, "
+                                    "True)", "IndexError", "out of range"),
+    "backward short grad_loss": ("zlpr_backward(torch.ones(2), torch.randn(64, 300))",
+                                 "ValueError", "grad_loss shape"),
+    "backward long grad_loss": ("zlpr_backward(torch.ones(64, 5), torch.randn(64, 3))",
+                                "ValueError", "grad_loss shape"),
+    "backward 0-dim grad": ("zlpr_backward(torch.tensor(1.0), torch.tensor(2.0))",
+                            "ValueError", "grad_loss shape"),
+    "backward int grad": ("zlpr_backward(torch.ones(2), torch.ones(2, 3, dtype=torch.long))",
+                          "TypeError", "grad must"),
+    "backward int grad_loss": ("zlpr_backward(torch.ones(2, dtype=torch.long), "
+                               "torch.ones(2, 3))", "TypeError", "grad_loss must"),
+}
+
+
+def test_direct_ops_reject_bad_arguments():
+    """torch.ops.kxops.* called directly (as torch.compile and opcheck do): a clear error of
+    the wrapper's type for every bad argument, never a crash. One subprocess runs them all
+    and reports each: a crash shows as the case it stopped at."""
+    cases = {name: call for name, (call, _, _) in DIRECT_BAD_CALLS.items()}
+    result = run_isolated(f"""
+        import torch, kxops
+        for name, call in {cases!r}.items():
+            print("CASE", name, flush=True)
+            try:
+                eval("torch.ops.kxops." + call)
+                print("RESULT no error", flush=True)
+            except Exception as exc:
+                print("RESULT", type(exc).__name__, str(exc).splitlines()[0], flush=True)
+    """)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("CASE", "RESULT"))]
+    assert result.returncode == 0, (lines[-1:], result.stderr[-2000:])
+    outcomes = dict(zip((line[5:] for line in lines[0::2]), (line[7:] for line in lines[1::2])))
+    for name, (_, error, pattern) in DIRECT_BAD_CALLS.items():
+        assert outcomes[name].startswith(error + " "), (name, outcomes[name])
+        assert pattern in outcomes[name], (name, outcomes[name])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_direct_ops_reject_mixed_devices():
+    needs_kernel("zlpr", "cuda")
+    logits = torch.randn(2, 3, device="cuda")
+    calls = [
+        (lambda: torch.ops.kxops.zlpr(logits, torch.ones(2, 3), True), "labels are on"),
+        (lambda: torch.ops.kxops.sparse_zlpr(logits, torch.zeros(2, 1, dtype=torch.long), -1,
+                                             True), "positives are on"),
+        (lambda: torch.ops.kxops.zlpr_backward(torch.ones(2), logits), "grad_loss is on"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+# On CUDA: a bitmap of positives, and dense labels built on the device past the bitmap's size.
+@pytest.mark.parametrize("num_classes", [4, 327_681])
+def test_int32_positives_with_ignore_index_past_int32_do_not_wrap(device, num_classes):
+    """2**32 + 1 would wrap to class 1 in an int32 comparison: it must mark nothing."""
+    logits = torch.randn(2, num_classes, device=device)
+    positives = torch.tensor([[0, 1], [1, 1]], dtype=torch.int32, device=device)
+    dense = torch.zeros(2, num_classes, dtype=torch.bool, device=device)
+    dense[0, :2] = dense[1, 1] = True
+    expected = ref.zlpr_loss(logits, dense, reduction="none")
+    for fn in (ref.sparse_zlpr_loss, kxops.sparse_zlpr_loss):
+        assert_close(fn(logits, positives, ignore_index=2**32 + 1, reduction="none"), expected)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        kxops.sparse_zlpr_loss(logits, positives, ignore_index=2**64)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint16, torch.uint32, torch.uint64,
+                                         torch.float8_e4m3fn])
+def test_kernel_unsigned_and_float8_labels(device, label_dtype):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((5, 19), masked=0.1, dtype=torch.float32, device=device)
+    assert_dense_matches_reference(logits, labels.to(label_dtype))
+
+
+def test_float8_logits_run_the_reference():
+    logits = torch.randn(3, 5).to(torch.float8_e4m3fn)
+    labels = torch.rand(3, 5) < 0.5
+    assert_close(kxops.zlpr_loss(logits, labels).float(),
+                 ref.zlpr_loss(logits, labels).float(), dtype=torch.bfloat16)
+
+
+def test_labels_with_requires_grad_are_constants():
+    """Labels are targets: no gradient, and a loss whose only input needing grad is the labels
+    does not need grad (before, its backward raised)."""
+    logits, labels = random_problem((3, 7), soft=True, dtype=torch.float32)
+    labels.requires_grad_(True)
+    assert not kxops.zlpr_loss(logits, labels).requires_grad
+    assert not ref.zlpr_loss(logits, labels).requires_grad
+    logits.requires_grad_(True)
+    loss = kxops.zlpr_loss(logits, labels)
+    loss.backward()
+    assert labels.grad is None
+    (expected,) = torch.autograd.grad(ref.zlpr_loss(logits, labels), logits)
+    assert_close(logits.grad, expected)
+
+
+def test_double_backward_raises_clearly():
+    logits, labels = random_problem((3, 7), soft=True)
+    logits.requires_grad_(True)
+    positives = torch.tensor([[0], [1], [-1]])
+    for loss in (kxops.zlpr_loss(logits, labels), kxops.sparse_zlpr_loss(logits, positives)):
+        # create_graph alone is fine; differentiating the gradient again is not.
+        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            grad.sum().backward()
+
+
+def test_torch_func_grad_and_vmap():
+    logits, labels = random_problem((3, 7), soft=True)
+    positives = torch.tensor([[0, 2], [1, -1], [-1, -1]])
+    for loss_fn, ref_fn in ((lambda s: kxops.zlpr_loss(s, labels),
+                             lambda s: ref.zlpr_loss(s, labels)),
+                            (lambda s: kxops.sparse_zlpr_loss(s, positives),
+                             lambda s: ref.sparse_zlpr_loss(s, positives))):
+        assert_close(torch.func.grad(loss_fn)(logits), torch.func.grad(ref_fn)(logits))
+    per_row = torch.func.vmap(lambda s, t: kxops.zlpr_loss(s, t, reduction="sum"))
+    assert_close(per_row(logits, labels), ref.zlpr_loss(logits, labels, reduction="none"))

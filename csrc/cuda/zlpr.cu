@@ -292,15 +292,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
   const int64_t rows_per_block = n <= kMaxWarpRowClasses ? kWarpRowsPerBlock : 1;
   const int64_t bitmap_bytes = rows_per_block * ((n + 31) / 32) * 4;
   if (bitmap_bytes > kMaxBitmapBytes) {
-    // Too many classes for a bitmap in shared memory: dense bool labels, built on the device
-    // (scatter asserts on an out-of-range index as this kernel does). Padding goes to an
-    // extra column that is dropped.
-    const auto index = positives_in.to(at::kLong).masked_fill(positives_in == ignore_index, n);
-    auto dense_shape = logits_in.sizes().vec();
-    dense_shape.back() = n + 1;
-    const auto dense = at::zeros(dense_shape, logits_in.options().dtype(at::kBool))
-                           .scatter_(-1, index, true)
-                           .narrow(-1, 0, n);
+    // Too many classes for a bitmap in shared memory: dense uint8 labels, written once on the
+    // device (scatter asserts on an out-of-range index as this kernel does). Padding puts 0
+    // on class 0 under amax, which changes nothing; duplicates stay 1. The indices are
+    // compared as int64: an int32 comparison would wrap an ignore_index past int32's range.
+    const auto index = positives_in.to(at::kLong);
+    const auto padding = index == ignore_index;
+    const auto dense = at::zeros(logits_in.sizes(), logits_in.options().dtype(at::kByte))
+                           .scatter_reduce_(-1, index.masked_fill(padding, 0),
+                                            padding.logical_not().to(at::kByte), "amax");
     return zlpr_cuda(logits_in, dense, compute_grad);
   }
   const auto logits = logits_in.contiguous();

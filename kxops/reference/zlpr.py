@@ -4,8 +4,12 @@ Per row (last dim = classes), logits ``s`` and targets ``t`` in [0, 1]::
 
     loss = log(1 + sum_j (1 - t_j) e^{s_j}) + log(1 + sum_j t_j e^{-s_j})
 
-``-inf`` logits are left out of both sums (zero gradient); NaN propagates; all math in fp32 or
-better. The input checks here are the contract that the compiled ops share.
+``-inf`` logits are left out of both sums (zero gradient); all math in fp32 or better; labels
+are constants. Each term ``w e^x`` is taken as ``e^{x + log w}``, which sets the rules for NaN
+and inf that the compiled ops follow: a NaN term makes its sum NaN (the gradient NaN at
+every class in that sum, and only there); a ``+inf`` term makes it ``+inf`` (gradient 0 at the
+finite terms, NaN at the infinite ones). A NaN label is in both sums. The input checks here are
+the contract that the compiled ops share.
 """
 
 import torch
@@ -37,7 +41,7 @@ def check_zlpr_inputs(logits, labels, reduction):
     check_reduction(reduction)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
-    if labels.is_complex():
+    if labels.is_complex() or labels.is_quantized or labels.dtype == torch.float4_e2m1fn_x2:
         raise TypeError(f"labels must be bool, integer or floating point, got {labels.dtype}")
     if labels.shape != logits.shape:
         raise ValueError(
@@ -60,6 +64,8 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
                         f"{positives.dtype}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if positives.dim() != logits.dim() or positives.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"positives shape {tuple(positives.shape)} must be logits.shape[:-1] + (P,) = "
@@ -74,8 +80,8 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
 
 def check_positives_in_range(positives, ignore_index, num_classes):
     """Every index that is not ignore_index must lie in [0, num_classes). Syncs on CUDA."""
-    valid = positives != ignore_index
-    bad = valid & ((positives < 0) | (positives >= num_classes))
+    positives = positives.long()  # as in positives_to_dense
+    bad = (positives != ignore_index) & ((positives < 0) | (positives >= num_classes))
     if bool(bad.any()):
         value = positives[bad][0].item()
         raise IndexError(
@@ -93,21 +99,35 @@ def reduce_loss(row_loss, reduction, dtype):
     return row_loss.to(dtype)
 
 
+def log_one_plus_sum_exp(x, log_w, keep):
+    """``log(1 + sum_j w_j e^{x_j})`` over the last dim, for the terms where ``keep`` is set.
+
+    Stable for any terms: the largest finite kept ``x`` (at least the 0 of the "1 +") is
+    factored out before the weights enter, as ``(x - top) + log w``, so huge or tied logits keep
+    their weights; ``top`` is held constant (the value does not depend on it), so autograd's
+    gradient ``w e^{x - top} / sum`` is exact (``logsumexp``'s backward, ``exp(term - result)``,
+    rounds ties away). A +inf term makes the sum +inf (gradient 0 at the finite terms, NaN at
+    the infinite ones); a NaN term makes it NaN (gradient NaN at every kept term).
+    """
+    finite = torch.where(keep & torch.isfinite(x), x, 0)
+    top = torch.cat([x.new_zeros((*x.shape[:-1], 1)), finite], -1).amax(-1, keepdim=True).detach()
+    terms = torch.where(keep, (x - top) + log_w, -torch.inf)
+    total = torch.exp(-top) + torch.exp(terms).sum(-1, keepdim=True)
+    return (top + torch.log(total)).squeeze(-1)
+
+
 def zlpr_row_loss(logits, labels):
-    """Per-row loss in fp32/fp64, shape ``logits.shape[:-1]``."""
+    """Per-row loss in fp32/fp64, shape ``logits.shape[:-1]``. Labels are constants."""
     acc = opmath_dtype(logits.dtype)
     s = logits.to(acc)
     t = labels.detach().to(acc)
     masked = torch.isneginf(s)
-    neg_inf = torch.full_like(s, -torch.inf)
-    # log of each term of the two sums; -inf drops a term (masked logit or zero weight).
-    log_neg = torch.where(masked | (t >= 1), neg_inf, s + torch.log1p(-t))
-    log_pos = torch.where(masked | (t <= 0), neg_inf, torch.log(t) - s)
-    # The explicit 0 column is the "1 +": it also keeps logsumexp finite (and its gradient
-    # defined) for rows whose terms are all -inf.
-    zero = s.new_zeros((*s.shape[:-1], 1))
-    return (torch.logsumexp(torch.cat([zero, log_neg], -1), -1)
-            + torch.logsumexp(torch.cat([zero, log_pos], -1), -1))
+    # A class is left out of a sum when its logit is masked or its label leaves it out
+    # (t >= 1: no negative weight, t <= 0: no positive weight); a NaN label stays in both.
+    negatives = ~(masked | (t >= 1))
+    positives = ~(masked | (t <= 0))
+    return (log_one_plus_sum_exp(s, torch.log1p(-t), negatives)
+            + log_one_plus_sum_exp(-s, torch.log(t), positives))
 
 
 def zlpr_loss(logits, labels, *, reduction="mean"):
@@ -118,9 +138,9 @@ def zlpr_loss(logits, labels, *, reduction="mean"):
 
 def positives_to_dense(positives, ignore_index, num_classes):
     """Bool labels [..., C] from class indices [..., P]; duplicates count once."""
-    valid = positives != ignore_index
+    index = positives.long()  # int64 before comparing: an int32 comparison would wrap ignore_index
     # Padding goes to an extra column that is then dropped.
-    index = torch.where(valid, positives.long(), num_classes)
+    index = torch.where(index == ignore_index, num_classes, index)
     dense = torch.zeros((*positives.shape[:-1], num_classes + 1), dtype=torch.bool,
                         device=positives.device)
     dense.scatter_(-1, index, True)
