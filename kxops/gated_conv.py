@@ -16,24 +16,39 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
     pre-activation gets dropout ``drop_gate`` when ``training``. ``r`` is ``x`` or, when
     ``residual_weight`` ``[out, in, 1]`` is given, its 1x1 projection; ``residual=False`` gives
     ``h*s*m``. Returns ``[batch, time, out]``.
+
+    A float ``mask`` that requires grad, and ``torch.func`` transforms, run the reference (the
+    compiled op differentiates neither); second-order gradients are not supported.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         # A convolution under autocast runs in the autocast dtype, as nn.Conv1d would.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, residual_weight, residual_bias = (
             None if t is None else t.to(dtype)
             for t in (x, weight, bias, residual_weight, residual_bias))
-    out_channels = ref.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate,
-                                               residual, residual_weight, residual_bias)
-    drop_gate = float(drop_gate)
+    out_channels, dilation, drop_gate = ref.check_gated_conv_inputs(
+        x, weight, bias, mask, dilation, drop_gate, residual, residual_weight, residual_bias)
     keep = ref.gate_keep_mask(x, out_channels, drop_gate) if training and drop_gate > 0 else None
-    if mask is not None:
-        mask = mask.to(x.dtype)
     args = (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
             residual)
-    if _ext.has_kernel("gated_conv", x.device):
-        return torch.ops.kxops.gated_conv(*args)[0]
-    return ref.gated_conv_from_keep(*args)
+    mask_needs_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+    if (not _ext.has_kernel("gated_conv", x.device) or mask_needs_grad
+            or _under_functorch()):
+        return ref.gated_conv_from_keep(*args)
+    if mask is not None:
+        mask = mask.to(x.dtype)
+    return torch.ops.kxops.gated_conv(x, weight, bias, mask, *args[4:])[0]
+
+
+def _autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (meta, ...).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _under_functorch():
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active: the op's autograd, made
+    by torch.library, does not support them, the reference's pure PyTorch does."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _empty_grad_unless(present, like, shape):
@@ -65,6 +80,10 @@ if _ext.LOADED:
     def _setup_context(ctx, inputs, output):
         (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
          residual) = inputs
+        if mask is not None and mask.requires_grad:  # rather than silently no gradient
+            raise NotImplementedError(
+                "kxops::gated_conv does not differentiate mask; pass mask.detach(), or call "
+                "kxops.dilated_gated_conv1d, which computes the mask's gradient")
         ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight, residual_bias)
         # z is internal and never gets a gradient: without this, autograd would pass the
         # backward an activation-sized tensor of zeros for it, filled on every call.
@@ -84,3 +103,13 @@ if _ext.LOADED:
                 grad_rb if residual_bias is not None else None, None, None, None)
 
     torch.library.register_autograd("kxops::gated_conv", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            "kxops.dilated_gated_conv1d does not support double backward (second-order "
+            "gradients); use kxops.reference.dilated_gated_conv1d for them")
+
+    # Registered so that differentiating the gradients fails with this message rather than a
+    # confusing one from inside the kernel.
+    torch.library.register_autograd("kxops::gated_conv_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)

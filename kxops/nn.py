@@ -1,11 +1,13 @@
 """Modules over the kxops ops: DilatedGatedConv1d, DGCNN, ZLPRLoss, SparseZLPRLoss."""
 
 import math
+import operator
 
 import torch
 from torch import nn
 
 from kxops.gated_conv import dilated_gated_conv1d
+from kxops.reference.gated_conv import check_dilation, check_drop_gate
 from kxops.zlpr import sparse_zlpr_loss, zlpr_loss
 
 __all__ = ["DGCNN", "DilatedGatedConv1d", "SparseZLPRLoss", "ZLPRLoss"]
@@ -34,15 +36,15 @@ class DilatedGatedConv1d(nn.Module):
                  drop_gate=0.0, residual=True, bias=True, *, device=None, dtype=None):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
+        # Python ints from here on (NumPy integers accepted), so the shapes are plain ints.
+        in_channels, out_channels, kernel_size = (
+            operator.index(v) for v in (in_channels, out_channels, kernel_size))
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be >= 1, got in={in_channels}, out={out_channels}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd for a 'same' convolution, got "
                              f"{kernel_size}")
-        if dilation < 1:
-            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
-        if not 0.0 <= drop_gate <= 1.0:
-            raise ValueError(f"drop_gate must be in [0, 1], got {drop_gate!r}")
+        dilation, drop_gate = check_dilation(dilation), check_drop_gate(drop_gate)
         factory = dict(device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.dilation = kernel_size, dilation

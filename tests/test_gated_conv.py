@@ -1,8 +1,10 @@
 """Dilated gated convolution: the reference against first principles, modules, bad inputs, and
 the compiled ops against the reference wherever a kernel is registered."""
 
+import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,38 @@ import kxops
 from kxops import _ext
 from kxops.reference import gated_conv as ref
 from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
+from tests.utils import run_isolated
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """Full fp32 convolutions and matmuls (restored after): cuDNN runs fp32 convolutions in TF32
+    by default (about 5e-4 relative error), which the fp32 tolerances of the comparisons with
+    the reference could not absorb."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def full_fp32():
+    with tf32_off():
+        yield
+
+
+def test_tf32_off_pins_and_restores():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with tf32_off():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def block_by_loops(x, weight, bias, mask, keep, drop_gate, residual_weight, residual_bias,
@@ -234,6 +268,7 @@ def needs_kernel(device):
         pytest.skip(f"no compiled kxops::gated_conv kernel for {device} yet")
 
 
+@pytest.mark.usefixtures("full_fp32")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dilation, k, mode", [(1, 3, "identity"), (2, 5, "projection"),
                                                (5, 3, "no_residual")])
@@ -278,6 +313,7 @@ def test_opcheck(device):
                           (x, weight, bias, mask.float(), keep, rw, rb, 2, 0.2, True))
 
 
+@pytest.mark.usefixtures("full_fp32")
 @pytest.mark.parametrize("channels", [16, 128])
 @pytest.mark.parametrize("mode", ["identity", "projection", "no_residual"])
 def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
@@ -305,6 +341,7 @@ def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
         assert results[0][1][~mask].eq(0).all()
 
 
+@pytest.mark.usefixtures("full_fp32")
 @pytest.mark.parametrize("batch, time, k, dilation", [
     (2, 3, 5, 1), (2, 3, 5, 5),  # a dilation whose taps reach past both ends of T = 3
     (3, 6, 1, 1),                # one tap: no padding, no gaps between sequences
@@ -354,3 +391,304 @@ def test_cuda_more_than_2_pow_31_elements():
         del x_in, y, grad_x
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+# --- the ops called directly: every argument checked before memory is touched ---------------
+
+# Each case: (op, changes to the valid arguments below as Python source, error, message).
+_OP_CASES = [
+    ("gated_conv", "{}", None, ""),
+    ("gated_conv_backward", "{}", None, ""),
+    ("gated_conv", "dict(x=torch.ones(2, 5, 3, dtype=torch.long))", "TypeError", "x must be"),
+    ("gated_conv", "dict(x=torch.randn(10, 3))", "ValueError", r"x must be \[batch"),
+    ("gated_conv", "dict(weight=W.double())", "TypeError", "weight has dtype"),
+    ("gated_conv", "dict(weight=torch.randn(8, 4, 3))", "ValueError", "weight must be"),
+    ("gated_conv", "dict(weight=torch.randn(8, 3))", "ValueError", "weight must be"),
+    ("gated_conv", "dict(weight=torch.randn(7, 3, 3))", "ValueError", r"2\*out"),
+    ("gated_conv", "dict(weight=torch.randn(0, 3, 3), residual_weight=None, "
+     "residual_bias=None, gate_keep=None, residual=False)", "ValueError", r"2\*out"),
+    ("gated_conv", "dict(weight=torch.randn(8, 3, 2))", "ValueError", "kernel size must be odd"),
+    ("gated_conv", "dict(bias=torch.randn(7))", "ValueError", "bias must be"),
+    ("gated_conv", "dict(bias=torch.randn(8, 1))", "ValueError", "bias must be"),
+    ("gated_conv", "dict(bias=torch.randn(8, dtype=torch.float16))", "TypeError",
+     "bias has dtype"),
+    ("gated_conv", "dict(mask=torch.ones(2, 4))", "ValueError", "mask must be"),
+    ("gated_conv", "dict(mask=torch.ones(2, 5, dtype=torch.bool))", "TypeError",
+     "mask has dtype"),
+    ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 4))", "TypeError", "gate_keep must be bool"),
+    ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 3, dtype=torch.bool))", "ValueError",
+     "gate_keep must be"),
+    ("gated_conv", "dict(residual_weight=torch.randn(4, 3, 2))", "ValueError",
+     "residual_weight must be"),
+    ("gated_conv", "dict(residual_weight=torch.randn(3, 3, 1))", "ValueError",
+     "residual_weight must be"),
+    ("gated_conv", "dict(residual_weight=RW.double())", "TypeError", "residual_weight has dtype"),
+    ("gated_conv", "dict(residual_weight=None, residual_bias=None)", "ValueError",
+     "needs residual_weight"),
+    ("gated_conv", "dict(residual_weight=None)", "ValueError", "needs residual_weight"),
+    ("gated_conv", "dict(residual=False)", "ValueError", "residual is False"),
+    ("gated_conv", "dict(residual_bias=torch.randn(3))", "ValueError", "residual_bias must be"),
+    ("gated_conv", "dict(residual_bias=RB.double())", "TypeError", "residual_bias has dtype"),
+    ("gated_conv", "dict(dilation=0)", "ValueError", "dilation must be"),
+    ("gated_conv", "dict(dilation=-2**62)", "ValueError", "dilation must be"),
+    ("gated_conv", "dict(drop_gate=1.5)", "ValueError", "drop_gate must be"),
+    ("gated_conv", "dict(drop_gate=-0.1)", "ValueError", "drop_gate must be"),
+    ("gated_conv", "dict(drop_gate=float('nan'))", "ValueError", "drop_gate must be"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(2, 5, 3))", "ValueError",
+     "grad_y must be"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(2, 4, 4))", "ValueError",
+     "grad_y must be"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(1, 5, 4))", "ValueError",
+     "grad_y must be"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(40))", "ValueError", "grad_y must be"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(2, 5, 4, dtype=torch.float64))",
+     "TypeError", "grad_y has dtype"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 6))", "ValueError", "z must be"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 3, 8))", "ValueError", "z must be"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 8, dtype=torch.float64))", "TypeError",
+     "z has dtype"),
+    ("gated_conv_backward", "dict(x=torch.randn(2, 5, 4))", "ValueError", "weight must be"),
+    ("gated_conv_backward", "dict(weight=torch.randn(8, 3, 4))", "ValueError",
+     "kernel size must be odd"),
+    ("gated_conv_backward", "dict(mask=torch.ones(5, 2))", "ValueError", "mask must be"),
+    ("gated_conv_backward", "dict(gate_keep=torch.ones(2, 5, 8, dtype=torch.bool))",
+     "ValueError", "gate_keep must be"),
+    ("gated_conv_backward", "dict(residual_weight=torch.randn(4, 2, 1))", "ValueError",
+     "residual_weight must be"),
+    ("gated_conv_backward", "dict(residual_weight=None, residual_bias=None)", "ValueError",
+     "needs residual_weight"),
+    ("gated_conv_backward", "dict(residual=False)", "ValueError", "residual is False"),
+    ("gated_conv_backward", "dict(residual_bias=torch.randn(5))", "ValueError",
+     "residual_bias must be"),
+    ("gated_conv_backward", "dict(dilation=0)", "ValueError", "dilation must be"),
+    ("gated_conv_backward", "dict(drop_gate=2.0)", "ValueError", "drop_gate must be"),
+]
+
+_OP_SCRIPT = """
+import re, sys, torch, kxops
+torch.manual_seed(0)
+X, W, B = torch.randn(2, 5, 3), torch.randn(8, 3, 3), torch.randn(8)
+RW, RB = torch.randn(4, 3, 1), torch.randn(4)
+common = dict(mask=torch.ones(2, 5), gate_keep=torch.rand(2, 5, 4) > 0.5, residual_weight=RW,
+              residual_bias=RB)
+forward = dict(x=X, weight=W, bias=B, **common, dilation=2, drop_gate=0.1, residual=True)
+backward = dict(grad_y=torch.randn(2, 5, 4), x=X, z=torch.randn(2, 5, 8), weight=W, **common,
+                has_bias=True, dilation=2, drop_gate=0.1, residual=True)
+for i, (op, changes, error, match) in enumerate(CASES):
+    args = dict(forward if op == "gated_conv" else backward, **eval(changes))
+    print("case", i, op, changes, flush=True)  # the last line printed names a crashing case
+    try:
+        results = getattr(torch.ops.kxops, op)(*args.values())
+        got = "ok" if all(r.isfinite().all() for r in results) else "not finite"
+    except Exception as e:
+        got = type(e).__name__ + ": " + str(e).splitlines()[0]
+    want_ok = error is None
+    if want_ok != (got == "ok") or not want_ok and not (
+            got.startswith(error + ":") and re.search(match, got)):
+        print("MISMATCH", i, op, changes, "wanted", error, match, "got", got)
+print("done")
+"""
+
+
+def test_ops_check_every_argument_before_touching_memory():
+    """torch.ops.kxops.gated_conv(_backward) called directly with one wrong argument at a time
+    (shapes the wrapper would reject): a named error of the wrapper's type, never a crash or a
+    garbage result. One subprocess for all cases, so that a crash fails the test, naming its
+    case, instead of killing the session."""
+    needs_kernel("cpu")
+    result = run_isolated(f"CASES = {_OP_CASES!r}\n" + _OP_SCRIPT)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("done"), (
+        result.stdout[-3000:], result.stderr[-3000:])
+    assert "MISMATCH" not in result.stdout, [
+        line for line in result.stdout.splitlines() if line.startswith("MISMATCH")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_op_device_mismatch():
+    needs_kernel("cuda")
+    x, weight, bias, _, _, _ = make_inputs(dtype=torch.float32, device="cuda")
+    for name, t in (("weight", weight.cpu()), ("bias", bias.cpu())):
+        args = dict(weight=weight, bias=bias, **{name: t})
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
+            torch.ops.kxops.gated_conv(x, args["weight"], args["bias"], None, None, None, None,
+                                       1, 0.0, True)
+
+
+def test_any_dilation_costs_no_more_than_reaching_past_both_ends():
+    """A dilation far past the sequence (2^62 to the op, 2^62 and NumPy ints to the wrapper)
+    applies the centre tap only, in bounded memory; the other taps get zero gradient."""
+    needs_kernel("cpu")
+    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 3, 5, dtype=torch.float64, requires_grad=True)
+    expected = kxops.reference.dilated_gated_conv1d(x, weight, residual=False, dilation=6)
+    centre_only = kxops.reference.dilated_gated_conv1d(x, weight[..., 2:3], residual=False)
+    assert_close(expected, centre_only)
+    grad_expected = torch.autograd.grad(expected.sum(), (x, weight))
+    for dilation in (6, 2**62, np.int64(2**62)):
+        y, _ = torch.ops.kxops.gated_conv(x, weight, None, None, None, None, None,
+                                          int(dilation), 0.0, False)
+        assert_close(y, expected)
+        y = kxops.dilated_gated_conv1d(x, weight, residual=False, dilation=dilation)
+        assert_close(y, expected)
+        grads = torch.autograd.grad(y.sum(), (x, weight))
+        for got, want in zip(grads, grad_expected):
+            assert_close(got, want)
+        assert grads[1][..., [0, 1, 3, 4]].eq(0).all()
+    with pytest.raises(ValueError, match="at most 2\\*\\*63 - 1"):
+        kxops.dilated_gated_conv1d(x, weight, residual=False, dilation=2**64)
+
+
+# --- NaN and inf ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("source", ["bias", "weight", "input"])
+def test_nan_in_the_gate_is_nan_out(device, dtype, source):
+    """NaN in the gate half of z reaches y in every channel (the CPU vector path used to turn
+    it into a finite gate, giving y == x), as in the reference; ±inf gates give the limits."""
+    needs_kernel(device)
+    out = 20  # two 8-lane fp32 vectors and a scalar tail on CPU
+    x = torch.randn(2, 4, out, dtype=dtype, device=device)
+    weight = (torch.randn(2 * out, out, 3, device=device) / 10).to(dtype)
+    bias = torch.zeros(2 * out, dtype=dtype, device=device)
+    if source == "bias":
+        bias[out:] = float("nan")
+    elif source == "weight":
+        weight[out:, 0, 1] = float("nan")
+    else:  # NaN input through a gate-only channel: the value half ignores channel 0
+        weight[:out, 0] = 0
+        x[1, 2, 0] = float("nan")
+    y = kxops.dilated_gated_conv1d(x, weight, bias)
+    expected = kxops.reference.dilated_gated_conv1d(x, weight, bias)
+    assert expected.isnan().any()
+    assert torch.equal(y.isnan(), expected.isnan())
+    for limit in (float("inf"), -float("inf")):
+        bias[out:] = limit
+        y = kxops.dilated_gated_conv1d(x, weight, bias)
+        expected = kxops.reference.dilated_gated_conv1d(x, weight, bias)
+        assert torch.equal(y.isnan(), expected.isnan())
+
+
+# --- gradients the op does not compute, transforms, argument types --------------------------
+
+def test_float_mask_that_requires_grad_gets_the_reference_gradient():
+    x, weight, bias, mask, _, _ = make_inputs()
+    soft = (mask.double() * torch.rand(2, 7, dtype=torch.float64)).requires_grad_()
+    grads = []
+    for fn in (kxops.dilated_gated_conv1d, kxops.reference.dilated_gated_conv1d):
+        y = fn(x, weight, bias, soft, dilation=2)
+        grads.append(torch.autograd.grad(y.square().sum(), soft)[0])
+    assert_close(*grads)
+    assert grads[0].abs().sum() > 0
+    torch.autograd.gradcheck(lambda m: kxops.dilated_gated_conv1d(x, weight, bias, m), (soft,))
+
+
+def test_op_refuses_a_mask_it_cannot_differentiate():
+    needs_kernel("cpu")
+    x, weight, bias, mask, _, _ = make_inputs()
+    soft = mask.double().requires_grad_()
+    with pytest.raises(NotImplementedError, match="does not differentiate mask"):
+        torch.ops.kxops.gated_conv(x, weight, bias, soft, None, None, None, 1, 0.0, True)
+
+
+def test_double_backward_says_it_is_unsupported():
+    needs_kernel("cpu")
+    x, weight, bias, mask, _, _ = make_inputs()
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    y = kxops.dilated_gated_conv1d(x, weight, bias, mask)
+    grad_x, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="does not support double backward"):
+        grad_x.sum().backward()
+
+
+def test_torch_func_grad_and_vmap():
+    x, weight, bias, mask, _, _ = make_inputs()
+
+    def loss(w, fn):
+        return fn(x, w, bias, mask, dilation=2).square().sum()
+
+    got = torch.func.grad(loss)(weight, kxops.dilated_gated_conv1d)
+    want = torch.func.grad(loss)(weight, kxops.reference.dilated_gated_conv1d)
+    assert_close(got, want)
+    batched = torch.func.vmap(lambda xi: kxops.dilated_gated_conv1d(xi[None], weight, bias)[0])
+    assert_close(batched(x), kxops.reference.dilated_gated_conv1d(x, weight, bias))
+
+
+def test_residual_weight_without_residual_is_refused():
+    x, weight, bias, _, rw, rb = make_inputs(cout=4, projection=True)
+    for fn in (kxops.dilated_gated_conv1d, kxops.reference.dilated_gated_conv1d):
+        with pytest.raises(ValueError, match="residual=False"):
+            fn(x, weight, bias, residual=False, residual_weight=rw, residual_bias=rb)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("0.5", TypeError, "drop_gate must be a real number"),
+    (None, TypeError, "drop_gate must be a real number"),
+    (torch.tensor(0.5), TypeError, "drop_gate must be a real number"),
+    (True, TypeError, "drop_gate must be a real number"),
+    (float("nan"), ValueError, "drop_gate must be in"),
+])
+def test_drop_gate_must_be_a_real_number(value, error, message):
+    x, weight, bias, _, _, _ = make_inputs()
+    for fn in (kxops.dilated_gated_conv1d, kxops.reference.dilated_gated_conv1d):
+        with pytest.raises(error, match=message):
+            fn(x, weight, bias, drop_gate=value)
+    with pytest.raises(error, match=message):
+        kxops.nn.DilatedGatedConv1d(3, drop_gate=value)
+
+
+def test_integer_types_are_accepted():
+    x, weight, bias, mask, _, _ = make_inputs()
+    expected = kxops.reference.dilated_gated_conv1d(x, weight, bias, mask, dilation=2)
+    for dilation in (np.int64(2), np.int32(2), torch.tensor(2)):
+        assert_close(kxops.dilated_gated_conv1d(x, weight, bias, mask, dilation=dilation),
+                     expected)
+    for value in (1.0, 2.5, "2", True):
+        with pytest.raises(ValueError, match="dilation must be an int"):
+            kxops.dilated_gated_conv1d(x, weight, bias, mask, dilation=value)
+    block = kxops.nn.DilatedGatedConv1d(np.int64(3), np.int64(4), np.int64(3), np.int64(2),
+                                        np.float32(0.25), dtype=torch.float64)
+    assert type(block.dilation) is int and type(block.drop_gate) is float
+    assert block(x).shape == (2, 7, 4)
+
+
+def test_modules_on_the_meta_device():
+    """Built like nn.Conv1d on the meta device (factory kwarg or device context), run there,
+    then materialised."""
+    block = kxops.nn.DilatedGatedConv1d(4, 6, device="meta")
+    assert block.weight.is_meta and block.residual_weight.is_meta
+    assert block(torch.empty(2, 5, 4, device="meta")).shape == (2, 5, 6)
+    with torch.device("meta"):
+        model = kxops.nn.DGCNN(4, dilations=(1, 2))
+        assert model(torch.empty(2, 5, 4)).is_meta
+    assert all(p.is_meta for p in model.parameters())
+    block.to_empty(device="cpu")
+    block.reset_parameters()
+    assert block.weight.isfinite().all()
+    assert block(torch.randn(2, 5, 4)).isfinite().all()
+
+
+@pytest.mark.parametrize("mode", ["no_residual", "projection"])
+def test_reference_without_input_channels(device, mode):
+    """in_channels = 0: z is the bias alone (the reference used to crash); kernel and reference
+    agree, with gradients."""
+    x = torch.randn(2, 5, 0, dtype=torch.float64, device=device)
+    weight = torch.randn(6, 0, 3, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    rw, rb = (None, None) if mode == "no_residual" else (
+        torch.randn(3, 0, 1, dtype=torch.float64, device=device),
+        torch.randn(3, dtype=torch.float64, device=device, requires_grad=True))
+    kwargs = dict(residual=mode != "no_residual", residual_weight=rw, residual_bias=rb)
+    expected = kxops.reference.dilated_gated_conv1d(x, weight, bias, **kwargs)
+    if device.type == "cpu":
+        assert_close(expected, block_by_loops(x, weight.detach(), bias.detach(), None, None, 0.0,
+                                              rw, None if rb is None else rb.detach(), 1,
+                                              mode != "no_residual"))
+    params = [t for t in (weight, bias, rb) if t is not None]
+    grads = torch.autograd.grad(expected.sum(), params)
+    if _ext.has_kernel("gated_conv", device):
+        y = kxops.dilated_gated_conv1d(x, weight, bias, **kwargs)
+        assert_close(y, expected)
+        for got, want in zip(torch.autograd.grad(y.sum(), params), grads):
+            assert_close(got, want)

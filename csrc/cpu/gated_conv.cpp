@@ -11,6 +11,16 @@
 #include <vector>
 
 #include "cpu/vec_math.h"  // before gated_conv.h: its sigmoid() needs the vector overloads
+
+namespace kxops::gated_conv {
+// The vector overload of gated_conv.h's nan_or, declared before that header's sigmoid().
+template <typename T>
+at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
+                              const at::vec::Vectorized<T>& value) {
+  return at::vec::Vectorized<T>::blendv(value, x, x.isnan());
+}
+}  // namespace kxops::gated_conv
+
 #include "gated_conv.h"
 #include "gated_conv_op.h"
 
