@@ -1,4 +1,4 @@
-// AdaX / AdaX-W math shared by the CPU and CUDA kernels (DESIGN §2).
+// AdaX / AdaX-W math shared by the CPU and CUDA kernels (docs/design.md §2).
 //
 // The state keeps v_hat = v / B_t with B_t = (1 + beta2)^t - 1, so per step
 //   v_hat = (1 - beta2 / B_t) v_hat + (beta2 / B_t) g^2,   p -= lr m / (sqrt(v_hat) + eps / sqrt(B_t))
@@ -75,7 +75,7 @@ KXOPS_HOST_DEVICE void update(T& p, T g, T& m, T& v, const Constants<T>& c, bool
   if (l2) g = g + c.l2_wd * p;
   p = p * c.p_decay;
   m = m + c.one_minus_beta1 * (g - m);
-  v = v * c.v_decay + c.v_weight * (g * g);
+  v = v * c.v_decay + c.v_weight * g * g;  // (w g) g, as the loop's addcmul: g * g may overflow
   p = p - m / (square_root(v) + c.eps_term) * c.lr;
 }
 

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <map>
 #include <optional>
@@ -69,14 +70,17 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
                     "have the same length, got ", n, ", ", a.grads.size(), ", ",
                     a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.steps.size());
   const auto& h = a.hyper;
-  TORCH_CHECK_VALUE(!(h.beta1 < 0.0 || h.beta1 >= 1.0), "kxops.adax_: beta1 must be in [0, 1), got ",
+  TORCH_CHECK_VALUE(h.beta1 >= 0.0 && h.beta1 < 1.0, "kxops.adax_: beta1 must be in [0, 1), got ",
                     h.beta1);
-  // 1/B_t needs a positive, finite beta2 (beta2 = 0 would give 1/0).
-  TORCH_CHECK_VALUE(h.beta2 > 0.0 && std::isfinite(h.beta2),
-                    "kxops.adax_: beta2 must be positive and finite, got ", h.beta2);
-  TORCH_CHECK_VALUE(!(h.eps < 0.0), "kxops.adax_: eps must be >= 0, got ", h.eps);
-  TORCH_CHECK_VALUE(!(h.weight_decay < 0.0), "kxops.adax_: weight_decay must be >= 0, got ",
-                    h.weight_decay);
+  // 1/B_t needs a finite beta2 whose reciprocal is finite (1/B_1 = 1/beta2).
+  TORCH_CHECK_VALUE(h.beta2 >= DBL_MIN && std::isfinite(h.beta2),
+                    "kxops.adax_: beta2 must be positive (at least ", DBL_MIN,
+                    ") and finite, got ", h.beta2);
+  for (const auto& [name, value] : {std::pair{"lr", h.lr}, std::pair{"eps", h.eps},
+                                    std::pair{"weight_decay", h.weight_decay}}) {
+    TORCH_CHECK_VALUE(value >= 0.0 && std::isfinite(value), "kxops.adax_: ", name,
+                      " must be finite and >= 0, got ", value);
+  }
   if (n == 0) return;
   const auto device = a.params[0].device();
   TORCH_CHECK(device.type() == device_type, "kxops.adax_: params[0] is on ", device,
@@ -86,8 +90,10 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     const auto type = p.scalar_type();
     TORCH_CHECK(p.layout() == at::kStrided, "kxops.adax_: params[", i,
                 "] must be a dense (strided) tensor, got layout ", p.layout());
-    TORCH_CHECK_TYPE(at::isFloatingType(type), "kxops.adax_: params[", i,
-                     "] must be a floating-point tensor, got ", type,
+    TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                         type == at::kBFloat16,
+                     "kxops.adax_: params[", i,
+                     "] must be float32, float64, float16 or bfloat16, got ", type,
                      " (step complex params as torch.view_as_real)");
     TORCH_CHECK(p.device() == device, "kxops.adax_: params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; call the op once per device");
@@ -127,26 +133,44 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
   check_scalar_tensor(a.found_inf, "found_inf", device);
 }
 
-// Splits the tensors into rounds in which no param, state or step appears twice (the same
-// param twice in a list), keeping each tensor's occurrences in order: round by round, a
-// duplicate is stepped as often, and in the same order, as the per-param loop steps it.
+// The bytes a tensor's elements span in its storage, [begin, end); nothing for an empty one.
+struct Span {
+  const void* storage;
+  int64_t begin, end;
+};
+
+inline std::optional<Span> span_of(const at::Tensor& t) {
+  if (t.numel() == 0) return std::nullopt;
+  int64_t low = t.storage_offset(), high = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t extent = (t.size(d) - 1) * t.stride(d);
+    (extent < 0 ? low : high) += extent;
+  }
+  return Span{t.storage().data(), low * t.element_size(), (high + 1) * t.element_size()};
+}
+
+// Splits the tensors into rounds in which no two written tensors (param, state, step) share
+// memory — the same param twice, or views of one buffer whose spans meet — keeping each
+// tensor's occurrences in order: round by round, memory shared by several entries is updated
+// as often, and in the same order, as the per-param loop updates it.
 inline std::vector<std::vector<size_t>> rounds(const Arguments& a) {
   const size_t n = a.params.size();
-  std::unordered_map<const void*, size_t> next_round;
+  // Per storage: the spans written so far and the first round after each.
+  std::unordered_map<const void*, std::vector<std::pair<Span, size_t>>> written;
   std::vector<size_t> round_of(n);
   size_t count = n == 0 ? 0 : 1;
   for (size_t i = 0; i < n; ++i) {
-    const void* keys[] = {a.params[i].const_data_ptr(), a.exp_avgs[i].const_data_ptr(),
-                          a.exp_avg_sqs[i].const_data_ptr(), a.steps[i].const_data_ptr()};
+    std::vector<Span> spans;
+    for (const auto* t : {&a.params[i], &a.exp_avgs[i], &a.exp_avg_sqs[i], &a.steps[i]}) {
+      if (const auto span = span_of(*t)) spans.push_back(*span);
+    }
     size_t r = 0;
-    for (const void* key : keys) {
-      if (key == nullptr) continue;  // empty tensors own no memory
-      const auto found = next_round.find(key);
-      if (found != next_round.end()) r = std::max(r, found->second);
+    for (const auto& span : spans) {
+      for (const auto& [other, next] : written[span.storage]) {
+        if (span.begin < other.end && other.begin < span.end) r = std::max(r, next);
+      }
     }
-    for (const void* key : keys) {
-      if (key != nullptr) next_round[key] = r + 1;
-    }
+    for (const auto& span : spans) written[span.storage].emplace_back(span, r + 1);
     round_of[i] = r;
     count = std::max(count, r + 1);
   }

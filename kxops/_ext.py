@@ -100,6 +100,19 @@ def block_has_kernels(block: str, device_type: str) -> bool:
     return all((op, device_type) in KERNELS for op in BLOCK_OPS[block])
 
 
+def check_devices(op: str, anchor_name: str, anchor, **tensors) -> None:
+    """The fake (meta) kernels run for every call with a meta tensor among its arguments, so a
+    mix of meta and real tensors reaches them: they refuse it as the C++ kernels' device check
+    does, instead of returning empty tensors. Lists of tensors are checked element by element."""
+    for name, value in tensors.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(items):
+            if isinstance(t, torch.Tensor) and t.device != anchor.device:
+                label = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise RuntimeError(f"kxops.{op}: {label} is on {t.device} but {anchor_name} is "
+                                   f"on {anchor.device}; put all inputs on one device")
+
+
 def build_info() -> dict:
     """How the loaded binary was built, parsed from kxops::_build_info()."""
     if not LOADED:

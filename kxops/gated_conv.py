@@ -20,8 +20,10 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
     A float ``mask`` that requires grad, and ``torch.func`` transforms, run the reference (the
     compiled op differentiates neither); second-order gradients are not supported.
     """
-    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
-        # A convolution under autocast runs in the autocast dtype, as nn.Conv1d would.
+    if (isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type)
+            and x.is_floating_point() and x.dtype != torch.float64):
+        # A convolution under autocast runs in the autocast dtype, as nn.Conv1d would (float64
+        # is left alone, as autocast leaves it).
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, residual_weight, residual_bias = (
             None if t is None else t.to(dtype)
@@ -60,6 +62,11 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::gated_conv")
     def _gated_conv_fake(x, weight, bias, mask, gate_keep, residual_weight, residual_bias,
                          dilation, drop_gate, residual):
+        _ext.check_devices("gated_conv", "x", x, weight=weight, bias=bias, mask=mask,
+                           gate_keep=gate_keep, residual_weight=residual_weight,
+                           residual_bias=residual_bias)
+        ref.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
+                                    residual_weight, residual_bias)
         batch, time, _ = x.shape
         two_out = weight.shape[0]
         return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, time, two_out)
@@ -67,7 +74,17 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
                                   residual_bias, has_bias, dilation, drop_gate, residual):
+        _ext.check_devices("gated_conv_backward", "x", x, grad_y=grad_y, z=z, weight=weight,
+                           mask=mask, gate_keep=gate_keep, residual_weight=residual_weight,
+                           residual_bias=residual_bias)
+        ref.check_gated_conv_inputs(x, weight, None, mask, dilation, drop_gate, residual,
+                                    residual_weight, residual_bias)
         out_channels = weight.shape[0] // 2
+        for name, t, shape in (("grad_y", grad_y, (*x.shape[:2], out_channels)),
+                               ("z", z, (*x.shape[:2], 2 * out_channels))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"kxops.gated_conv_backward: {name} must have shape {shape}, "
+                                 f"got {tuple(t.shape)}")
         return (
             x.new_empty(x.shape),  # the kernels return contiguous gradients
             weight.new_empty(weight.shape),

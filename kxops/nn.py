@@ -83,10 +83,12 @@ class DilatedGatedConv1d(nn.Module):
             block.weight.copy_(conv.weight)
             if conv.bias is not None:
                 block.bias.copy_(conv.bias)
-            if block.residual_weight is not None:
-                if residual_conv is None:
-                    raise ValueError(f"out_channels={out_channels} != in_channels="
-                                     f"{conv.in_channels}: pass residual_conv (1x1 nn.Conv1d)")
+            if block.residual_weight is None:
+                if residual_conv is not None:
+                    raise ValueError("residual_conv is given but the block has no projection "
+                                     f"(out_channels == in_channels or residual=False): {block}")
+            else:
+                check_residual_conv(residual_conv, block)
                 block.residual_weight.copy_(residual_conv.weight)
                 if block.residual_bias is not None:
                     block.residual_bias.copy_(residual_conv.bias)
@@ -102,6 +104,23 @@ class DilatedGatedConv1d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, drop_gate={self.drop_gate}, "
                 f"residual={self.residual}, bias={self.bias is not None}")
+
+
+def check_residual_conv(residual_conv, block):
+    """The 1x1 projection that from_conv1d copies: its shape, and a bias exactly when the
+    block has one (the block's residual bias follows the conv's bias)."""
+    if residual_conv is None:
+        raise ValueError(f"out_channels={block.out_channels} != in_channels="
+                         f"{block.in_channels}: pass residual_conv (1x1 nn.Conv1d)")
+    want = (block.out_channels, block.in_channels, 1)
+    if tuple(residual_conv.weight.shape) != want:
+        raise ValueError(f"residual_conv must be nn.Conv1d({block.in_channels}, "
+                         f"{block.out_channels}, 1), got weight shape "
+                         f"{tuple(residual_conv.weight.shape)}")
+    if (residual_conv.bias is None) != (block.residual_bias is None):
+        raise ValueError("residual_conv must have a bias exactly when the conv has one "
+                         f"(conv bias: {block.residual_bias is not None}, residual_conv bias: "
+                         f"{residual_conv.bias is not None})")
 
 
 class DGCNN(nn.Module):

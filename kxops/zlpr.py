@@ -92,14 +92,23 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::zlpr")
     def _zlpr_fake(logits, labels, compute_grad):
+        _ext.check_devices("zlpr", "logits", logits, labels=labels)
+        if labels.shape != logits.shape:
+            raise ValueError(f"kxops.zlpr: labels must have the logits' shape "
+                             f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
         return _fake_forward(logits, compute_grad)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
     def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad):
+        _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
+        if positives.shape[:-1] != logits.shape[:-1]:
+            raise ValueError(f"kxops.sparse_zlpr: positives must be [*{tuple(logits.shape[:-1])}"
+                             f", P], got {tuple(positives.shape)}")
         return _fake_forward(logits, compute_grad)
 
     @torch.library.register_fake("kxops::zlpr_backward")
     def _zlpr_backward_fake(grad_loss, grad):
+        _ext.check_devices("zlpr_backward", "grad", grad, grad_loss=grad_loss)
         return torch.empty_like(grad)
 
     def _zlpr_backward(ctx, grad_loss, _grad_of_grad):

@@ -402,10 +402,13 @@ def test_fused_opcheck(device):
 # or arguments from good ones). Run in one child process: a crash shows as a failed run.
 BAD_OP_ARGUMENTS = [
     ("lengths", "ValueError", "same length", "g = g + g"),
-    ("long param", "TypeError", r"params\[1\] must be a floating-point tensor, got Long",
-     "p[1] = p[1].long()"),
-    ("complex param", "TypeError", r"params\[1\] must be a floating-point",
+    ("long param", "TypeError", r"params\[1\] must be float32, float64, float16 or bfloat16, "
+     "got Long", "p[1] = p[1].long()"),
+    ("complex param", "TypeError", r"params\[1\] must be float32",
      "p[1] = torch.zeros(4, dtype=torch.complex64); g[1] = g[1].to(torch.complex64)"),
+    # A float type the kernels do not dispatch: refused before the float32 tensor 0 is stepped.
+    ("float8 param", "TypeError", r"params\[1\] must be float32",
+     "p[1] = p[1].to(torch.float8_e4m3fn); g[1] = g[1].to(torch.float8_e4m3fn)"),
     ("grad dtype", "TypeError", r"grads\[1\] has dtype Double but must be Float",
      "g[1] = g[1].double()"),
     ("exp_avg dtype", "TypeError", r"exp_avgs\[1\] has dtype", "m[1] = m[1].double()"),
@@ -433,10 +436,18 @@ BAD_OP_ARGUMENTS = [
     ("found_inf dtype", "TypeError", "found_inf must be a floating-point tensor",
      "kw['found_inf'] = torch.tensor(True)"),
     ("beta1", "ValueError", "beta1 must be in", "kw['beta1'] = 1.0"),
-    ("beta2", "ValueError", "beta2 must be positive and finite", "kw['beta2'] = 0.0"),
-    ("beta2 inf", "ValueError", "beta2 must be positive and finite", "kw['beta2'] = math.inf"),
-    ("eps", "ValueError", "eps must be >= 0", "kw['eps'] = -1.0"),
-    ("weight_decay", "ValueError", "weight_decay must be >= 0", "kw['weight_decay'] = -1.0"),
+    ("beta1 nan", "ValueError", "beta1 must be in", "kw['beta1'] = math.nan"),
+    ("beta2", "ValueError", "beta2 must be positive", "kw['beta2'] = 0.0"),
+    ("beta2 inf", "ValueError", "beta2 must be positive", "kw['beta2'] = math.inf"),
+    ("beta2 subnormal", "ValueError", "beta2 must be positive", "kw['beta2'] = 1e-320"),
+    ("eps", "ValueError", "eps must be finite and >= 0", "kw['eps'] = -1.0"),
+    ("eps nan", "ValueError", "eps must be finite and >= 0", "kw['eps'] = math.nan"),
+    ("weight_decay", "ValueError", "weight_decay must be finite and >= 0",
+     "kw['weight_decay'] = -1.0"),
+    ("weight_decay inf", "ValueError", "weight_decay must be finite and >= 0",
+     "kw['weight_decay'] = math.inf"),
+    ("lr inf", "ValueError", "lr must be finite and >= 0", "kw['lr'] = math.inf"),
+    ("lr negative", "ValueError", "lr must be finite and >= 0", "kw['lr'] = -1e-3"),
 ]
 
 
@@ -670,6 +681,48 @@ def test_huge_gradient_stays_finite_on_every_path(path):
     loop_optimizer.step()
     assert torch.isfinite(p).all()
     assert_close(p.detach(), loop.detach())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_large_finite_gradient_keeps_the_loops_second_moment(path):
+    """w g g, not w (g g): g = 2e19 squares past float32's range, the loop's addcmul does not."""
+    flags = path_flags(path)
+
+    def run(flags):
+        p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        optimizer = kxops.optim.AdaX([p], **flags)
+        for g in (1.0, 1.0, 2e19):
+            p.grad = torch.tensor([g, 1.0])
+            optimizer.step()
+        return p.detach(), optimizer.state[p]["exp_avg_sq"]
+
+    (p, v), (loop_p, loop_v) = run(flags), run(PATHS["loop"])
+    assert torch.isfinite(v).all(), v
+    assert_close(v, loop_v)
+    assert_close(p, loop_p)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_overlapping_views_of_one_buffer_step_as_the_loop(path):
+    """Params that are views of one buffer whose memory meets (one strided) are updated in the
+    loop's order; the fused step used to drop one update through its dense working copy."""
+    flags = path_flags(path)
+
+    def run(flags):
+        buffer = torch.zeros(8)
+        first, second = buffer[1::2], buffer[0:4]
+        optimizer = kxops.optim.AdaX([first, second], lr=1e-2, **flags)
+        first.grad, second.grad = torch.ones(4), -torch.ones(4)
+        for _ in range(2):
+            optimizer.step()
+        return buffer
+
+    assert_close(run(flags), run(PATHS["loop"]))
+
+
+def test_beta2_whose_reciprocal_overflows_is_refused():
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        kxops.optim.AdaX([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1e-320))
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -692,3 +692,39 @@ def test_reference_without_input_channels(device, mode):
         assert_close(y, expected)
         for got, want in zip(torch.autograd.grad(y.sum(), params), grads):
             assert_close(got, want)
+
+
+def test_op_with_one_meta_tensor_is_refused():
+    """A meta tensor among real ones sends the call to the fake kernel: it must refuse the mix
+    (it used to return uninitialised CPU memory), and check the arguments as the kernel does."""
+    x, w = torch.randn(2, 5, 4), torch.randn(8, 4, 3)
+    with pytest.raises(RuntimeError, match="weight is on meta but x is on cpu"):
+        torch.ops.kxops.gated_conv(x, w.to("meta"), None, None, None, None, None, 1, 0.0, True)
+    with pytest.raises(RuntimeError, match="grad_y is on meta but x is on cpu"):
+        torch.ops.kxops.gated_conv_backward(torch.randn(2, 5, 4, device="meta"), x,
+                                            torch.randn(2, 5, 8), w, None, None, None, None,
+                                            False, 1, 0.0, True)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        torch.ops.kxops.gated_conv(x.to("meta"), torch.randn(8, 4, 2, device="meta"), None,
+                                   None, None, None, None, 1, 0.0, True)
+
+
+def test_autocast_leaves_float64_alone():
+    x, w, b = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(8, 4, 3,
+                                                                      dtype=torch.float64), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kxops.dilated_gated_conv1d(x, w, b)
+    assert y.dtype == torch.float64
+    assert_close(y, kxops.reference.dilated_gated_conv1d(x, w, b))
+
+
+def test_from_conv1d_checks_the_residual_conv():
+    conv = nn.Conv1d(4, 6, 3, padding=1)
+    with pytest.raises(ValueError, match=r"residual_conv must be nn.Conv1d\(4, 3, 1\)"):
+        kxops.nn.DilatedGatedConv1d.from_conv1d(conv, residual_conv=nn.Conv1d(1, 3, 1))
+    with pytest.raises(ValueError, match="bias exactly when the conv has one"):
+        kxops.nn.DilatedGatedConv1d.from_conv1d(conv, residual_conv=nn.Conv1d(4, 3, 1,
+                                                                              bias=False))
+    with pytest.raises(ValueError, match="has no projection"):
+        kxops.nn.DilatedGatedConv1d.from_conv1d(nn.Conv1d(4, 8, 3, padding=1),
+                                                residual_conv=nn.Conv1d(4, 4, 1))

@@ -706,3 +706,15 @@ def test_torch_func_grad_and_vmap():
         assert_close(torch.func.grad(loss_fn)(logits), torch.func.grad(ref_fn)(logits))
     per_row = torch.func.vmap(lambda s, t: kxops.zlpr_loss(s, t, reduction="sum"))
     assert_close(per_row(logits, labels), ref.zlpr_loss(logits, labels, reduction="none"))
+
+
+def test_ops_with_one_meta_tensor_are_refused():
+    """A meta tensor among real ones reaches the fake kernels, which refuse the mix."""
+    logits = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="labels is on meta but logits is on cpu"):
+        torch.ops.kxops.zlpr(logits, torch.zeros(3, 5, device="meta"), True)
+    with pytest.raises(RuntimeError, match="positives is on meta but logits is on cpu"):
+        torch.ops.kxops.sparse_zlpr(logits, torch.zeros(3, 2, dtype=torch.long, device="meta"),
+                                    -1, True)
+    with pytest.raises(RuntimeError, match="grad_loss is on meta but grad is on cpu"):
+        torch.ops.kxops.zlpr_backward(torch.ones(3, device="meta"), logits)

@@ -20,6 +20,7 @@ optimizers do.
 """
 
 import math
+import sys
 
 import torch
 
@@ -75,8 +76,10 @@ def check_hyperparameters(lr, betas, eps, weight_decay):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (need 0 <= beta1 < 1)")
-    if not 0.0 < betas[1] < math.inf:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need 0 < beta2 < inf)")
+    # 1 / B_1 = 1 / beta2 must be finite: beta2 at least the smallest normal double.
+    if not sys.float_info.min <= betas[1] < math.inf:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need "
+                         f"{sys.float_info.min} <= beta2 < inf)")
     if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
