@@ -120,36 +120,46 @@ def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
                          (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs)
 
 
+def _on_grads(op, g, grads, *args, **kwargs):
+    """``torch.<op>(g, ...)``: into new tensors while g are the user's grads (never modified),
+    in place once g is a copy."""
+    if g is grads:
+        return getattr(torch, op)(g, *args, **kwargs)
+    getattr(torch, op + "_")(g, *args, **kwargs)
+    return g
+
+
 def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                    weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
+    """One multi-tensor step, operation for operation as the for-loop (same numbers), with
+    as few passes over memory and temporaries as torch's fused foreach forms allow."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (device, dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in \
             grouped.items():
         low_precision = dtype in ref.LOW_PRECISION
         work = [p.float() for p in dev_params] if low_precision else dev_params
-        # Copies: the user's .grad is never modified.
-        g = [x.to(work[0].dtype) for x in dev_grads] if low_precision else list(dev_grads)
+        g = [x.float() for x in dev_grads] if low_precision else dev_grads
         if grad_scale is not None:
-            g = torch._foreach_div(g, grad_scale.to(device))
+            g = _on_grads("_foreach_div", g, dev_grads, grad_scale.to(device))
         if maximize:
-            g = torch._foreach_neg(g)
+            g = _on_grads("_foreach_neg", g, dev_grads)
         torch._foreach_add_(dev_steps, 1)
         if weight_decay != 0:
             if decoupled:
                 torch._foreach_mul_(work, 1 - lr * weight_decay)
             else:
-                g = torch._foreach_add(g, work, alpha=weight_decay)
+                g = _on_grads("_foreach_add", g, dev_grads, work, alpha=weight_decay)
         torch._foreach_lerp_(dev_m, g, 1 - beta1)
-        g_sq = torch._foreach_mul(g, g)
         if capturable:
             # v (1 - w) + w g^2 as the other paths compute it: a lerp would give inf - inf
-            # (NaN) at w = 1 (the first step) for a g^2 that overflows.
+            # (NaN) at w = 1 (the first step) for a g^2 that overflows. addcmul_ takes its
+            # weights as host numbers only: (w g) g is its own order of operations.
             inv_bc = _device_inverse_bias_corrections(dev_steps, beta2)
             weights = torch._foreach_mul(inv_bc, beta2)
             decays = torch._foreach_add(torch._foreach_neg(weights), 1)
             torch._foreach_mul_(dev_v, decays)
-            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, weights))
+            torch._foreach_addcmul_(dev_v, torch._foreach_mul(g, weights), g)
             eps_terms = torch._foreach_sqrt(inv_bc)
             torch._foreach_mul_(eps_terms, eps)
             # See ref.eps_term: the floor keeps never-updated elements at 0/eps, not 0/0.
@@ -157,10 +167,11 @@ def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, bet
         else:
             inv_bc = [ref.inverse_bias_correction(float(s.item()), beta2) for s in dev_steps]
             torch._foreach_mul_(dev_v, [1 - beta2 * b for b in inv_bc])
-            torch._foreach_add_(dev_v, torch._foreach_mul(g_sq, [beta2 * b for b in inv_bc]))
+            torch._foreach_addcmul_(dev_v, g, g, [beta2 * b for b in inv_bc])
             eps_terms = [ref.eps_term(eps, b, work[0].dtype) for b in inv_bc]
         denom = torch._foreach_sqrt(dev_v)
         torch._foreach_add_(denom, eps_terms)
+        # Not addcdiv_: it rounds (lr m) / denom, the loop (m / denom) lr.
         update = torch._foreach_div(dev_m, denom)
         torch._foreach_mul_(update, lr)
         torch._foreach_sub_(work, update)

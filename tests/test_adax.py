@@ -94,6 +94,35 @@ def test_foreach_matches_for_loop(dtype, decoupled, maximize, capturable):
     assert all(torch.equal(g, b) for g, b in zip(grads, grads_before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_foreach_gives_the_for_loops_numbers_bit_for_bit(dtype, decoupled, maximize,
+                                                         capturable):
+    # The foreach path does the loop's operations in the loop's order (on CPU).
+    torch.manual_seed(0)
+    shapes = [(3, 4), (7,), (1,), (33000,)]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    if dtype not in ref.LOW_PRECISION:
+        params.append(torch.randn(5, dtype=torch.complex128).to(dtype.to_complex()))
+    params[0][0, 0] = math.nan
+    grads = [torch.randn_like(p) * 1e3 for p in params]
+    grads[1].zero_()  # elements whose gradient has always been 0
+    loop_params = [p.clone() for p in params]
+    foreach_state, loop_state = _states(params), _states(params)
+    lr = torch.tensor(HYPER["lr"]) if capturable else HYPER["lr"]
+    flags = dict(decoupled=decoupled, maximize=maximize, grad_scale=torch.tensor(1024.0))
+    for _ in range(3):
+        adax(params, grads, *foreach_state, foreach=True, capturable=capturable,
+             **dict(HYPER, lr=lr), **flags)
+        adax(loop_params, grads, *loop_state, foreach=False, fused=False,
+             **dict(HYPER, lr=lr), **flags)
+    for got, want in zip(params + foreach_state[0] + foreach_state[1],
+                         loop_params + loop_state[0] + loop_state[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_grad_scale_and_found_inf():
     params = [torch.randn(5)]
     scaled = [torch.randn(5)]
