@@ -129,14 +129,27 @@ def _on_grads(op, g, grads, *args, **kwargs):
     return g
 
 
+def _by_device_and_dtype(tensor_lists):
+    """{(device, dtype): the lists' tensors on it}, by the params' device and dtype. torch's
+    helper returns one (None, None) group while compiling, but the low-precision staging
+    needs each group's dtype, so the grouping is then done here (traced, it costs nothing)."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)
+    if (None, None) not in grouped:
+        return {key: lists for key, (lists, _) in grouped.items()}
+    groups = {}
+    for i, param in enumerate(tensor_lists[0]):
+        lists = groups.setdefault((param.device, param.dtype), [[] for _ in tensor_lists])
+        for group_list, tensors in zip(lists, tensor_lists):
+            group_list.append(tensors[i])
+    return groups
+
+
 def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                    weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
     """One multi-tensor step, operation for operation as the for-loop (same numbers), with
     as few passes over memory and temporaries as torch's fused foreach forms allow."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    for (device, dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in \
-            grouped.items():
+    groups = _by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device, dtype), (dev_params, dev_grads, dev_m, dev_v, dev_steps) in groups.items():
         low_precision = dtype in ref.LOW_PRECISION
         work = [p.float() for p in dev_params] if low_precision else dev_params
         g = [x.float() for x in dev_grads] if low_precision else dev_grads
@@ -212,4 +225,9 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::adax_.tensor_lr")
     def _adax_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                    weight_decay, eps, decoupled, maximize, grad_scale=None, found_inf=None):
+        if params:
+            _ext.check_devices("adax_", "params[0]", params[0], params=params, grads=grads,
+                               exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                               state_steps=state_steps, lr=lr, grad_scale=grad_scale,
+                               found_inf=found_inf)
         return None

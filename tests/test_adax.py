@@ -987,3 +987,34 @@ def test_cuda_graph_capture_with_an_lr_scheduler(flags):
     with pytest.raises(RuntimeError, match="needs lr on the params' device"):
         with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph()):
             cpu_lr.step()
+
+
+def test_op_with_one_meta_tensor_is_refused():
+    """A meta tensor among real ones reaches the fake kernel: it refuses the mix instead of
+    returning with nothing stepped."""
+    p, g, m, v, s = [torch.randn(3)], [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], \
+        [torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match="lr is on meta but params\\[0\\] is on cpu"):
+        torch.ops.kxops.adax_.tensor_lr(p, g, m, v, s, lr=torch.tensor(1e-3, device="meta"),
+                                        beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8,
+                                        decoupled=False, maximize=False)
+    with pytest.raises(RuntimeError, match="grads\\[0\\] is on meta"):
+        torch.ops.kxops.adax_(p, [g[0].to("meta")], m, v, s, lr=1e-3, beta1=0.9, beta2=1e-4,
+                              weight_decay=0.0, eps=1e-8, decoupled=False, maximize=False)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_foreach_step_with_low_precision_params(capturable):
+    """Under torch.compile torch's grouping helper returns one (None, None) group; the
+    low-precision staging still needs each group's dtype."""
+    def run(compiled):
+        params = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)),
+                  torch.nn.Parameter(torch.ones(2))]
+        optimizer = kxops.optim.AdaX(params, foreach=True, capturable=capturable)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        (torch.compile(optimizer.step) if compiled else optimizer.step)()
+        return params
+
+    for ours, eager in zip(run(True), run(False)):
+        torch.testing.assert_close(ours.detach(), eager.detach(), atol=0, rtol=0)

@@ -685,15 +685,32 @@ def test_labels_with_requires_grad_are_constants():
     assert_close(logits.grad, expected)
 
 
-def test_double_backward_raises_clearly():
-    logits, labels = random_problem((3, 7), soft=True)
-    logits.requires_grad_(True)
-    positives = torch.tensor([[0], [1], [-1]])
-    for loss in (kxops.zlpr_loss(logits, labels), kxops.sparse_zlpr_loss(logits, positives)):
-        # create_graph alone is fine; differentiating the gradient again is not.
-        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward is not supported"):
-            grad.sum().backward()
+def test_double_backward_matches_the_reference():
+    """Second derivatives (a gradient penalty, a Hessian-vector product) through the op equal
+    the reference's."""
+    logits, labels = random_problem((3, 7), soft=True, dtype=torch.float64)
+    positives = torch.tensor([[0, 3], [1, -1], [-1, -1]])
+    for ours, theirs in ((lambda s: kxops.zlpr_loss(s, labels, reduction="sum"),
+                          lambda s: ref.zlpr_loss(s, labels, reduction="sum")),
+                         (lambda s: kxops.sparse_zlpr_loss(s, positives),
+                          lambda s: ref.sparse_zlpr_loss(s, positives))):
+        results = []
+        for loss_fn in (ours, theirs):
+            leaf = logits.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss_fn(leaf), leaf, create_graph=True)
+            (second,) = torch.autograd.grad((grad**2).sum(), leaf)
+            results.append(second)
+        assert_close(*results)
+        assert torch.autograd.gradgradcheck(ours, logits.detach().requires_grad_(True))
+
+
+def test_direct_op_without_computed_gradient_still_differentiates():
+    """A direct call with compute_grad=False: backward recomputes the gradient."""
+    logits, labels = random_problem((3, 7), soft=True, dtype=torch.float64)
+    leaf = logits.detach().requires_grad_(True)
+    torch.ops.kxops.zlpr(leaf, labels, False)[0].sum().backward()
+    assert_close(leaf.grad, torch.func.grad(lambda s: ref.zlpr_loss(s, labels,
+                                                                    reduction="sum"))(logits))
 
 
 def test_torch_func_grad_and_vmap():
@@ -718,3 +735,18 @@ def test_ops_with_one_meta_tensor_are_refused():
                                     -1, True)
     with pytest.raises(RuntimeError, match="grad_loss is on meta but grad is on cpu"):
         torch.ops.kxops.zlpr_backward(torch.ones(3, device="meta"), logits)
+
+
+def test_backward_op_on_a_strided_gradient_is_contiguous_under_compile():
+    """zlpr_backward returns a contiguous gradient: its fake kernel must say so (opcheck and
+    torch.compile compare the strides)."""
+    grad_loss, grad = torch.randn(3), torch.randn(11, 3).t()
+    torch.library.opcheck(torch.ops.kxops.zlpr_backward, (grad_loss, grad))
+    compiled = torch.compile(lambda a, b: torch.ops.kxops.zlpr_backward(a, b), fullgraph=True)
+    assert_close(compiled(grad_loss, grad), grad * grad_loss[:, None])
+
+
+def test_packed_float4_logits_are_a_type_error():
+    packed = torch.zeros(3, 5, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        kxops.zlpr_loss(packed, torch.zeros(3, 5))

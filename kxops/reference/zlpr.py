@@ -30,7 +30,7 @@ def check_reduction(reduction):
 def check_logits(logits, name="logits"):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
+    if not logits.is_floating_point() or logits.dtype == torch.float4_e2m1fn_x2:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dim (the class dim), got a 0-dim tensor")
