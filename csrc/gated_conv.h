@@ -1,4 +1,4 @@
-// The gate of the DGCNN block, shared by the CPU and CUDA epilogue kernels (DESIGN §2):
+// The gate of the DGCNN block, shared by the CPU and CUDA epilogue kernels (docs/design.md §2):
 //   s = sigmoid(g * keep_scale),  y = (r (1 - s) + h s) m  (residual)  or  h s m,
 // keep_scale being the gate-dropout factor (0, or 1 / (1 - p) for a kept unit; 1 without
 // dropout). T is float/double, or a CPU vector type (see cpu/vec_math.h).

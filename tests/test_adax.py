@@ -12,8 +12,7 @@ import kxops
 from kxops import _ext
 from kxops.adax import adax, resolve_path
 from kxops.reference import adax as ref
-from tests.conftest import assert_close, cuda_with_memory
-from tests.utils import run_isolated
+from tests.utils import assert_close, cuda_with_memory, needs_kernel, run_isolated
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8)
 
@@ -316,9 +315,6 @@ def test_bad_flags_and_grads():
 
 # --- the compiled fused step, wherever a kernel is registered -------------------------------
 
-def needs_kernel(device):
-    if not _ext.has_kernel("adax_", torch.device(device)):
-        pytest.skip(f"no compiled kxops::adax_ kernel for {device} yet")
 
 
 def _device_states(params, device):
@@ -335,7 +331,7 @@ FUSED_SHAPES = [(3, 4), (7,), (1,), (2, 2, 2), (33000,), (0,)]
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_fused_matches_for_loop(device, dtype, decoupled, maximize, tensor_lr):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     params = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
     grads = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
     grads_before = [g.clone() for g in grads]
@@ -360,7 +356,7 @@ def test_fused_matches_for_loop(device, dtype, decoupled, maximize, tensor_lr):
 
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_fused_follows_the_authors_recurrence_for_300_steps(device, decoupled):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     p0 = torch.randn(50, dtype=torch.float64, device=device)
     p = p0.clone()
     (m,), (v,), (step,) = _device_states([p], device)
@@ -374,7 +370,7 @@ def test_fused_follows_the_authors_recurrence_for_300_steps(device, decoupled):
 
 
 def test_fused_at_ten_million_steps(device):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     p = torch.ones(4, device=device)
     m, v = torch.zeros(4, device=device), torch.full((4,), 0.25, device=device)
     step = torch.tensor(1e7, device=device)
@@ -385,7 +381,7 @@ def test_fused_at_ten_million_steps(device):
 
 
 def test_fused_grad_scale_and_found_inf(device):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     params = [torch.randn(5, device=device)]
     scaled = [torch.randn(5, device=device)]
     expected = [params[0].clone()]
@@ -402,7 +398,7 @@ def test_fused_grad_scale_and_found_inf(device):
 
 
 def test_fused_mixed_dtypes_in_one_call(device):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.float16]
     params = [torch.randn(100 + i, device=device).to(d) for i, d in enumerate(dtypes)]
     grads = [torch.randn_like(p) for p in params]
@@ -416,7 +412,7 @@ def test_fused_mixed_dtypes_in_one_call(device):
 
 
 def test_fused_opcheck(device):
-    needs_kernel(device)
+    needs_kernel("adax_", device)
     params = [torch.randn(s, device=device) for s in [(3, 4), (9,)]]
     grads = [torch.randn_like(p) for p in params]
     state = _device_states(params, device)
@@ -485,7 +481,7 @@ def test_op_checks_every_argument_before_touching_memory(tensor_lr):
     """Both overloads of torch.ops.kxops.adax_ called directly: each bad argument (at index 1,
     after a good tensor 0; a tensor lr picks the tensor_lr overload) raises the Python type
     the wrappers use, naming it, and leaves every tensor as it was."""
-    needs_kernel("cpu")
+    needs_kernel("adax_", "cpu")
     cases = BAD_OP_ARGUMENTS
     code = f"""
         import math, torch, kxops
@@ -524,7 +520,7 @@ def test_op_checks_every_argument_before_touching_memory(tensor_lr):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_capture_of_the_fused_step():
-    needs_kernel("cuda")
+    needs_kernel("adax_", "cuda")
     model = _model().cuda()
     optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2, fused=True, capturable=True)
     eager_model = copy.deepcopy(model)
@@ -554,7 +550,7 @@ def test_cuda_graph_capture_of_the_fused_step():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_hundreds_of_tensors_in_one_step():
     """More tensors than fit in one launch's kernel arguments in PyTorch's fused Adam."""
-    needs_kernel("cuda")
+    needs_kernel("adax_", "cuda")
     params = [torch.randn(17 + i % 5, device="cuda") for i in range(700)]
     grads = [torch.randn_like(p) for p in params]
     loop_params = [p.clone() for p in params]
@@ -574,7 +570,7 @@ def test_cuda_hundreds_of_tensors_in_one_step():
 def test_cuda_tensor_past_2_pow_31_elements():
     """One bf16 tensor of more than 2^31 elements (fp32 state): two steps; the elements at both
     ends and their state match the for-loop steps on copies of those elements."""
-    needs_kernel("cuda")
+    needs_kernel("adax_", "cuda")
     numel = 2**31 + 33
     params = [torch.randn(numel, device="cuda", dtype=torch.bfloat16)]
     grads = [torch.randn_like(params[0])]
@@ -604,7 +600,7 @@ PATHS = {
 
 def path_flags(path):
     if path == "fused":
-        needs_kernel("cpu")
+        needs_kernel("adax_", "cpu")
     return PATHS[path]
 
 
@@ -953,7 +949,7 @@ def test_capture_rejects_an_lr_tensor_on_another_device(monkeypatch):
 @pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)])
 def test_cuda_graph_capture_with_an_lr_scheduler(flags):
     if flags.get("fused"):
-        needs_kernel("cuda")
+        needs_kernel("adax_", "cuda")
     model = _model().cuda()
     lr = torch.tensor(1e-2, device="cuda")
     optimizer = kxops.optim.AdaXW(model.parameters(), lr=lr, capturable=True, **flags)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import kxops
 from kxops import _ext
 from kxops.reference import adax as ref
-from tests.conftest import TOLERANCES
+from tests.utils import TOLERANCES
 
 PATHS = {"foreach": dict(foreach=True), "capturable": dict(foreach=True, capturable=True)}
 if _ext.has_kernel("adax_", torch.device("cpu")):

@@ -12,8 +12,13 @@ from torch import nn
 import kxops
 from kxops import _ext
 from kxops.reference import gated_conv as ref
-from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
-from tests.utils import run_isolated
+from tests.utils import (
+    assert_close,
+    assert_error_rule,
+    cuda_with_memory,
+    needs_kernel,
+    run_isolated,
+)
 
 
 @contextlib.contextmanager
@@ -263,9 +268,6 @@ def test_module_bad_arguments(kwargs, message):
 
 # --- the compiled ops, wherever a kernel is registered --------------------------------------
 
-def needs_kernel(device):
-    if not _ext.has_kernel("gated_conv", torch.device(device)):
-        pytest.skip(f"no compiled kxops::gated_conv kernel for {device} yet")
 
 
 @pytest.mark.usefixtures("full_fp32")
@@ -273,7 +275,7 @@ def needs_kernel(device):
 @pytest.mark.parametrize("dilation, k, mode", [(1, 3, "identity"), (2, 5, "projection"),
                                                (5, 3, "no_residual")])
 def test_kernel_matches_reference(device, dtype, dilation, k, mode):
-    needs_kernel(device)
+    needs_kernel("gated_conv", device)
     cout = 6 if mode == "projection" else 5
     inputs = make_inputs(batch=3, time=13, cin=5, cout=cout, k=k, projection=mode == "projection",
                          dtype=dtype, device=device)
@@ -303,7 +305,7 @@ def test_kernel_matches_reference(device, dtype, dilation, k, mode):
 
 
 def test_opcheck(device):
-    needs_kernel(device)
+    needs_kernel("gated_conv", device)
     x, weight, bias, mask, rw, rb = make_inputs(cout=4, projection=True, dtype=torch.float32,
                                                 device=device)
     keep = torch.rand(2, 7, 4, device=device) >= 0.2
@@ -319,7 +321,7 @@ def test_opcheck(device):
 def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
     """Training-mode gate dropout (same seed, same mask as the reference), ragged masks with
     garbage at padded steps, and channel counts that take the vectorised paths."""
-    needs_kernel(device)
+    needs_kernel("gated_conv", device)
     cout = channels + 8 if mode == "projection" else channels
     x, weight, bias, mask, rw, rb = make_inputs(batch=3, time=11, cin=channels, cout=cout,
                                                 projection=mode == "projection",
@@ -350,7 +352,7 @@ def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
 def test_kernel_short_empty_and_strided(device, batch, time, k, dilation):
     """Edges of the kernels' gapped layout (each sequence followed by `pad` zero rows), on a
     strided input: forward and every gradient against the reference."""
-    needs_kernel(device)
+    needs_kernel("gated_conv", device)
     weight = torch.randn(8, 4, k, device=device, requires_grad=True)
     bias = torch.randn(8, device=device, requires_grad=True)
     x = torch.randn(batch, 4, time, device=device).transpose(1, 2).requires_grad_(True)
@@ -368,7 +370,7 @@ def test_cuda_more_than_2_pow_31_elements():
     """fp16 activations past 2^31 elements (one long sequence): the output at the last steps and
     every gradient of an upstream gradient that lives on those steps only (so all gradients are
     local) match the op run on a window of the last steps alone."""
-    needs_kernel("cuda")
+    needs_kernel("gated_conv", "cuda")
     channels, dilation, window = 256, 2, 64
     time = 2**31 // channels + window  # x holds 2^31 + 16384 elements, z twice as many
     start = time - window - 2 * dilation  # the window's first step: pad steps of context
@@ -495,7 +497,7 @@ def test_ops_check_every_argument_before_touching_memory():
     (shapes the wrapper would reject): a named error of the wrapper's type, never a crash or a
     garbage result. One subprocess for all cases, so that a crash fails the test, naming its
     case, instead of killing the session."""
-    needs_kernel("cpu")
+    needs_kernel("gated_conv", "cpu")
     result = run_isolated(f"CASES = {_OP_CASES!r}\n" + _OP_SCRIPT)
     assert result.returncode == 0 and result.stdout.rstrip().endswith("done"), (
         result.stdout[-3000:], result.stderr[-3000:])
@@ -506,7 +508,7 @@ def test_ops_check_every_argument_before_touching_memory():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_op_device_mismatch():
-    needs_kernel("cuda")
+    needs_kernel("gated_conv", "cuda")
     x, weight, bias, _, _, _ = make_inputs(dtype=torch.float32, device="cuda")
     for name, t in (("weight", weight.cpu()), ("bias", bias.cpu())):
         args = dict(weight=weight, bias=bias, **{name: t})
@@ -518,7 +520,7 @@ def test_op_device_mismatch():
 def test_any_dilation_costs_no_more_than_reaching_past_both_ends():
     """A dilation far past the sequence (2^62 to the op, 2^62 and NumPy ints to the wrapper)
     applies the centre tap only, in bounded memory; the other taps get zero gradient."""
-    needs_kernel("cpu")
+    needs_kernel("gated_conv", "cpu")
     x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(8, 3, 5, dtype=torch.float64, requires_grad=True)
     expected = kxops.reference.dilated_gated_conv1d(x, weight, residual=False, dilation=6)
@@ -546,7 +548,7 @@ def test_any_dilation_costs_no_more_than_reaching_past_both_ends():
 def test_nan_in_the_gate_is_nan_out(device, dtype, source):
     """NaN in the gate half of z reaches y in every channel (the CPU vector path used to turn
     it into a finite gate, giving y == x), as in the reference; ±inf gates give the limits."""
-    needs_kernel(device)
+    needs_kernel("gated_conv", device)
     out = 20  # two 8-lane fp32 vectors and a scalar tail on CPU
     x = torch.randn(2, 4, out, dtype=dtype, device=device)
     weight = (torch.randn(2 * out, out, 3, device=device) / 10).to(dtype)
@@ -584,7 +586,7 @@ def test_float_mask_that_requires_grad_gets_the_reference_gradient():
 
 
 def test_op_refuses_a_mask_it_cannot_differentiate():
-    needs_kernel("cpu")
+    needs_kernel("gated_conv", "cpu")
     x, weight, bias, mask, _, _ = make_inputs()
     soft = mask.double().requires_grad_()
     with pytest.raises(NotImplementedError, match="does not differentiate mask"):
@@ -592,7 +594,7 @@ def test_op_refuses_a_mask_it_cannot_differentiate():
 
 
 def test_double_backward_says_it_is_unsupported():
-    needs_kernel("cpu")
+    needs_kernel("gated_conv", "cpu")
     x, weight, bias, mask, _, _ = make_inputs()
     x.requires_grad_(True)
     weight.requires_grad_(True)

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import kxops
 from kxops import _ext
-from tests.conftest import TOLERANCES
-from tests.utils import run_isolated
+from tests.utils import TOLERANCES, run_isolated
 
 pytestmark = pytest.mark.fuzz
 

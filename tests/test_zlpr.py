@@ -8,8 +8,13 @@ import torch
 
 import kxops
 from kxops.reference import zlpr as ref
-from tests.conftest import assert_close, assert_error_rule, cuda_with_memory
-from tests.utils import needs_kernel, run_isolated
+from tests.utils import (
+    assert_close,
+    assert_error_rule,
+    cuda_with_memory,
+    needs_kernel,
+    run_isolated,
+)
 
 
 def zlpr_by_loops(logits, labels):

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 import kxops
 from kxops.reference import zlpr as ref
-from tests.conftest import DEVICES, assert_close
-from tests.utils import needs_kernel, run_isolated
+from tests.utils import DEVICES, assert_close, needs_kernel, run_isolated
 
 pytestmark = pytest.mark.fuzz
 
