@@ -6,8 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch>=2.4
-DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest ninja ruff matplotlib tqdm \
-            setuptools wheel
+DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest ninja ruff clang-format \
+            matplotlib tqdm setuptools wheel
 STAMP := $(VENV)/.kxops-deps
 # Arguments for benchmarks/run.py (CI: --quick --out DIR) and the demo's step count.
 BENCH_ARGS ?=
@@ -49,8 +49,11 @@ demo: build
 	$(PY) examples/train_multilabel_dgcnn.py --steps $(DEMO_STEPS)
 	KXOPS_DISABLE_EXT=1 $(PY) examples/train_multilabel_dgcnn.py --steps $(DEMO_STEPS)
 
+# ruff for the Python, clang-format (.clang-format) for the C++ and CUDA sources.
 lint: deps
 	$(PY) -m ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cpp' \
+	  -o -name '*.cu' -o -name '*.cuh')
 
 info: build
 	$(PY) -m kxops

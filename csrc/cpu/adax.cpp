@@ -11,9 +11,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/vec_math.h"  // before adax.h: its update() needs the vector overloads
-#include "adax.h"
-#include "adax_op.h"
+// A block of its own (clang-format sorts within blocks): before adax_math.h, whose update()
+// needs the vector overloads.
+#include "cpu/vec_math.h"
+
+#include "adax_host.h"
+#include "adax_math.h"
 
 namespace kxops::adax {
 namespace {

@@ -10,10 +10,10 @@
 
 #include <vector>
 
-#include "cpu/vec_math.h"  // before gated_conv.h: its sigmoid() needs the vector overloads
+#include "cpu/vec_math.h"  // before gated_conv_math.h: its sigmoid() needs the vector overloads
 
 namespace kxops::gated_conv {
-// The vector overload of gated_conv.h's nan_or, declared before that header's sigmoid().
+// The vector overload of gated_conv_math.h's nan_or, declared before that header's sigmoid().
 template <typename T>
 at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
                               const at::vec::Vectorized<T>& value) {
@@ -21,8 +21,8 @@ at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
 }
 }  // namespace kxops::gated_conv
 
-#include "gated_conv.h"
-#include "gated_conv_op.h"
+#include "gated_conv_host.h"
+#include "gated_conv_math.h"
 
 namespace kxops::gated_conv {
 namespace {
@@ -71,61 +71,63 @@ void for_each_row(const EpilogueArgs& a, Body body) {
 
 struct CpuEpilogue {
   static void forward(const EpilogueArgs& a, at::Tensor& y) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      using Vec = Vectorized<T>;
-      scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
-      for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
-        const int64_t out = a.out;
-        T* y_row = b.dy.data();  // scratch for the output row
-        int64_t c = 0;
-        for (; c + Vec::size() <= out; c += Vec::size()) {
-          gate_forward(Vec::loadu(&b.h[c]), Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
-                       Vec::loadu(&b.keep_scale[c]), a.residual)
-              .store(y_row + c);
-        }
-        for (; c < out; ++c) {
-          y_row[c] = gate_forward(b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
-        }
-        at::vec::convert(y_row, y_data + row * out, out);
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cpu", [&] {
+          using T = at::opmath_type<scalar_t>;
+          using Vec = Vectorized<T>;
+          scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+          for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
+            const int64_t out = a.out;
+            T* y_row = b.dy.data();  // scratch for the output row
+            int64_t c = 0;
+            for (; c + Vec::size() <= out; c += Vec::size()) {
+              gate_forward(Vec::loadu(&b.h[c]), Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
+                           Vec::loadu(&b.keep_scale[c]), a.residual)
+                  .store(y_row + c);
+            }
+            for (; c < out; ++c) {
+              y_row[c] = gate_forward(b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
+            }
+            at::vec::convert(y_row, y_data + row * out, out);
+          });
+        });
   }
 
   static void backward(const EpilogueArgs& a, const at::Tensor& dy, at::Tensor& dz,
                        at::Tensor& dr) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      using Vec = Vectorized<T>;
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-      scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
-      for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
-        const int64_t out = a.out;
-        at::vec::convert(dy_data + row * out, b.dy.data(), out);
-        // Results overwrite the row's inputs in place: h <- dh, g <- dg, r <- dr.
-        int64_t c = 0;
-        for (; c + Vec::size() <= out; c += Vec::size()) {
-          const auto grads = gate_backward(Vec::loadu(&b.dy[c]), Vec::loadu(&b.h[c]),
-                                           Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
-                                           Vec::loadu(&b.keep_scale[c]), a.residual);
-          grads.h.store(&b.h[c]);
-          grads.g.store(&b.g[c]);
-          grads.r.store(&b.r[c]);
-        }
-        for (; c < out; ++c) {
-          const auto grads =
-              gate_backward(b.dy[c], b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
-          b.h[c] = grads.h;
-          b.g[c] = grads.g;
-          b.r[c] = grads.r;
-        }
-        scalar_t* dz_of_row = dz_data + gapped_row(row, a.time, a.dz_gap) * 2 * out;
-        at::vec::convert(b.h.data(), dz_of_row, out);
-        at::vec::convert(b.g.data(), dz_of_row + out, out);
-        if (dr_data != nullptr) at::vec::convert(b.r.data(), dr_data + row * out, out);
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cpu", [&] {
+          using T = at::opmath_type<scalar_t>;
+          using Vec = Vectorized<T>;
+          const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+          scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
+          scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+          for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
+            const int64_t out = a.out;
+            at::vec::convert(dy_data + row * out, b.dy.data(), out);
+            // Results overwrite the row's inputs in place: h <- dh, g <- dg, r <- dr.
+            int64_t c = 0;
+            for (; c + Vec::size() <= out; c += Vec::size()) {
+              const auto grads = gate_backward(Vec::loadu(&b.dy[c]), Vec::loadu(&b.h[c]),
+                                               Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
+                                               Vec::loadu(&b.keep_scale[c]), a.residual);
+              grads.h.store(&b.h[c]);
+              grads.g.store(&b.g[c]);
+              grads.r.store(&b.r[c]);
+            }
+            for (; c < out; ++c) {
+              const auto grads =
+                  gate_backward(b.dy[c], b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
+              b.h[c] = grads.h;
+              b.g[c] = grads.g;
+              b.r[c] = grads.r;
+            }
+            scalar_t* dz_of_row = dz_data + gapped_row(row, a.time, a.dz_gap) * 2 * out;
+            at::vec::convert(b.h.data(), dz_of_row, out);
+            at::vec::convert(b.g.data(), dz_of_row + out, out);
+            if (dr_data != nullptr) at::vec::convert(b.r.data(), dr_data + row * out, out);
+          });
+        });
   }
 };
 

@@ -13,8 +13,8 @@
 #include <utility>
 #include <vector>
 
-#include "zlpr.h"
-#include "zlpr_op.h"
+#include "zlpr_host.h"
+#include "zlpr_math.h"
 
 namespace kxops::zlpr {
 namespace {
@@ -37,7 +37,7 @@ acc_t lanes_sum(const Vectorized<acc_t>& v) {
 }
 
 // Rows whose sums are not finite (a NaN, a +inf logit, an infinite label) go class by class
-// through the shared math, which carries the reference's NaN/inf rules (zlpr.h). The classes
+// through the shared math, which carries the reference's NaN/inf rules (zlpr_math.h). The classes
 // are summed in strided partial sums merged at the end, as the CUDA threads sum and merge
 // theirs, so that these rows test merge too. target(j) gives class j's target.
 template <typename acc_t, typename Target>
@@ -202,9 +202,8 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
 // The sparse row through the shared math: s holds the row's logits with its positives (kept,
 // from sparse_zlpr_row) at -inf, so every other class is a negative (target 0).
 template <typename acc_t, typename scalar_t>
-void exact_sparse_row(const acc_t* s, int64_t n,
-                      const std::vector<std::pair<int64_t, acc_t>>& kept, acc_t* loss,
-                      scalar_t* grad) {
+void exact_sparse_row(const acc_t* s, int64_t n, const std::vector<std::pair<int64_t, acc_t>>& kept,
+                      acc_t* loss, scalar_t* grad) {
   RowSums<acc_t> sums = exact_sums(s, n, [](int64_t) { return acc_t(0); });
   for (const auto& [index, logit] : kept) sums.add(logit, acc_t(1));
   *loss = sums.loss();
@@ -254,22 +253,22 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cpu", [&] {
     using logit_t = scalar_t;
     using acc_t = at::opmath_type<logit_t>;
-    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(),
-                               "zlpr_cpu_labels", [&] {
-      const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
-      for_each_row<logit_t>(
-          logits, row_loss, grad, compute_grad,
-          [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
-            thread_local std::vector<acc_t> t;
-            t.resize(n);
-            const scalar_t* labels_row = label_data + row * n;
-            at::vec::convert(labels_row, t.data(), n);
-            if (zlpr_row(s, t.data(), n, loss, g)) return;
-            at::vec::convert(logits_row, s, n);
-            at::vec::convert(labels_row, t.data(), n);
-            exact_row(s, t.data(), n, loss, g);
-          });
-    });
+    AT_DISPATCH_ALL_TYPES_AND3(
+        at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
+          const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
+          for_each_row<logit_t>(
+              logits, row_loss, grad, compute_grad,
+              [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
+                thread_local std::vector<acc_t> t;
+                t.resize(n);
+                const scalar_t* labels_row = label_data + row * n;
+                at::vec::convert(labels_row, t.data(), n);
+                if (zlpr_row(s, t.data(), n, loss, g)) return;
+                at::vec::convert(logits_row, s, n);
+                at::vec::convert(labels_row, t.data(), n);
+                exact_row(s, t.data(), n, loss, g);
+              });
+        });
   });
   return {row_loss, grad};
 }
@@ -283,27 +282,28 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits_in,
   auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
   const int64_t n = logits.size(-1);
   const int64_t per_row = positives.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cpu", [&] {
-    using logit_t = scalar_t;
-    using acc_t = at::opmath_type<logit_t>;
-    AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
-      const index_t* index_data = positives.const_data_ptr<index_t>();
-      for_each_row<logit_t>(
-          logits, row_loss, grad, compute_grad,
-          [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
-            thread_local std::vector<std::pair<int64_t, acc_t>> kept;
-            if (sparse_zlpr_row(s, n, index_data + row * per_row, per_row, ignore_index, kept,
-                                loss, g)) {
-              return;
-            }
-            at::vec::convert(logits_row, s, n);
-            for (const auto& [index, logit] : kept) {
-              s[index] = -std::numeric_limits<acc_t>::infinity();
-            }
-            exact_sparse_row(s, n, kept, loss, g);
-          });
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cpu", [&] {
+        using logit_t = scalar_t;
+        using acc_t = at::opmath_type<logit_t>;
+        AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
+          const index_t* index_data = positives.const_data_ptr<index_t>();
+          for_each_row<logit_t>(
+              logits, row_loss, grad, compute_grad,
+              [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
+                thread_local std::vector<std::pair<int64_t, acc_t>> kept;
+                if (sparse_zlpr_row(s, n, index_data + row * per_row, per_row, ignore_index, kept,
+                                    loss, g)) {
+                  return;
+                }
+                at::vec::convert(logits_row, s, n);
+                for (const auto& [index, logit] : kept) {
+                  s[index] = -std::numeric_limits<acc_t>::infinity();
+                }
+                exact_sparse_row(s, n, kept, loss, g);
+              });
+        });
+      });
   return {row_loss, grad};
 }
 
@@ -321,8 +321,6 @@ TORCH_LIBRARY_IMPL(kxops, CPU, m) {
   m.impl("sparse_zlpr", &sparse_zlpr_cpu);
 }
 
-TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) {
-  m.impl("zlpr_backward", &zlpr_backward);
-}
+TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) { m.impl("zlpr_backward", &zlpr_backward); }
 
 }  // namespace kxops::zlpr

@@ -21,9 +21,9 @@
 #include <limits>
 #include <vector>
 
-#include "adax.h"
-#include "adax_op.h"
-#include "cuda/pack.cuh"
+#include "adax_host.h"
+#include "adax_math.h"
+#include "cuda/toolbox.cuh"
 
 namespace kxops::adax {
 namespace {
@@ -72,8 +72,7 @@ static_assert(sizeof(FillBatch) + sizeof(StepScalars) + 2 * sizeof(void*) < 4000
 
 // One block per tensor of the batch: its threads write the tensor's rows of the block table,
 // thread 0 its job.
-__global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs,
-                          int* block_table) {
+__global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs, int* block_table) {
   const int k = blockIdx.x;
   const TensorArgs& args = batch.args[k];
   const int64_t job_index = batch.first + k;
@@ -198,8 +197,8 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
   auto buffer = at::empty({jobs_bytes + chunks * static_cast<int64_t>(sizeof(int))},
                           lists.params[0].options().dtype(at::kByte));
   auto* jobs = reinterpret_cast<TensorJob*>(buffer.mutable_data_ptr());
-  auto* block_table = reinterpret_cast<int*>(static_cast<char*>(buffer.mutable_data_ptr()) +
-                                             jobs_bytes);
+  auto* block_table =
+      reinterpret_cast<int*>(static_cast<char*>(buffer.mutable_data_ptr()) + jobs_bytes);
   for (size_t first = 0; first < args.size(); first += kArgsPerFill) {
     FillBatch batch{};
     batch.count = static_cast<int>(std::min<size_t>(kArgsPerFill, args.size() - first));

@@ -15,9 +15,9 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "cuda/pack.cuh"
-#include "gated_conv.h"
-#include "gated_conv_op.h"
+#include "cuda/toolbox.cuh"
+#include "gated_conv_host.h"
+#include "gated_conv_math.h"
 
 namespace kxops::gated_conv {
 namespace {
@@ -53,14 +53,15 @@ struct RowSlice {
     const auto hp = load<scalar_t, kVec>(z + c);
     const auto gp = load<scalar_t, kVec>(z + out + c);
     Pack<scalar_t, kVec> rp{};
-    if (p.r != nullptr) rp = load<scalar_t, kVec>(static_cast<const scalar_t*>(p.r) + row * out + c);
+    if (p.r != nullptr)
+      rp = load<scalar_t, kVec>(static_cast<const scalar_t*>(p.r) + row * out + c);
     m = p.mask != nullptr ? static_cast<T>(static_cast<const scalar_t*>(p.mask)[row]) : T(1);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       h[k] = static_cast<T>(hp.v[k]);
       g[k] = static_cast<T>(gp.v[k]);
       r[k] = static_cast<T>(rp.v[k]);
-      keep_scale[k] = p.keep == nullptr             ? T(1)
+      keep_scale[k] = p.keep == nullptr           ? T(1)
                       : p.keep[row * out + c + k] ? static_cast<T>(keep_scale_value)
                                                   : T(0);
     }
@@ -153,14 +154,15 @@ struct CudaEpilogue {
     if (a.rows == 0 || a.out == 0) return;
     const c10::cuda::CUDAGuard guard(y.device());
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cuda", [&] {
-      scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
-      with_vector_width<scalar_t>(a, {y_data}, [&](auto width, unsigned int blocks) {
-        gate_forward_kernel<scalar_t, decltype(width)::value><<<blocks, kThreads, 0, stream>>>(
-            pointers(a), a.keep_scale, a.residual, a.rows, a.out, y_data);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cuda", [&] {
+          scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+          with_vector_width<scalar_t>(a, {y_data}, [&](auto width, unsigned int blocks) {
+            gate_forward_kernel<scalar_t, decltype(width)::value><<<blocks, kThreads, 0, stream>>>(
+                pointers(a), a.keep_scale, a.residual, a.rows, a.out, y_data);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
   }
 
   static void backward(const EpilogueArgs& a, const at::Tensor& dy, at::Tensor& dz,
@@ -168,18 +170,20 @@ struct CudaEpilogue {
     if (a.rows == 0 || a.out == 0) return;
     const c10::cuda::CUDAGuard guard(dz.device());
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cuda", [&] {
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-      scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
-      with_vector_width<scalar_t>(a, {dy_data, dz_data, dr_data}, [&](auto width,
-                                                                       unsigned int blocks) {
-        gate_backward_kernel<scalar_t, decltype(width)::value><<<blocks, kThreads, 0, stream>>>(
-            pointers(a), a.keep_scale, a.residual, a.rows, a.out, a.time, a.dz_gap, dy_data,
-            dz_data, dr_data);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cuda", [&] {
+          const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+          scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
+          scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+          with_vector_width<scalar_t>(
+              a, {dy_data, dz_data, dr_data}, [&](auto width, unsigned int blocks) {
+                gate_backward_kernel<scalar_t, decltype(width)::value>
+                    <<<blocks, kThreads, 0, stream>>>(pointers(a), a.keep_scale, a.residual, a.rows,
+                                                      a.out, a.time, a.dz_gap, dy_data, dz_data,
+                                                      dr_data);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+        });
   }
 };
 

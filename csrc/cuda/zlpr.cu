@@ -18,9 +18,9 @@
 #include <limits>
 #include <type_traits>
 
-#include "cuda/pack.cuh"
-#include "zlpr.h"
-#include "zlpr_op.h"
+#include "cuda/toolbox.cuh"
+#include "zlpr_host.h"
+#include "zlpr_math.h"
 
 namespace kxops::zlpr {
 namespace {
@@ -129,11 +129,10 @@ __device__ __forceinline__ void visit_row(const scalar_t* logits, const Targets&
 // The loss of one row and, when grad is not null, its gradient. All kThreads threads of the row
 // call this together.
 template <int kThreads, typename scalar_t, typename Targets, typename acc_t>
-__device__ __forceinline__ void zlpr_row(const scalar_t* logits, const Targets& targets,
-                                         scalar_t* grad, int64_t n, int lane,
-                                         typename RowReducer<RowSums<acc_t>, kThreads>::Reduce::
-                                             TempStorage& temp,
-                                         acc_t (&shared_sums)[4], acc_t* loss) {
+__device__ __forceinline__ void zlpr_row(
+    const scalar_t* logits, const Targets& targets, scalar_t* grad, int64_t n, int lane,
+    typename RowReducer<RowSums<acc_t>, kThreads>::Reduce::TempStorage& temp,
+    acc_t (&shared_sums)[4], acc_t* loss) {
   using Reducer = RowReducer<RowSums<acc_t>, kThreads>;
   RowSums<acc_t> sums;
   visit_row<kThreads>(logits, targets, static_cast<scalar_t*>(nullptr), n, lane,
@@ -310,21 +309,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
   const int64_t per_row = positives.size(-1);
   if (rows == 0) return {row_loss, grad};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cuda_index", [&] {
-      with_row_shape(n, [&](auto threads, auto rows_per_block_constant) {
-        constexpr int kThreads = decltype(threads)::value;
-        constexpr int kRows = decltype(rows_per_block_constant)::value;
-        sparse_zlpr_kernel<scalar_t, index_t, kThreads, kRows>
-            <<<grid_size(rows, kRows), kThreads * kRows, bitmap_bytes, stream>>>(
-                logits.const_data_ptr<scalar_t>(), positives.const_data_ptr<index_t>(), per_row,
-                ignore_index, row_loss.mutable_data_ptr<acc_t>(), grad_data, rows, n);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+        AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cuda_index", [&] {
+          with_row_shape(n, [&](auto threads, auto rows_per_block_constant) {
+            constexpr int kThreads = decltype(threads)::value;
+            constexpr int kRows = decltype(rows_per_block_constant)::value;
+            sparse_zlpr_kernel<scalar_t, index_t, kThreads, kRows>
+                <<<grid_size(rows, kRows), kThreads * kRows, bitmap_bytes, stream>>>(
+                    logits.const_data_ptr<scalar_t>(), positives.const_data_ptr<index_t>(), per_row,
+                    ignore_index, row_loss.mutable_data_ptr<acc_t>(), grad_data, rows, n);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
       });
-    });
-  });
   return {row_loss, grad};
 }
 

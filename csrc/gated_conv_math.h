@@ -11,7 +11,7 @@
 
 namespace kxops::gated_conv {
 
-// The row of a gapped buffer (each sequence followed by `gap` rows; see gated_conv_op.h) that
+// The row of a gapped buffer (each sequence followed by `gap` rows; see gated_conv_host.h) that
 // holds row b * time + t of a [B, T, C] tensor.
 KXOPS_HOST_DEVICE int64_t gapped_row(int64_t row, int64_t time, int64_t gap) {
   return row + row / time * gap;

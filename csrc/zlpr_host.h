@@ -13,8 +13,7 @@ inline at::ScalarType opmath_type(at::ScalarType type) {
 }
 
 inline bool is_kernel_float(at::ScalarType type) {
-  return type == at::kDouble || type == at::kFloat || type == at::kHalf ||
-         type == at::kBFloat16;
+  return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
 inline void check_logits(const at::Tensor& logits) {
@@ -35,10 +34,10 @@ inline void check_dense(const at::Tensor& logits, const at::Tensor& labels) {
                        (at::isFloatingType(type) && type != at::kFloat4_e2m1fn_x2),
                    "kxops ZLPR: labels must be a bool, integer or floating-point tensor, got ",
                    type);
-  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes(), "kxops ZLPR: labels shape ",
-                    labels.sizes(), " must equal logits shape ", logits.sizes());
-  TORCH_CHECK(labels.device() == logits.device(), "kxops ZLPR: labels are on ",
-              labels.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes(), "kxops ZLPR: labels shape ", labels.sizes(),
+                    " must equal logits shape ", logits.sizes());
+  TORCH_CHECK(labels.device() == logits.device(), "kxops ZLPR: labels are on ", labels.device(),
+              " but logits are on ", logits.device());
 }
 
 // Contiguous labels of a type every kernel reads natively (bool, the signed integers and
@@ -58,11 +57,11 @@ inline void check_sparse(const at::Tensor& logits, const at::Tensor& positives) 
   TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
                    "kxops ZLPR: positives must be an int32 or int64 tensor, got ",
                    positives.scalar_type());
-  TORCH_CHECK_VALUE(positives.dim() == logits.dim() &&
-                        positives.sizes().slice(0, positives.dim() - 1) ==
-                            logits.sizes().slice(0, logits.dim() - 1),
-                    "kxops ZLPR: positives shape ", positives.sizes(),
-                    " must be logits.shape[:-1] + (P,) with logits shape ", logits.sizes());
+  TORCH_CHECK_VALUE(
+      positives.dim() == logits.dim() && positives.sizes().slice(0, positives.dim() - 1) ==
+                                             logits.sizes().slice(0, logits.dim() - 1),
+      "kxops ZLPR: positives shape ", positives.sizes(),
+      " must be logits.shape[:-1] + (P,) with logits shape ", logits.sizes());
   TORCH_CHECK(positives.device() == logits.device(), "kxops ZLPR: positives are on ",
               positives.device(), " but logits are on ", logits.device());
 }
@@ -75,11 +74,9 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad) 
   TORCH_CHECK_TYPE(at::isFloatingType(grad_loss.scalar_type()),
                    "kxops ZLPR backward: grad_loss must be a floating-point tensor, got ",
                    grad_loss.scalar_type());
-  TORCH_CHECK_VALUE(grad.dim() >= 1 &&
-                        grad_loss.sizes() == grad.sizes().slice(0, grad.dim() - 1),
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && grad_loss.sizes() == grad.sizes().slice(0, grad.dim() - 1),
                     "kxops ZLPR backward: grad_loss shape ", grad_loss.sizes(),
-                    " must be the shape of grad without its last dim; grad shape ",
-                    grad.sizes());
+                    " must be the shape of grad without its last dim; grad shape ", grad.sizes());
   TORCH_CHECK(grad_loss.device() == grad.device(), "kxops ZLPR backward: grad_loss is on ",
               grad_loss.device(), " but grad is on ", grad.device());
 }
@@ -89,8 +86,8 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& log
                                                            bool compute_grad) {
   auto row_shape = logits.sizes().slice(0, logits.dim() - 1);
   auto row_loss = at::empty(row_shape, logits.options().dtype(opmath_type(logits.scalar_type())));
-  auto grad = compute_grad ? at::empty(logits.sizes(), logits.options())
-                           : at::empty({0}, logits.options());
+  auto grad =
+      compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   return {row_loss, grad};
 }
 

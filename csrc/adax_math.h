@@ -1,7 +1,8 @@
 // AdaX / AdaX-W math shared by the CPU and CUDA kernels (docs/design.md §2).
 //
 // The state keeps v_hat = v / B_t with B_t = (1 + beta2)^t - 1, so per step
-//   v_hat = (1 - beta2 / B_t) v_hat + (beta2 / B_t) g^2,   p -= lr m / (sqrt(v_hat) + eps / sqrt(B_t))
+//   v_hat = (1 - beta2 / B_t) v_hat + (beta2 / B_t) g^2,   p -= lr m / (sqrt(v_hat) + eps /
+//   sqrt(B_t))
 // which is the authors' update without v's overflow. Only 1 / B_t is formed, in double: B_t
 // itself overflows double near t = 7e6 for beta2 = 1e-4.
 #pragma once

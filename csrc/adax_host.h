@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "adax.h"
+#include "adax_math.h"
 
 namespace kxops::adax {
 
@@ -67,15 +67,16 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
   TORCH_CHECK_VALUE(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
                         a.steps.size() == n,
                     "kxops.adax_: params, grads, exp_avgs, exp_avg_sqs and state_steps must "
-                    "have the same length, got ", n, ", ", a.grads.size(), ", ",
-                    a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.steps.size());
+                    "have the same length, got ",
+                    n, ", ", a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(),
+                    ", ", a.steps.size());
   const auto& h = a.hyper;
   TORCH_CHECK_VALUE(h.beta1 >= 0.0 && h.beta1 < 1.0, "kxops.adax_: beta1 must be in [0, 1), got ",
                     h.beta1);
   // 1/B_t needs a finite beta2 whose reciprocal is finite (1/B_1 = 1/beta2).
   TORCH_CHECK_VALUE(h.beta2 >= DBL_MIN && std::isfinite(h.beta2),
-                    "kxops.adax_: beta2 must be positive (at least ", DBL_MIN,
-                    ") and finite, got ", h.beta2);
+                    "kxops.adax_: beta2 must be positive (at least ", DBL_MIN, ") and finite, got ",
+                    h.beta2);
   for (const auto& [name, value] : {std::pair{"lr", h.lr}, std::pair{"eps", h.eps},
                                     std::pair{"weight_decay", h.weight_decay}}) {
     TORCH_CHECK_VALUE(value >= 0.0 && std::isfinite(value), "kxops.adax_: ", name,
@@ -90,29 +91,26 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     const auto type = p.scalar_type();
     TORCH_CHECK(p.layout() == at::kStrided, "kxops.adax_: params[", i,
                 "] must be a dense (strided) tensor, got layout ", p.layout());
-    TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
-                         type == at::kBFloat16,
-                     "kxops.adax_: params[", i,
-                     "] must be float32, float64, float16 or bfloat16, got ", type,
-                     " (step complex params as torch.view_as_real)");
+    TORCH_CHECK_TYPE(
+        type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+        "kxops.adax_: params[", i, "] must be float32, float64, float16 or bfloat16, got ", type,
+        " (step complex params as torch.view_as_real)");
     TORCH_CHECK(p.device() == device, "kxops.adax_: params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; call the op once per device");
     check_written(p, "params", i);
     const auto state_type = at::toOpMathType(type);
     for (const auto& [name, other, want] :
-         {std::tuple{"grads", &a.grads[i], type}, std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
+         {std::tuple{"grads", &a.grads[i], type},
+          std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
           std::tuple{"exp_avg_sqs", &a.exp_avg_sqs[i], state_type}}) {
-      TORCH_CHECK(other->layout() == at::kStrided, "kxops.adax_: ", name, "[", i,
-                  "] has layout ", other->layout(),
-                  "; AdaX does not support sparse gradients or state");
-      TORCH_CHECK_TYPE(other->scalar_type() == want, "kxops.adax_: ", name, "[", i,
-                       "] has dtype ", other->scalar_type(), " but must be ", want, " for ",
-                       type, " params");
+      TORCH_CHECK(other->layout() == at::kStrided, "kxops.adax_: ", name, "[", i, "] has layout ",
+                  other->layout(), "; AdaX does not support sparse gradients or state");
+      TORCH_CHECK_TYPE(other->scalar_type() == want, "kxops.adax_: ", name, "[", i, "] has dtype ",
+                       other->scalar_type(), " but must be ", want, " for ", type, " params");
       TORCH_CHECK(other->device() == device, "kxops.adax_: ", name, "[", i, "] is on ",
                   other->device(), " but params[", i, "] is on ", device);
-      TORCH_CHECK_VALUE(other->sizes() == p.sizes(), "kxops.adax_: ", name, "[", i,
-                        "] has shape ", other->sizes(), " but params[", i, "] has shape ",
-                        p.sizes());
+      TORCH_CHECK_VALUE(other->sizes() == p.sizes(), "kxops.adax_: ", name, "[", i, "] has shape ",
+                        other->sizes(), " but params[", i, "] has shape ", p.sizes());
     }
     check_written(a.exp_avgs[i], "exp_avgs", i);
     check_written(a.exp_avg_sqs[i], "exp_avg_sqs", i);
@@ -122,10 +120,9 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "kxops.adax_: state_steps[", i,
                      "] must be float32, got ", step.scalar_type());
     TORCH_CHECK_VALUE(step.numel() == 1, "kxops.adax_: state_steps[", i,
-                      "] must have one element, got ", step.numel(), " (shape ", step.sizes(),
-                      ")");
-    TORCH_CHECK(step.device() == device, "kxops.adax_: state_steps[", i, "] is on ",
-                step.device(), " but params[", i, "] is on ", device,
+                      "] must have one element, got ", step.numel(), " (shape ", step.sizes(), ")");
+    TORCH_CHECK(step.device() == device, "kxops.adax_: state_steps[", i, "] is on ", step.device(),
+                " but params[", i, "] is on ", device,
                 " (the optimizer keeps it there with fused=True or capturable=True)");
   }
   check_scalar_tensor(a.lr, "lr", device);
@@ -227,14 +224,13 @@ template <at::DeviceType kDevice, Impl impl>
 struct Overloads {
   static void scalar_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
-                        double beta1, double beta2, double weight_decay, double eps,
-                        bool decoupled, bool maximize,
-                        const std::optional<at::Tensor>& grad_scale,
+                        double beta1, double beta2, double weight_decay, double eps, bool decoupled,
+                        bool maximize, const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
     const Hyper hyper{lr, beta1, beta2, weight_decay, eps, decoupled, maximize};
     const std::optional<at::Tensor> no_lr;
-    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper,
-                        grad_scale, found_inf});
+    run<kDevice, impl>(
+        {params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper, grad_scale, found_inf});
   }
 
   static void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

@@ -18,7 +18,7 @@
 #include <optional>
 #include <tuple>
 
-#include "gated_conv.h"
+#include "gated_conv_math.h"
 
 namespace kxops::gated_conv {
 
@@ -29,7 +29,7 @@ struct EpilogueArgs {
   at::Tensor keep;  // [B, T, out] bool gate-dropout keep mask; undefined: no dropout
   double keep_scale;
   bool residual;
-  int64_t rows, out;    // rows = B * T
+  int64_t rows, out;     // rows = B * T
   int64_t time, dz_gap;  // backward: dz row of row b * T + t is gapped_row(row, time, dz_gap)
 };
 
@@ -41,8 +41,8 @@ inline void check_like_x(const char* name, const at::Tensor& t, const at::Tensor
               " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device() == x.device(), "kxops gated_conv: ", name, " is on ", t.device(),
               " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name,
-                   " has dtype ", t.scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name, " has dtype ",
+                   t.scalar_type(), " but x has dtype ", x.scalar_type());
 }
 
 inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
@@ -54,10 +54,9 @@ inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
                             double drop_gate, bool residual) {
   TORCH_CHECK(x.layout() == at::kStrided, "kxops gated_conv: x must be a dense (strided) tensor");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "kxops gated_conv: x must be float64, float32, float16 or bfloat16, got ",
-                   dtype);
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "kxops gated_conv: x must be float64, float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(x.dim() == 3, "kxops gated_conv: x must be [batch, time, channels], got ",
                     x.sizes());
   check_like_x("weight", weight, x);
@@ -86,8 +85,7 @@ inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
   }
   if (gate_keep.has_value()) {
     TORCH_CHECK(gate_keep->layout() == at::kStrided && gate_keep->device() == x.device(),
-                "kxops gated_conv: gate_keep must be a dense tensor on x's device ",
-                x.device());
+                "kxops gated_conv: gate_keep must be a dense tensor on x's device ", x.device());
     TORCH_CHECK_TYPE(gate_keep->scalar_type() == at::kBool,
                      "kxops gated_conv: gate_keep must be bool, got ", gate_keep->scalar_type());
     TORCH_CHECK_VALUE(gate_keep->dim() == 3 && gate_keep->size(0) == batch &&
@@ -96,8 +94,7 @@ inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
                       time, ", ", out, "], got ", gate_keep->sizes());
   }
   if (residual_weight.has_value()) {
-    TORCH_CHECK_VALUE(residual,
-                      "kxops gated_conv: residual_weight is given but residual is False");
+    TORCH_CHECK_VALUE(residual, "kxops gated_conv: residual_weight is given but residual is False");
     check_like_x("residual_weight", *residual_weight, x);
     TORCH_CHECK_VALUE(residual_weight->dim() == 3 && residual_weight->size(0) == out &&
                           residual_weight->size(1) == in && residual_weight->size(2) == 1,
@@ -124,11 +121,10 @@ inline void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor&
   check_like_x("grad_y", grad_y, x);
   TORCH_CHECK_VALUE(grad_y.dim() == 3 && grad_y.size(0) == batch && grad_y.size(1) == time &&
                         grad_y.size(2) == two_out / 2,
-                    "kxops gated_conv_backward: grad_y must be [batch, time, out] = [", batch,
-                    ", ", time, ", ", two_out / 2, "], got ", grad_y.sizes());
+                    "kxops gated_conv_backward: grad_y must be [batch, time, out] = [", batch, ", ",
+                    time, ", ", two_out / 2, "], got ", grad_y.sizes());
   check_like_x("z", z, x);
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(0) == batch && z.size(1) == time &&
-                        z.size(2) == two_out,
+  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(0) == batch && z.size(1) == time && z.size(2) == two_out,
                     "kxops gated_conv_backward: z must be the forward's [batch, time, 2*out] = [",
                     batch, ", ", time, ", ", two_out, "] output, got ", z.sizes());
 }
@@ -193,8 +189,8 @@ inline EpilogueArgs epilogue_args(const at::Tensor& x, at::Tensor z, const Gappe
                                   const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& keep,
                                   const std::optional<at::Tensor>& residual_weight,
-                                  const std::optional<at::Tensor>& residual_bias,
-                                  double drop_gate, bool residual) {
+                                  const std::optional<at::Tensor>& residual_bias, double drop_gate,
+                                  bool residual) {
   EpilogueArgs args;
   args.out = z.size(2) / 2;
   args.rows = x.size(0) * x.size(1);
@@ -248,9 +244,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
 
 template <typename Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv_backward(
-    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& z,
-    const at::Tensor& weight, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& gate_keep, const std::optional<at::Tensor>& residual_weight,
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& weight,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate_keep,
+    const std::optional<at::Tensor>& residual_weight,
     const std::optional<at::Tensor>& residual_bias, bool has_bias, int64_t dilation,
     double drop_gate, bool residual) {
   check_arguments(x_in, weight, std::nullopt, mask, gate_keep, residual_weight, residual_bias,
@@ -264,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   const int64_t two_out = weight.size(0), in = x.size(2);
   auto dz = x.new_empty({geometry.batch, geometry.time + geometry.pad, two_out});
   dz.narrow(1, geometry.time, geometry.pad).zero_();
-  at::Tensor dr = residual ? at::empty({x.size(0), x.size(1), args.out}, x.options())
-                           : at::Tensor();
+  at::Tensor dr =
+      residual ? at::empty({x.size(0), x.size(1), args.out}, x.options()) : at::Tensor();
   Epilogue::backward(args, grad_y.contiguous(), dz, dr);
 
   const auto dz_rows = dz.view({geometry.out_rows(), two_out});
@@ -309,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   }
   const auto grad_conv_input = geometry.tap_sequences(grad_x_gapped, centre);
   if (!grad_x.defined()) {
-    grad_x = mask.has_value() ? grad_conv_input * mask->unsqueeze(-1)
-                              : grad_conv_input.contiguous();
+    grad_x =
+        mask.has_value() ? grad_conv_input * mask->unsqueeze(-1) : grad_conv_input.contiguous();
   } else if (mask.has_value()) {
     grad_x.addcmul_(grad_conv_input, mask->unsqueeze(-1));
   } else {

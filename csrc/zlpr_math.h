@@ -101,8 +101,8 @@ KXOPS_HOST_DEVICE RowSums<acc_t> merge(const RowSums<acc_t>& a, const RowSums<ac
   return {merge(a.neg, b.neg), merge(a.pos, b.pos)};
 }
 
-// The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} / Z_pos,
-// each part only for a class in that sum (elsewhere 0, even when the other sum is NaN).
+// The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} /
+// Z_pos, each part only for a class in that sum (elsewhere 0, even when the other sum is NaN).
 template <typename acc_t>
 struct RowGrad {
   acc_t max_neg, inv_neg, max_pos, inv_pos;
