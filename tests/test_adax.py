@@ -517,6 +517,17 @@ def test_op_checks_every_argument_before_touching_memory(tensor_lr):
         assert got.endswith("|untouched"), (name, got)
 
 
+def captured_step(optimizer):
+    """optimizer.step captured in a CUDA graph, on a side stream as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_capture_of_the_fused_step():
@@ -530,12 +541,7 @@ def test_cuda_graph_capture_of_the_fused_step():
         m(x).square().mean().backward()
     optimizer.step()  # state is created outside the capture
     eager_opt.step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        optimizer.step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = captured_step(optimizer)
     for _ in range(3):
         graph.replay()
         eager_opt.step()
@@ -962,12 +968,7 @@ def test_cuda_graph_capture_with_an_lr_scheduler(flags):
         m(x).square().mean().backward()
     optimizer.step()  # state is created outside the capture
     eager_opt.step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        optimizer.step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = captured_step(optimizer)
     for _ in range(3):
         scheduler.step()
         eager_scheduler.step()
@@ -981,8 +982,7 @@ def test_cuda_graph_capture_with_an_lr_scheduler(flags):
                                **flags)
     cpu_lr.step()  # eager: allowed
     with pytest.raises(RuntimeError, match="needs lr on the params' device"):
-        with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph()):
-            cpu_lr.step()
+        captured_step(cpu_lr)
 
 
 def test_op_with_one_meta_tensor_is_refused():
