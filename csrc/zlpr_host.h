@@ -3,14 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <tuple>
 
 namespace kxops::zlpr {
-
-inline at::ScalarType opmath_type(at::ScalarType type) {
-  return type == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline bool is_kernel_float(at::ScalarType type) {
   return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
@@ -47,7 +44,7 @@ inline at::Tensor readable_labels(const at::Tensor& labels, at::ScalarType logit
   const bool native = type == at::kBool || type == at::kByte || type == at::kChar ||
                       type == at::kShort || type == at::kInt || type == at::kLong ||
                       is_kernel_float(type);
-  return native ? labels.contiguous() : labels.to(opmath_type(logits_type)).contiguous();
+  return native ? labels.contiguous() : labels.to(at::toOpMathType(logits_type)).contiguous();
 }
 
 // ignore_index is any int64: compared with the positives as int64, a value out of their
@@ -85,7 +82,8 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad) 
 inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& logits,
                                                            bool compute_grad) {
   auto row_shape = logits.sizes().slice(0, logits.dim() - 1);
-  auto row_loss = at::empty(row_shape, logits.options().dtype(opmath_type(logits.scalar_type())));
+  auto row_loss =
+      at::empty(row_shape, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
   auto grad =
       compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   return {row_loss, grad};

@@ -29,8 +29,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kGrainElements = 32768;
-
 // Per-thread fp32/fp64 copies of one row's inputs.
 template <typename T>
 struct RowBuffers {
@@ -58,7 +56,7 @@ void for_each_row(const EpilogueArgs& a, Body body) {
   const scalar_t* r = a.residual ? a.r.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* mask = a.mask.defined() ? a.mask.const_data_ptr<scalar_t>() : nullptr;
   const bool* keep = a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(a.out, 1));
+  const int64_t grain = rows_per_task(a.out);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     RowBuffers<T> b(a.out);
     std::fill(b.keep_scale.begin(), b.keep_scale.end(), T(1));

@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/vec_math.h"
+
 #include "zlpr_host.h"
 #include "zlpr_math.h"
 
@@ -20,9 +22,6 @@ namespace kxops::zlpr {
 namespace {
 
 using at::vec::Vectorized;
-
-// Enough classes per task that thread start-up is paid for.
-constexpr int64_t kGrainElements = 32768;
 
 template <typename acc_t>
 acc_t lanes_max(const Vectorized<acc_t>& v) {
@@ -226,7 +225,7 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
   const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();
   acc_t* loss_data = row_loss.mutable_data_ptr<acc_t>();
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1));
+  const int64_t grain = rows_per_task(n);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s_buffer(n);
     for (int64_t row = begin; row < end; ++row) {

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
     adax_kernel(const TensorJob* __restrict__ jobs, const int* __restrict__ block_table,
                 int64_t first_chunk, bool l2) {
   using T = at::opmath_type<scalar_t>;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = kVecWidth<scalar_t>;
   const int64_t chunk = first_chunk + blockIdx.x;
   const TensorJob& job = jobs[block_table[chunk]];
   if (job.skip) return;

@@ -126,17 +126,16 @@ Pointers pointers(const EpilogueArgs& a) {
           a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr};
 }
 
-bool aligned_16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
-
 // Calls launch(vector_width_constant, blocks): 16-byte packs when every row's channel slices
 // stay aligned (out a multiple of the pack and all base pointers aligned), else one channel.
 template <typename scalar_t, typename Launch>
 void with_vector_width(const EpilogueArgs& a, std::initializer_list<const void*> outputs,
                        Launch launch) {
-  constexpr int kPack = 16 / sizeof(scalar_t);
-  bool vectorised = a.out % kPack == 0 && aligned_16(a.z.const_data_ptr()) &&
-                    (!a.residual || aligned_16(a.r.const_data_ptr()));
-  for (const void* ptr : outputs) vectorised = vectorised && (ptr == nullptr || aligned_16(ptr));
+  constexpr int kPack = kVecWidth<scalar_t>;
+  using P = VecPack<scalar_t>;
+  bool vectorised = a.out % kPack == 0 && is_aligned<P>(a.z.const_data_ptr()) &&
+                    (!a.residual || is_aligned<P>(a.r.const_data_ptr()));
+  for (const void* ptr : outputs) vectorised = vectorised && (ptr == nullptr || is_aligned<P>(ptr));
   const int64_t width = vectorised ? kPack : 1;
   const int64_t work = a.rows * (a.out / width);
   const int64_t max_blocks = 65535LL * 8;  // grid-stride beyond this

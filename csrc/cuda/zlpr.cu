@@ -96,7 +96,7 @@ template <int kThreads, typename scalar_t, typename Targets, typename Visit>
 __device__ __forceinline__ void visit_row(const scalar_t* logits, const Targets& targets,
                                           scalar_t* out, int64_t n, int lane, Visit visit) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = kVecWidth<scalar_t>;
   using SPack = Pack<scalar_t, kVec>;
   const int64_t misalignment =
       static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(logits) % sizeof(SPack)) /
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads* kRows)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + local_row;
   if (row >= rows) return;  // whole rows only: a warp row, or a block row that always exists
   const int64_t offset = row * n;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = kVecWidth<scalar_t>;
   zlpr_row<kThreads>(logits + offset, DenseTargets<label_t, kVec>{labels + offset},
                      grad == nullptr ? nullptr : grad + offset, n, lane, temp[local_row],
                      shared_sums[local_row], row_loss + row);
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads* kRows)
     atomicOr(bits + (index >> 5), 1u << (index & 31));
   }
   Reducer::sync();
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = kVecWidth<scalar_t>;
   const int64_t offset = row * n;
   zlpr_row<kThreads>(logits + offset, BitmapTargets<kVec>{bits},
                      grad == nullptr ? nullptr : grad + offset, n, lane, temp[local_row],
