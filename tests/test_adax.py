@@ -530,12 +530,20 @@ def captured_step(optimizer):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_capture_of_the_fused_step():
-    needs_kernel("adax_", "cuda")
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)])
+@pytest.mark.parametrize("schedule", [False, True])
+def test_cuda_graph_capture(flags, schedule):
+    """A captured step replayed equals eager steps; with a schedule, StepLR changes a tensor
+    lr on the params' device between replays and the replays follow it."""
+    if flags.get("fused"):
+        needs_kernel("adax_", "cuda")
     model = _model().cuda()
-    optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2, fused=True, capturable=True)
+    lr = torch.tensor(1e-2, device="cuda") if schedule else 1e-2
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=lr, capturable=True, **flags)
     eager_model = copy.deepcopy(model)
-    eager_opt = kxops.optim.AdaXW(eager_model.parameters(), lr=1e-2, fused=True)
+    eager_opt = kxops.optim.AdaXW(eager_model.parameters(), lr=1e-2, **flags)
+    schedulers = ([torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+                   for o in (optimizer, eager_opt)] if schedule else [])
     x = torch.randn(8, 6, device="cuda")
     for m in (model, eager_model):
         m(x).square().mean().backward()
@@ -543,6 +551,8 @@ def test_cuda_graph_capture_of_the_fused_step():
     eager_opt.step()
     graph = captured_step(optimizer)
     for _ in range(3):
+        for scheduler in schedulers:
+            scheduler.step()
         graph.replay()
         eager_opt.step()
     torch.cuda.synchronize()
@@ -550,6 +560,24 @@ def test_cuda_graph_capture_of_the_fused_step():
         assert_close(a.detach(), b.detach())
     # One eager step, then three replays of the captured one.
     assert optimizer.state[next(model.parameters())]["step"].item() == 4
+    if schedule:
+        assert optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)])
+def test_capture_refuses_a_cpu_lr_tensor(flags):
+    if flags.get("fused"):
+        needs_kernel("adax_", "cuda")
+    model = _model().cuda()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=torch.tensor(1e-2), capturable=True,
+                                  **flags)
+    optimizer.step()  # eager: allowed
+    with pytest.raises(RuntimeError, match="needs lr on the params' device"):
+        captured_step(optimizer)
 
 
 @pytest.mark.cuda
@@ -948,41 +976,6 @@ def test_capture_rejects_an_lr_tensor_on_another_device(monkeypatch):
              [torch.zeros((), device="meta")], foreach=True, capturable=True,
              lr=torch.tensor(1e-2), beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8,
              decoupled=True, maximize=False)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)])
-def test_cuda_graph_capture_with_an_lr_scheduler(flags):
-    if flags.get("fused"):
-        needs_kernel("adax_", "cuda")
-    model = _model().cuda()
-    lr = torch.tensor(1e-2, device="cuda")
-    optimizer = kxops.optim.AdaXW(model.parameters(), lr=lr, capturable=True, **flags)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    eager_model = copy.deepcopy(model)
-    eager_opt = kxops.optim.AdaXW(eager_model.parameters(), lr=1e-2, **flags)
-    eager_scheduler = torch.optim.lr_scheduler.StepLR(eager_opt, step_size=1, gamma=0.5)
-    x = torch.randn(8, 6, device="cuda")
-    for m in (model, eager_model):
-        m(x).square().mean().backward()
-    optimizer.step()  # state is created outside the capture
-    eager_opt.step()
-    graph = captured_step(optimizer)
-    for _ in range(3):
-        scheduler.step()
-        eager_scheduler.step()
-        graph.replay()
-        eager_opt.step()
-    torch.cuda.synchronize()
-    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 8)
-    for a, b in zip(model.parameters(), eager_model.parameters()):
-        assert_close(a.detach(), b.detach())
-    cpu_lr = kxops.optim.AdaXW(model.parameters(), lr=torch.tensor(1e-2), capturable=True,
-                               **flags)
-    cpu_lr.step()  # eager: allowed
-    with pytest.raises(RuntimeError, match="needs lr on the params' device"):
-        captured_step(cpu_lr)
 
 
 def test_op_with_one_meta_tensor_is_refused():
