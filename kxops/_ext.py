@@ -100,6 +100,12 @@ def block_has_kernels(block: str, device_type: str) -> bool:
     return all((op, device_type) in KERNELS for op in BLOCK_OPS[block])
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active: the autograd that
+    torch.library gives the ops cannot run under them, so the wrappers run the references."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def check_devices(op: str, anchor_name: str, anchor, **tensors) -> None:
     """The fake (meta) kernels run for every call with a meta tensor among its arguments, so a
     mix of meta and real tensors reaches them: they refuse it as the C++ kernels' device check

@@ -35,7 +35,7 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
             residual)
     mask_needs_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
     if (not _ext.has_kernel("gated_conv", x.device) or mask_needs_grad
-            or _under_functorch()):
+            or _ext.functorch_active()):
         return ref.gated_conv_from_keep(*args)
     if mask is not None:
         mask = mask.to(x.dtype)
@@ -45,12 +45,6 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
 def _autocast_enabled(device_type):
     # is_autocast_enabled raises for device types without autocast (meta, ...).
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def _under_functorch():
-    """Whether a torch.func transform (grad, vmap, jvp, ...) is active: the op's autograd, made
-    by torch.library, does not support them, the reference's pure PyTorch does."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _empty_grad_unless(present, like, shape):

@@ -10,10 +10,8 @@ _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _use_kernel(op, logits):
-    # functorch transforms (torch.func.grad, vmap, ...) cannot run the autograd that
-    # register_autograd gives the op (no setup_context): the reference runs under them.
     return (_ext.has_kernel(op, logits.device) and logits.dtype in _KERNEL_DTYPES
-            and not torch._C._are_functorch_transforms_active())
+            and not _ext.functorch_active())
 
 
 def _needs_grad(logits):
