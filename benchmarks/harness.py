@@ -102,6 +102,38 @@ def peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
+_PEAK_RSS_SCRIPT = """
+import gc, sys
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+exec(sys.argv[1])
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS")
+exec(sys.argv[2])
+print(status("VmHWM") - before)
+"""
+
+
+def peak_rss_growth_bytes(setup, measured, timeout=900):
+    """How far the peak resident memory of a fresh Python process rises while it runs the code
+    ``measured``, after ``setup`` (imports, inputs) has run: the CPU counterpart of
+    peak_extra_bytes, for tests and benchmarks of memory bounds (Linux /proc)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, setup, measured],
+                          capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak_rss_growth_bytes: the measured process failed:\n{done.stderr}")
+    return int(done.stdout.split()[-1])
+
+
 def saved_for_backward_bytes(fn, persistent=()):
     """Bytes of memory that the tensors autograd saves while fn runs keep alive: whole
     storages, each counted once (a saved view keeps its base's storage), leaving out the
