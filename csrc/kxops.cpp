@@ -68,6 +68,32 @@ TORCH_LIBRARY(kxops, m) {
   // Scales the saved per-row gradient by grad_loss (shape logits.shape[:-1]).
   m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");
 
+  // Fused linear + sparse ZLPR head: the loss of sparse_zlpr(input @ weight.T + bias) without
+  // the [N, C] logits. Returns (loss reduced by "mean", "sum" or "none", grad_input,
+  // grad_weight, grad_bias): the gradients of the mean (for "mean") or of the sum of the row
+  // losses, empty where grad_mask (input, weight, bias) is false. block_rows: rows of logits
+  // per block, 0 = chosen from the sizes.
+  m.def(
+      "linear_sparse_zlpr(Tensor input, Tensor weight, Tensor? bias, Tensor positives, "
+      "int ignore_index, str reduction, bool[3] grad_mask, int block_rows) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Reduction "none"'s backward: the gradients of sum(grad_loss * row loss), logits recomputed.
+  m.def(
+      "linear_sparse_zlpr_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor positives, int ignore_index, bool[3] grad_mask, int block_rows) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Label parallel: per-row [..., 2] log-sums of the negatives' e^s and the positives' e^-s
+  // over the weight's classes, [class_offset, class_offset + C) of num_classes (positives hold
+  // global ids) ...
+  m.def(
+      "linear_sparse_zlpr_partials(Tensor input, Tensor weight, Tensor? bias, Tensor positives, "
+      "int ignore_index, int class_offset, int num_classes, int block_rows) -> Tensor");
+  // ... and the gradients of sum(grad_loss * row loss) given log_z = log(1 + the merged sums).
+  m.def(
+      "linear_sparse_zlpr_partials_backward(Tensor grad_loss, Tensor log_z, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor positives, int ignore_index, int class_offset, "
+      "int num_classes, bool[3] grad_mask, int block_rows) -> (Tensor, Tensor, Tensor)");
+
   // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
   m.def(
       "adax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "

@@ -16,6 +16,7 @@ BLOCK_OPS = {
     "gated_conv": ("gated_conv", "gated_conv_backward"),
     "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
     "adax": ("adax_",),
+    "linear_sparse_zlpr": ("linear_sparse_zlpr", "linear_sparse_zlpr_backward", "linear_sparse_zlpr_partials", "linear_sparse_zlpr_partials_backward", "sparse_zlpr"),  # noqa: E501
 }
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 

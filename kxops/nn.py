@@ -160,3 +160,102 @@ class SparseZLPRLoss(nn.Module):
     def forward(self, logits, positives):
         return sparse_zlpr_loss(logits, positives, ignore_index=self.ignore_index,
                                 reduction=self.reduction)
+
+
+# ---- the fused linear + sparse ZLPR head ----
+
+from kxops.linear_sparse_zlpr import block_rows_for, linear_sparse_zlpr_loss  # noqa: E402
+
+__all__ += ["LinearZLPR"]
+
+
+class LinearZLPR(nn.Module):
+    """A linear classification head over ``num_labels`` labels trained with the sparse ZLPR
+    loss without its ``[N, num_labels]`` logits (``kxops.linear_sparse_zlpr_loss``): for
+    extreme multi-label heads (hundreds of thousands of labels).
+
+    ``weight`` ``[num_labels, in_features]`` and ``bias`` ``[num_labels]`` have ``nn.Linear``'s
+    names, layout and initialisation (a trained ``nn.Linear``'s state dict loads as is).
+    How the loss is taken is fixed at construction, as in torch's loss modules:
+    ``ignore_index``, ``reduction``, ``process_group`` (label parallel: this module holds its
+    rank's contiguous slice of the labels, in rank order, and ``num_labels`` is the slice's
+    size; see ``linear_sparse_zlpr_loss``) and ``block_rows`` (rows of logits per block; None:
+    chosen from the sizes).
+
+    ``forward(input, positives)`` is the loss; ``logits(input)`` the full ``[..., num_labels]``
+    scores (materialised); ``predict`` the top-k labels or the labels above a threshold, one
+    block of rows at a time. ``logits`` and ``predict`` see this module's own labels (its
+    slice under label parallel, numbered from 0).
+    """
+
+    def __init__(self, in_features, num_labels, bias=True, *, ignore_index=-1,
+                 reduction="mean", process_group=None, block_rows=None, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.num_labels = in_features, num_labels
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.process_group, self.block_rows = process_group, block_rows
+        self.weight = nn.Parameter(torch.empty(num_labels, in_features, **factory))
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(num_labels, **factory)) if bias else None)
+        self.reset_parameters()
+
+    reset_parameters = nn.Linear.reset_parameters
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A head that shares ``linear``'s weight and bias (the same Parameter objects: training
+        either trains both). ``kwargs``: the constructor's keywords but device and dtype."""
+        head = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   device="meta", **kwargs)
+        head.weight = linear.weight
+        head.bias = linear.bias
+        return head
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, num_labels={self.num_labels}, "
+                f"bias={self.bias is not None}, reduction={self.reduction!r}")
+
+    def forward(self, input, positives):
+        return linear_sparse_zlpr_loss(input, self.weight, positives, self.bias,
+                                       ignore_index=self.ignore_index, reduction=self.reduction,
+                                       process_group=self.process_group,
+                                       block_rows=self.block_rows)
+
+    def logits(self, input):
+        """``input @ weight.T + bias``: ``[..., num_labels]``, materialised."""
+        return nn.functional.linear(input, self.weight, self.bias)
+
+    @torch.no_grad()
+    def predict(self, input, k=None, threshold=0.0):
+        """Top-``k`` ``(scores, indices)`` per row (each ``[..., k]``) when ``k`` is given, as
+        ``logits(input).topk(k)``; otherwise the ``(row..., label)`` index pairs whose score is
+        above ``threshold``, ``[M, input.dim()]``, as ``(logits(input) > threshold).nonzero()``.
+        The logits exist one block of rows at a time (the loss's block size)."""
+        if not isinstance(input, torch.Tensor) or input.dim() < 1:
+            raise ValueError("predict: input must be a tensor [..., in_features]")
+        if input.shape[-1] != self.in_features:
+            raise ValueError(f"predict: input must have {self.in_features} features, got "
+                             f"{input.shape[-1]}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool)
+                              or not 0 <= k <= self.num_labels):
+            raise ValueError(f"predict: k must be an int in [0, {self.num_labels}], got {k!r}")
+        lead = input.shape[:-1]
+        rows = input.reshape(-1, self.in_features)
+        step = self.block_rows or block_rows_for(rows.shape[0], self.weight)
+        if k is not None:
+            scores = rows.new_empty((rows.shape[0], k), dtype=self.weight.dtype)
+            indices = torch.empty((rows.shape[0], k), dtype=torch.long, device=rows.device)
+            for start in range(0, rows.shape[0], step):
+                top = self.logits(rows[start:start + step]).topk(k, dim=-1)
+                scores[start:start + step], indices[start:start + step] = top
+            return scores.view(*lead, k), indices.view(*lead, k)
+        pairs = [torch.empty((0, 2), dtype=torch.long, device=rows.device)]
+        for start in range(0, rows.shape[0], step):
+            found = (self.logits(rows[start:start + step]) > threshold).nonzero()
+            found[:, 0] += start
+            pairs.append(found)
+        pairs = torch.cat(pairs)
+        row_index = torch.unravel_index(pairs[:, 0], lead) if lead else ()
+        return torch.stack([*row_index, pairs[:, 1]], -1)

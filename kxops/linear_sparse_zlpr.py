@@ -1,0 +1,360 @@
+"""Fused linear + sparse ZLPR head: public function, fake kernels and autograd of
+kxops::linear_sparse_zlpr and its recompute ops; label parallel over torch.distributed."""
+
+import zlib
+
+import torch
+
+from kxops import _ext
+from kxops.reference import linear_sparse_zlpr as ref
+from kxops.reference import zlpr as zlpr_ref
+
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = zlpr_ref.REDUCTIONS
+
+
+def _use_kernel(input):
+    return (_ext.block_has_kernels("linear_sparse_zlpr", input.device.type)
+            and input.dtype in _KERNEL_DTYPES and not _ext.functorch_active())
+
+
+def _needs_grad(t):
+    return t is not None and torch.is_grad_enabled() and t.requires_grad
+
+
+def _autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (meta, ...).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _check_block_rows(block_rows):
+    if block_rows is None:
+        return 0
+    if not isinstance(block_rows, int) or isinstance(block_rows, bool):
+        raise TypeError(f"block_rows must be an int or None, got {type(block_rows).__name__}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1 (or None: chosen from the sizes), got "
+                         f"{block_rows}")
+    return block_rows
+
+
+def block_rows_for(rows, weight):
+    """The rows of logits per block that the C++ driver picks (its rows_per_block): a block
+    holds at most max(weight bytes, 128 MiB) of logits, at least one row."""
+    budget = max(weight.numel() * weight.element_size(), 128 * 2**20)
+    per_row = max(weight.shape[0], 1) * weight.element_size()
+    return max(1, min(budget // per_row, rows))
+
+
+def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,
+                            bias=None, *, ignore_index: int = -1, reduction: str = "mean",
+                            process_group=None, block_rows=None):
+    """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)`` without the logits.
+
+    ``input`` ``[..., d]`` (every leading index is a row), ``weight`` ``[C, d]`` and ``bias``
+    ``[C]`` (``nn.Linear``'s layout), ``positives`` ``[..., P]`` int32/int64 class ids padded by
+    ``ignore_index``; duplicates count once, an out-of-range id raises ``IndexError`` (CPU;
+    a device-side assert on CUDA, as ``sparse_zlpr_loss``). Same loss and same gradients of
+    ``input``, ``weight`` and ``bias``; the ZLPR math in fp32 (fp64 for fp64), the logits made
+    in the input dtype as ``F.linear`` makes them (under autocast, in the autocast dtype).
+
+    Memory: the logits exist one block of rows at a time, never ``[N, C]``. A block holds at
+    most ``max(weight bytes, 128 MiB)`` of logits (``block_rows`` overrides the rows per
+    block); beyond the inputs and the gradients, a step needs about two such blocks (the logits
+    and their gradient) plus, for fp16/bf16, an fp32 accumulator of ``weight``'s gradient and a
+    scratch of its size. At N 512, d 64, C 2^19 (1 GiB of fp32 logits) a forward+backward grows
+    the peak memory by 0.38 GiB, ``weight.grad`` included.
+
+    ``reduction`` ``"mean"``/``"sum"`` computes the gradients in the forward pass (three GEMMs
+    per block, as the materialised path); ``"none"`` (per-row loss, ``input.shape[:-1]``)
+    recomputes each block's logits in backward (four GEMMs), since the weight's gradient needs
+    each row's upstream gradient; so does label parallel.
+
+    ``process_group`` (label parallel): each rank holds a contiguous slice of the classes in
+    rank order (``weight``/``bias`` are its rows); ``input`` and ``positives`` (global ids) are
+    the same on every rank. Every rank returns the loss of the whole label set, the full
+    ``input`` gradient, and its slice's ``weight``/``bias`` gradients. Forward all-gathers two
+    numbers per row, backward all-reduces ``input``'s gradient; a bad argument on any rank
+    raises on every rank (checked before the first data collective).
+
+    Second derivatives (mean/sum, one process) run through the reference's autograd
+    (materialised); ``"none"`` and label parallel refuse them.
+    """
+    if (isinstance(input, torch.Tensor) and _autocast_enabled(input.device.type)
+            and input.is_floating_point() and input.dtype != torch.float64):
+        # The logits GEMM runs in the autocast dtype, as F.linear's would.
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias = (t.to(dtype) if isinstance(t, torch.Tensor) else t
+                               for t in (input, weight, bias))
+    if process_group is not None:
+        return _label_parallel(input, weight, bias, positives, ignore_index, reduction,
+                               block_rows, process_group)
+    block = _check_block_rows(block_rows)
+    ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    if not _use_kernel(input):
+        return ref.linear_sparse_zlpr_loss(input, weight, positives, bias,
+                                           ignore_index=ignore_index, reduction=reduction)
+    # "none": the gradients need each row's upstream gradient; backward computes them.
+    grad_mask = [reduction != "none" and _needs_grad(t) for t in (input, weight, bias)]
+    loss = torch.ops.kxops.linear_sparse_zlpr(input, weight, bias, positives, ignore_index,
+                                              reduction, grad_mask, block)[0]
+    return loss.to(input.dtype)
+
+
+# ---- label parallel: per-row sums of each rank's class slice, merged over the ranks ----
+
+def _slice_ops(input):
+    if _use_kernel(input):
+        return (torch.ops.kxops.linear_sparse_zlpr_partials,
+                torch.ops.kxops.linear_sparse_zlpr_partials_backward)
+
+    def partials(input, weight, bias, positives, ignore_index, offset, num_classes, block):
+        return ref.slice_partials(input, weight, bias, positives, ignore_index, offset,
+                                  num_classes)
+
+    def backward(grad_loss, log_z, input, weight, bias, positives, ignore_index, offset,
+                 num_classes, grad_mask, block):
+        return ref.slice_partials_backward(grad_loss, log_z, input, weight, bias, positives,
+                                           ignore_index, offset, num_classes)
+
+    return partials, backward
+
+
+class _Recompute(torch.autograd.Function):
+    """Row losses ``log(1 + Z_neg) + log(1 + Z_pos)`` from each rank's partial sums merged over
+    ``group``; backward recomputes the logits block by block given the merged sums and
+    all-reduces ``input``'s gradient over the ranks."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, positives, ignore_index, block, group, offset,
+                num_classes):
+        partials_op, _ = _slice_ops(input)
+        args = (positives, ignore_index, offset, num_classes)
+        partials = _merge_over_ranks(partials_op(input, weight, bias, *args, block), group)
+        log_z = torch.logaddexp(partials, partials.new_zeros(()))
+        ctx.save_for_backward(input, weight, bias, positives, log_z)
+        ctx.config = (ignore_index, offset, num_classes, block, group)
+        return log_z.sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        input, weight, bias, positives, log_z = ctx.saved_tensors
+        ignore_index, offset, num_classes, block, group = ctx.config
+        mask = list(ctx.needs_input_grad[:3])
+        _, backward_op = _slice_ops(input)
+        grad_input, grad_weight, grad_bias = backward_op(
+            grad_loss, log_z, input, weight, bias, positives, ignore_index, offset, num_classes,
+            mask, block)
+        if mask[0]:
+            torch.distributed.all_reduce(grad_input, group=group)
+        return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+                grad_bias if mask[2] else None, None, None, None, None, None, None)
+
+
+def _merge_over_ranks(partials, group):
+    """Each row's log-sums over all ranks' slices (exact: a log-sum-exp of log-sums)."""
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(partials) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, partials.contiguous(), group=group)
+    return torch.stack(gathered).logsumexp(0)
+
+
+def _label_parallel(input, weight, bias, positives, ignore_index, reduction, block_rows,
+                    group):
+    """Checks every rank's arguments in one first collective (a bad argument raises on every
+    rank, nothing waits for a rank that raised), then the recompute path over the ranks."""
+    import torch.distributed as dist
+
+    error = None
+    try:
+        block = _check_block_rows(block_rows)
+        ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    if error is None:
+        ids = positives.long()[positives.long() != ignore_index]
+        shape = [input.dim(), *input.shape[:-1], input.shape[-1], positives.shape[-1]]
+        # What must agree across ranks, reduced to a few integers.
+        key = zlib.crc32(repr((shape, str(input.dtype), ignore_index, reduction)).encode())
+        row = [1, weight.shape[0], key, int(ids.min()) if ids.numel() else 0,
+               int(ids.max()) if ids.numel() else -1]
+    else:
+        row = [0, 0, 0, 0, -1]
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    table = torch.stack(table).tolist()
+    if error is not None:
+        raise error
+    bad = [r for r, entry in enumerate(table) if not entry[0]]
+    if bad:
+        raise RuntimeError(f"linear_sparse_zlpr_loss: rank(s) {bad} of the process group got "
+                           "invalid arguments (their own error says which)")
+    if len({entry[2] for entry in table}) != 1:
+        raise ValueError("linear_sparse_zlpr_loss: input, positives (shapes, dtype), "
+                         "ignore_index and reduction must be the same on every rank")
+    sizes = [entry[1] for entry in table]
+    offset, num_classes = sum(sizes[:rank]), sum(sizes)
+    low, high = min(e[3] for e in table), max(e[4] for e in table)
+    if low < 0 or high >= num_classes:
+        raise IndexError(f"positives holds class index {low if low < 0 else high}, out of range "
+                         f"for {num_classes} classes (valid: 0..{num_classes - 1}, or "
+                         f"ignore_index={ignore_index} for padding)")
+    row_loss = _Recompute.apply(input, weight, bias, positives, ignore_index, block, group,
+                                offset, num_classes)
+    return zlpr_ref.reduce_loss(row_loss, reduction, input.dtype)
+
+
+_NO_DOUBLE_BACKWARD = (
+    "kxops.linear_sparse_zlpr_loss does not support double backward (second-order "
+    "gradients); use kxops.reference.linear_sparse_zlpr_loss for them")
+
+
+if _ext.LOADED:
+
+    def _grads_fake(input, weight, bias, grad_mask):
+        present = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
+        shapes = (input.shape, weight.shape, weight.shape[:1])
+        # The kernels return contiguous gradients.
+        return tuple(input.new_empty(shape if want else (0,))
+                     for want, shape in zip(present, shapes))
+
+    def _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, **others):
+        _ext.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
+                           **others)
+        ref.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
+        if input.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"kxops.{op}: input must be float64, float32, float16 or bfloat16, "
+                            f"got {input.dtype}")
+        if block_rows < 0:
+            raise ValueError(f"kxops.{op}: block_rows must be >= 0, got {block_rows}")
+
+    def _check_slice_fake(op, weight, class_offset, num_classes):
+        if class_offset < 0 or class_offset > num_classes - weight.shape[0]:
+            raise ValueError(f"kxops.{op}: the weight's {weight.shape[0]} classes from "
+                             f"class_offset {class_offset} do not fit in num_classes="
+                             f"{num_classes}")
+
+    @torch.library.register_fake("kxops::linear_sparse_zlpr")
+    def _forward_fake(input, weight, bias, positives, ignore_index, reduction, grad_mask,
+                      block_rows):
+        _check_fake("linear_sparse_zlpr", input, weight, bias, positives, ignore_index,
+                    block_rows)
+        zlpr_ref.check_reduction(reduction)
+        loss = input.new_empty(input.shape[:-1] if reduction == "none" else (),
+                               dtype=zlpr_ref.opmath_dtype(input.dtype))
+        return (loss, *_grads_fake(input, weight, bias, grad_mask))
+
+    def _check_grad_loss_fake(op, grad_loss, input):
+        if not grad_loss.is_floating_point():
+            raise TypeError(f"kxops.{op}: grad_loss must be floating point, got "
+                            f"{grad_loss.dtype}")
+        if grad_loss.shape != input.shape[:-1]:
+            raise ValueError(f"kxops.{op}: grad_loss must have shape {tuple(input.shape[:-1])}, "
+                             f"got {tuple(grad_loss.shape)}")
+
+    @torch.library.register_fake("kxops::linear_sparse_zlpr_backward")
+    def _backward_fake(grad_loss, input, weight, bias, positives, ignore_index, grad_mask,
+                       block_rows):
+        op = "linear_sparse_zlpr_backward"
+        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
+                    grad_loss=grad_loss)
+        _check_grad_loss_fake(op, grad_loss, input)
+        return _grads_fake(input, weight, bias, grad_mask)
+
+    @torch.library.register_fake("kxops::linear_sparse_zlpr_partials")
+    def _partials_fake(input, weight, bias, positives, ignore_index, class_offset, num_classes,
+                       block_rows):
+        _check_fake("linear_sparse_zlpr_partials", input, weight, bias, positives,
+                    ignore_index, block_rows)
+        _check_slice_fake("linear_sparse_zlpr_partials", weight, class_offset, num_classes)
+        return input.new_empty((*input.shape[:-1], 2),
+                               dtype=zlpr_ref.opmath_dtype(input.dtype))
+
+    @torch.library.register_fake("kxops::linear_sparse_zlpr_partials_backward")
+    def _partials_backward_fake(grad_loss, log_z, input, weight, bias, positives, ignore_index,
+                                class_offset, num_classes, grad_mask, block_rows):
+        op = "linear_sparse_zlpr_partials_backward"
+        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
+                    grad_loss=grad_loss, log_z=log_z)
+        _check_slice_fake(op, weight, class_offset, num_classes)
+        _check_grad_loss_fake(op, grad_loss, input)
+        if log_z.dtype != zlpr_ref.opmath_dtype(input.dtype):
+            raise TypeError(f"kxops.{op}: log_z must be {zlpr_ref.opmath_dtype(input.dtype)}, "
+                            f"got {log_z.dtype}")
+        if log_z.shape != (*input.shape[:-1], 2):
+            raise ValueError(f"kxops.{op}: log_z must have shape {(*input.shape[:-1], 2)}, got "
+                             f"{tuple(log_z.shape)}")
+        return _grads_fake(input, weight, bias, grad_mask)
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, positives, ignore_index, reduction, grad_mask, block_rows = inputs
+        ctx.save_for_backward(input, weight, bias, positives, *output[1:])
+        ctx.config = (ignore_index, reduction, tuple(grad_mask), block_rows)
+        # The gradient outputs are internal: no zeros for their "gradients" per backward.
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, grad_loss, *grads_of_grads):
+        """Mean/sum: the forward's gradients times grad_loss (a scalar); a gradient the forward
+        was not asked for (a direct call of the op) is computed by the op again. "none": the
+        backward op, the logits recomputed. A gradient reaching the gradient outputs (a double
+        backward) adds their Hessian-vector product, through the reference's autograd
+        (materialised: second derivatives are not the fused path's purpose)."""
+        input, weight, bias, positives, *saved = ctx.saved_tensors
+        ignore_index, reduction, grad_mask, block_rows = ctx.config
+        wanted = ctx.needs_input_grad[:3]
+        total = [None, None, None]
+        if grad_loss is not None and reduction == "none":
+            total = torch.ops.kxops.linear_sparse_zlpr_backward(
+                grad_loss, input, weight, bias, positives, ignore_index, list(wanted),
+                block_rows)
+        elif grad_loss is not None:
+            if any(w and not m for w, m in zip(wanted, grad_mask)):
+                saved = torch.ops.kxops.linear_sparse_zlpr(input, weight, bias, positives,
+                                                           ignore_index, reduction,
+                                                           list(wanted), block_rows)[1:]
+            total = [g * grad_loss if w else None for g, w in zip(saved, wanted)]
+        if any(g is not None for g in grads_of_grads):
+            hvp = _reference_hvp(input, weight, bias, positives, ignore_index, reduction,
+                                 grads_of_grads)
+            total = [h if t is None else t if h is None else t + h for t, h in zip(total, hvp)]
+        return (*[t if w else None for t, w in zip(total, wanted)], *(None,) * 5)
+
+    def _reference_hvp(input, weight, bias, positives, ignore_index, reduction, vectors):
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_() for t in
+                      (input, weight, bias)]
+            # The forward checked the ids' range (a check here would sync, and break tracing).
+            logits = torch.nn.functional.linear(*leaves)
+            labels = zlpr_ref.positives_to_dense(positives, ignore_index, logits.shape[-1])
+            # The gradient outputs are those of the mean, or of the sum of the row losses.
+            loss = zlpr_ref.reduce_loss(zlpr_ref.zlpr_row_loss(logits, labels),
+                                        "mean" if reduction == "mean" else "sum", logits.dtype)
+            pairs = [(leaf, v) for leaf, v in zip(leaves, vectors)
+                     if leaf is not None and v is not None and v.numel()]
+            if not pairs:
+                return [None, None, None]
+            present = [leaf for leaf in leaves if leaf is not None]
+            grads = torch.autograd.grad(loss, [leaf for leaf, _ in pairs], create_graph=True)
+            hvp = torch.autograd.grad(grads, present, [v for _, v in pairs], allow_unused=True)
+        found = iter(hvp)
+        return [None if leaf is None else next(found) for leaf in leaves]
+
+    torch.library.register_autograd("kxops::linear_sparse_zlpr", _backward,
+                                    setup_context=_setup_context)
+
+    def _not_differentiable(op):
+        def backward(ctx, *grads):
+            raise NotImplementedError(
+                f"kxops::{op} is not differentiable by autograd; kxops.linear_sparse_zlpr_loss "
+                "differentiates it (it is part of a custom backward)")
+        return backward
+
+    for _op in ("linear_sparse_zlpr_backward", "linear_sparse_zlpr_partials",
+                "linear_sparse_zlpr_partials_backward"):
+        torch.library.register_autograd(f"kxops::{_op}", _not_differentiable(_op),
+                                        setup_context=lambda ctx, inputs, output: None)

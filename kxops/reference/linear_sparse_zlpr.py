@@ -1,0 +1,93 @@
+"""The linear + sparse ZLPR head in pure PyTorch, materialised: the ground truth.
+
+``linear_sparse_zlpr_loss(input, weight, positives, bias)`` is
+``sparse_zlpr_loss(F.linear(input, weight, bias), positives)``. The two slice functions are the
+label-parallel split of the same loss (each process holds the classes
+``[class_offset, class_offset + C)`` of ``num_classes``), used where no compiled kernel exists.
+"""
+
+import torch
+
+from kxops.reference import zlpr
+
+
+def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction):
+    """The arguments' contract, shared by the compiled ops' fake kernels."""
+    zlpr.check_logits(input, "input")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but input has dtype {input.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"weight must be [num_classes, in_features={input.shape[-1]}], got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}; put "
+                         "all inputs on the same device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {input.dtype}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be [num_classes={weight.shape[0]}], got "
+                             f"{tuple(bias.shape)}")
+        if bias.device != input.device:
+            raise ValueError(f"bias is on {bias.device} but input is on {input.device}; put "
+                             "all inputs on the same device")
+    # The positives' rules are the sparse ZLPR loss's, against the logits' shape (on meta:
+    # free); the device check is then against input's.
+    if not isinstance(positives, torch.Tensor):
+        raise TypeError(f"positives must be a Tensor, got {type(positives).__name__}")
+    logits = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device="meta")
+    zlpr.check_sparse_zlpr_inputs(logits, positives.to("meta"), ignore_index, reduction)
+    if positives.device != input.device:
+        raise ValueError(f"positives are on {positives.device} but input is on {input.device}; "
+                         "put all inputs on the same device")
+
+
+def linear_sparse_zlpr_loss(input, weight, positives, bias=None, *, ignore_index=-1,
+                            reduction="mean"):
+    """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)``, the full logits held."""
+    check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    logits = torch.nn.functional.linear(input, weight, bias)
+    return zlpr.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
+                                 reduction=reduction)
+
+
+def _slice(logits, positives, ignore_index, class_offset, num_classes):
+    """(logits in fp32/fp64, bool [..., C] of the slice's positives)."""
+    zlpr.check_positives_in_range(positives, ignore_index, num_classes)
+    classes = logits.shape[-1]
+    local = positives.long() - class_offset
+    mine = (positives.long() != ignore_index) & (local >= 0) & (local < classes)
+    dense = zlpr.positives_to_dense(torch.where(mine, local, classes), classes, classes)
+    return logits.to(zlpr.opmath_dtype(logits.dtype)), dense
+
+
+def slice_partials(input, weight, bias, positives, ignore_index, class_offset, num_classes):
+    """[..., 2]: per row, ``log sum e^{s_j}`` over the slice's negatives and ``log sum
+    e^{-s_j}`` over its positives (-inf for an empty sum; -inf logits left out)."""
+    s, pos = _slice(torch.nn.functional.linear(input, weight, bias), positives, ignore_index,
+                    class_offset, num_classes)
+    kept = ~torch.isneginf(s)
+    neg = torch.where(pos | ~kept, -torch.inf, s).logsumexp(-1)
+    pos = torch.where(pos & kept, -s, -torch.inf).logsumexp(-1)
+    return torch.stack([neg, pos], -1)
+
+
+def slice_partials_backward(grad_loss, log_z, input, weight, bias, positives, ignore_index,
+                            class_offset, num_classes):
+    """Gradients (input's share, weight, bias) of ``sum(grad_loss * row_loss)`` given ``log_z``
+    = log(1 + each merged sum): ``e^{s - log Z_neg}`` at a negative, ``-e^{-s - log Z_pos}`` at
+    a positive, 0 at a -inf logit."""
+    logits = torch.nn.functional.linear(input, weight, bias)
+    s, pos = _slice(logits, positives, ignore_index, class_offset, num_classes)
+    z = log_z.unsqueeze(-2)
+    g = torch.where(pos, -torch.exp(-s - z[..., 1]), torch.exp(s - z[..., 0]))
+    g = torch.where(torch.isneginf(s), 0, g) * grad_loss.unsqueeze(-1).to(s.dtype)
+    g = g.to(logits.dtype)
+    rows = g.reshape(-1, g.shape[-1])
+    grad_weight = rows.T @ input.reshape(-1, input.shape[-1])
+    grad_bias = rows.sum(0, dtype=s.dtype).to(logits.dtype) if bias is not None else None
+    return g @ weight, grad_weight, grad_bias
