@@ -8,6 +8,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch>=2.4
 DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest ninja ruff clang-format \
             matplotlib tqdm setuptools wheel
+# bert4torch's GlobalPointer layers are the yardstick of kxops.nn.GlobalPointer; the tests load
+# its two layer files directly (its package import needs tokenizer extras), so no dependencies.
+TEST_ONLY_DEPS := bert4torch==0.6.2
 STAMP := $(VENV)/.kxops-deps
 # Arguments for benchmarks/run.py (CI: --quick --out DIR) and the demo's step count.
 BENCH_ARGS ?=
@@ -21,6 +24,7 @@ DEMO_STEPS ?= 400
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install --upgrade-strategy only-if-needed "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(PIP) install --no-deps $(TEST_ONLY_DEPS)
 	$(PY) -c 'import pathlib, sys, sysconfig; \
 	  pathlib.Path(sysconfig.get_paths()["purelib"], "kxops-checkout.pth").write_text(sys.argv[1] + "\n")' \
 	  "$(CURDIR)"

@@ -44,7 +44,8 @@ def format_info(facts: dict) -> str:
         else "built: (extension not loaded)",
         f"GPUs visible: {', '.join(facts['gpus']) or 'none'}",
         "",
-        f"{'op':<12}{'cpu':<12}{'cuda':<12}",
     ]
-    lines += [f"{op:<12}{row['cpu']:<12}{row['cuda']:<12}" for op, row in facts["ops"].items()]
+    rows = [("op", "cpu", "cuda")] + [(op, r["cpu"], r["cuda"]) for op, r in facts["ops"].items()]
+    width = max(len(op) for op, _, _ in rows) + 2
+    lines += [f"{op:<{width}}{cpu:<12}{cuda}" for op, cpu, cuda in rows]
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def test_info_lists_every_block_on_every_device():
     facts = kxops.info()
     assert facts["kxops"] == kxops.__version__
     assert facts["torch"] == torch.__version__
-    assert set(facts["ops"]) == {"gated_conv", "zlpr", "adax"}
+    assert set(facts["ops"]) == {"gated_conv", "zlpr", "adax", "linear_sparse_zlpr"}
     for row in facts["ops"].values():
         assert set(row) == {"cpu", "cuda"}
         assert row["cpu"] in ("kernel", "reference")
