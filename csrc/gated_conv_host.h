@@ -16,7 +16,10 @@
 
 #include <algorithm>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "gated_conv_math.h"
 
@@ -34,15 +37,88 @@ struct EpilogueArgs {
 };
 
 // The ops are public (torch.ops.kxops.*), so every argument is checked here before any memory
-// is touched, with the Python wrapper's error types (TypeError for a dtype, ValueError for a
-// shape or a value).
+// is touched, in the words and error types of the Python wrapper's checks
+// (kxops/reference/gated_conv.py) after the op's name; only a device mismatch is a
+// RuntimeError here, as for every kxops op.
+
+// A shape or dtype as Python prints it: (2, 3), (4,), torch.float32.
+inline std::string py(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i > 0 ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+inline std::string py(at::ScalarType type) {
+  return "torch." + std::string(c10::getDtypeNames(type).first);
+}
+
 inline void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.layout() == at::kStrided, "kxops gated_conv: ", name,
               " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device() == x.device(), "kxops gated_conv: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name, " has dtype ",
-                   t.scalar_type(), " but x has dtype ", x.scalar_type());
+              " but x is on ", x.device(), "; put all inputs on the same device");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name,
+                   " has dtype ", py(t.scalar_type()), " but x has dtype ", py(x.scalar_type()),
+                   "; they must match");
+}
+
+inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, "kxops gated_conv: ", name, " must have shape ",
+                    py(shape), ", got ", py(t.sizes()));
+}
+
+inline void check_x_and_weight(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.layout() == at::kStrided, "kxops gated_conv: x must be a dense (strided) tensor");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "kxops gated_conv: x must be a floating-point tensor (float64, float32, float16 or "
+      "bfloat16), got dtype ",
+      py(dtype));
+  TORCH_CHECK_VALUE(x.dim() == 3, "kxops gated_conv: x must be [batch, time, channels], got shape ",
+                    py(x.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 3,
+                    "kxops gated_conv: weight must be [2*out_channels, in_channels, kernel_size] "
+                    "(the nn.Conv1d layout), got shape ",
+                    py(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(2), "kxops gated_conv: channel mismatch: x has ",
+                    x.size(2), " channels but weight expects ", weight.size(1), " (weight shape ",
+                    py(weight.sizes()), ")");
+  const int64_t two_out = weight.size(0);
+  TORCH_CHECK_VALUE(two_out > 0 && two_out % 2 == 0,
+                    "kxops gated_conv: weight.shape[0] must be 2*out_channels (value and gate "
+                    "halves), got ",
+                    two_out);
+  TORCH_CHECK_VALUE(weight.size(2) % 2 == 1,
+                    "kxops gated_conv: kernel_size must be odd for a 'same' convolution, got ",
+                    weight.size(2));
+  check_like_x("weight", weight, x);
+}
+
+inline void check_residual(const std::optional<at::Tensor>& residual_weight,
+                           const std::optional<at::Tensor>& residual_bias, bool residual,
+                           const at::Tensor& x, int64_t out) {
+  const int64_t in = x.size(2);
+  if (residual_weight.has_value()) {
+    TORCH_CHECK_VALUE(residual,
+                      "kxops gated_conv: residual_weight is given but residual=False: the "
+                      "projection belongs to the residual branch (drop it, or set residual=True)");
+    check_like_x("residual_weight", *residual_weight, x);
+    check_shape("residual_weight", *residual_weight, {out, in, 1});
+  } else {
+    TORCH_CHECK_VALUE(!residual_bias.has_value(),
+                      "kxops gated_conv: residual_bias needs residual_weight (the 1x1 projection)");
+    TORCH_CHECK_VALUE(!residual || out == in, "kxops gated_conv: residual=True with out_channels=",
+                      out, " != in_channels=", in,
+                      " needs residual_weight [out_channels, in_channels, 1] (a 1x1 projection "
+                      "of x)");
+  }
+  if (residual_bias.has_value()) {
+    check_like_x("residual_bias", *residual_bias, x);
+    check_shape("residual_bias", *residual_bias, {out});
+  }
 }
 
 inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
@@ -52,81 +128,46 @@ inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& residual_weight,
                             const std::optional<at::Tensor>& residual_bias, int64_t dilation,
                             double drop_gate, bool residual) {
-  TORCH_CHECK(x.layout() == at::kStrided, "kxops gated_conv: x must be a dense (strided) tensor");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "kxops gated_conv: x must be float64, float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 3, "kxops gated_conv: x must be [batch, time, channels], got ",
-                    x.sizes());
-  check_like_x("weight", weight, x);
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == x.size(2),
-                    "kxops gated_conv: weight must be [2*out, in=", x.size(2), ", k], got ",
-                    weight.sizes());
-  const int64_t batch = x.size(0), time = x.size(1), in = x.size(2);
-  const int64_t two_out = weight.size(0), out = two_out / 2;
-  TORCH_CHECK_VALUE(two_out > 0 && two_out % 2 == 0,
-                    "kxops gated_conv: weight.size(0) must be 2*out > 0, got ", two_out);
-  TORCH_CHECK_VALUE(weight.size(2) % 2 == 1, "kxops gated_conv: kernel size must be odd, got ",
-                    weight.size(2));
-  TORCH_CHECK_VALUE(dilation >= 1, "kxops gated_conv: dilation must be >= 1, got ", dilation);
+  check_x_and_weight(x, weight);
+  TORCH_CHECK_VALUE(dilation >= 1, "kxops gated_conv: dilation must be an int >= 1, got ",
+                    dilation);
   TORCH_CHECK_VALUE(drop_gate >= 0.0 && drop_gate <= 1.0,
                     "kxops gated_conv: drop_gate must be in [0, 1], got ", drop_gate);
+  const int64_t batch = x.size(0), time = x.size(1), out = weight.size(0) / 2;
   if (bias.has_value()) {
     check_like_x("bias", *bias, x);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == two_out,
-                      "kxops gated_conv: bias must be [", two_out, "], got ", bias->sizes());
+    check_shape("bias", *bias, {2 * out});
   }
   if (mask.has_value()) {
     check_like_x("mask", *mask, x);
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == time,
-                      "kxops gated_conv: mask must be [batch, time] = [", batch, ", ", time,
-                      "], got ", mask->sizes());
+    TORCH_CHECK_VALUE(mask->sizes() == x.sizes().slice(0, 2),
+                      "kxops gated_conv: mask must be [batch, time] = ", py({batch, time}),
+                      ", got ", py(mask->sizes()));
   }
   if (gate_keep.has_value()) {
     TORCH_CHECK(gate_keep->layout() == at::kStrided && gate_keep->device() == x.device(),
                 "kxops gated_conv: gate_keep must be a dense tensor on x's device ", x.device());
     TORCH_CHECK_TYPE(gate_keep->scalar_type() == at::kBool,
-                     "kxops gated_conv: gate_keep must be bool, got ", gate_keep->scalar_type());
-    TORCH_CHECK_VALUE(gate_keep->dim() == 3 && gate_keep->size(0) == batch &&
-                          gate_keep->size(1) == time && gate_keep->size(2) == out,
-                      "kxops gated_conv: gate_keep must be [batch, time, out] = [", batch, ", ",
-                      time, ", ", out, "], got ", gate_keep->sizes());
+                     "kxops gated_conv: gate_keep must be bool, got ",
+                     py(gate_keep->scalar_type()));
+    TORCH_CHECK_VALUE(gate_keep->sizes() == at::IntArrayRef({batch, time, out}),
+                      "kxops gated_conv: gate_keep must be [batch, time, out_channels] = ",
+                      py({batch, time, out}), ", got ", py(gate_keep->sizes()));
   }
-  if (residual_weight.has_value()) {
-    TORCH_CHECK_VALUE(residual, "kxops gated_conv: residual_weight is given but residual is False");
-    check_like_x("residual_weight", *residual_weight, x);
-    TORCH_CHECK_VALUE(residual_weight->dim() == 3 && residual_weight->size(0) == out &&
-                          residual_weight->size(1) == in && residual_weight->size(2) == 1,
-                      "kxops gated_conv: residual_weight must be [out=", out, ", in=", in,
-                      ", 1], got ", residual_weight->sizes());
-  } else {
-    TORCH_CHECK_VALUE(!residual || out == in, "kxops gated_conv: residual with out=", out,
-                      " != in=", in, " needs residual_weight");
-  }
-  if (residual_bias.has_value()) {
-    TORCH_CHECK_VALUE(residual_weight.has_value(),
-                      "kxops gated_conv: residual_bias needs residual_weight");
-    check_like_x("residual_bias", *residual_bias, x);
-    TORCH_CHECK_VALUE(residual_bias->dim() == 1 && residual_bias->size(0) == out,
-                      "kxops gated_conv: residual_bias must be [", out, "], got ",
-                      residual_bias->sizes());
-  }
+  check_residual(residual_weight, residual_bias, residual, x, out);
 }
 
 // The backward's own arguments: the upstream gradient and the forward's z.
 inline void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x,
                                      const at::Tensor& z, const at::Tensor& weight) {
   const int64_t batch = x.size(0), time = x.size(1), two_out = weight.size(0);
-  check_like_x("grad_y", grad_y, x);
-  TORCH_CHECK_VALUE(grad_y.dim() == 3 && grad_y.size(0) == batch && grad_y.size(1) == time &&
-                        grad_y.size(2) == two_out / 2,
-                    "kxops gated_conv_backward: grad_y must be [batch, time, out] = [", batch, ", ",
-                    time, ", ", two_out / 2, "], got ", grad_y.sizes());
-  check_like_x("z", z, x);
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(0) == batch && z.size(1) == time && z.size(2) == two_out,
-                    "kxops gated_conv_backward: z must be the forward's [batch, time, 2*out] = [",
-                    batch, ", ", time, ", ", two_out, "] output, got ", z.sizes());
+  for (const auto& [name, t, channels] :
+       {std::tuple{"grad_y", &grad_y, two_out / 2}, std::tuple{"z", &z, two_out}}) {
+    check_like_x(name, *t, x);
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({batch, time, channels}),
+                      "kxops gated_conv_backward: ", name, " must have shape ",
+                      py({batch, time, channels}), ", got ", py(t->sizes()));
+  }
 }
 
 // The row arithmetic of the gapped layout. Only the taps that can reach a real step are
@@ -185,28 +226,52 @@ inline at::Tensor taps_first(const at::Tensor& weight, const Gapped& geometry) {
   return weight.narrow(2, geometry.first, geometry.taps).permute({2, 0, 1}).contiguous();
 }
 
-inline EpilogueArgs epilogue_args(const at::Tensor& x, at::Tensor z, const Gapped& geometry,
-                                  const std::optional<at::Tensor>& mask,
-                                  const std::optional<at::Tensor>& keep,
+// The residual branch r: x itself or its 1x1 projection (one GEMM); undefined without it.
+inline at::Tensor residual_branch(const at::Tensor& x,
                                   const std::optional<at::Tensor>& residual_weight,
-                                  const std::optional<at::Tensor>& residual_bias, double drop_gate,
+                                  const std::optional<at::Tensor>& residual_bias, bool residual) {
+  if (!residual) return at::Tensor();
+  if (!residual_weight.has_value()) return x;
+  return at::linear(x, residual_weight->squeeze(-1), residual_bias).contiguous();
+}
+
+// The epilogue's arguments, packed (dense) from checked inputs and the residual branch.
+inline EpilogueArgs epilogue_args(const at::Tensor& z, at::Tensor r, const Gapped& geometry,
+                                  const std::optional<at::Tensor>& mask,
+                                  const std::optional<at::Tensor>& keep, double drop_gate,
                                   bool residual) {
   EpilogueArgs args;
-  args.out = z.size(2) / 2;
-  args.rows = x.size(0) * x.size(1);
-  args.time = geometry.time;
-  args.dz_gap = geometry.pad;
   args.z = z.contiguous();
-  if (residual) {
-    args.r = residual_weight.has_value()
-                 ? at::linear(x, residual_weight->squeeze(-1), residual_bias).contiguous()
-                 : x;
-  }
+  args.r = std::move(r);
   if (mask.has_value()) args.mask = mask->contiguous();
   if (keep.has_value()) args.keep = keep->contiguous();
+  // A kept unit's gate is scaled by 1 / (1 - p); p = 1 keeps none.
   args.keep_scale = keep.has_value() ? (drop_gate >= 1.0 ? 0.0 : 1.0 / (1.0 - drop_gate)) : 1.0;
   args.residual = residual;
+  args.rows = geometry.batch * geometry.time;
+  args.out = z.size(2) / 2;
+  args.time = geometry.time;
+  args.dz_gap = geometry.pad;
   return args;
+}
+
+// z = conv(x * m) + bias [B, T, 2 out]: one batched GEMM per applied tap over its shifted rows.
+inline at::Tensor conv_forward(const at::Tensor& x_gapped, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const Gapped& geometry) {
+  const auto w = taps_first(weight, geometry);
+  auto z = x_gapped.new_empty({geometry.batch, geometry.time, weight.size(0)});
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    const auto tap_input = geometry.tap_sequences(x_gapped, j);
+    const auto tap_weight = w[j].t().expand({geometry.batch, -1, -1});  // no copy: batch stride 0
+    if (j > 0) {
+      z.baddbmm_(tap_input, tap_weight);
+    } else if (bias.has_value()) {
+      at::baddbmm_out(z, bias->expand_as(z), tap_input, tap_weight);
+    } else {
+      at::bmm_out(z, tap_input, tap_weight);
+    }
+  }
+  return z;
 }
 
 template <typename Epilogue>
@@ -220,26 +285,85 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
                   drop_gate, residual);
   const auto x = x_in.contiguous();
   const Gapped geometry(x, weight, dilation);
-  const auto x_gapped = geometry.input(x, mask);
-  const auto w = taps_first(weight, geometry);
-  const int64_t two_out = weight.size(0);
-  auto z = x.new_empty({geometry.batch, geometry.time, two_out});
-  for (int64_t j = 0; j < geometry.taps; ++j) {
-    const auto tap_input = geometry.tap_sequences(x_gapped, j);
-    const auto tap_weight = w[j].t().expand({geometry.batch, -1, -1});  // no copy: batch stride 0
-    if (j > 0) {
-      z.baddbmm_(tap_input, tap_weight);
-    } else if (bias.has_value()) {
-      at::baddbmm_out(z, bias->expand_as(z), tap_input, tap_weight);
-    } else {
-      at::bmm_out(z, tap_input, tap_weight);
-    }
-  }
-  auto args = epilogue_args(x, z, geometry, mask, gate_keep, residual_weight, residual_bias,
-                            drop_gate, residual);
+  const auto z = conv_forward(geometry.input(x, mask), weight, bias, geometry);
+  const auto args =
+      epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual), geometry,
+                    mask, gate_keep, drop_gate, residual);
   auto y = at::empty({x.size(0), x.size(1), args.out}, x.options());
   Epilogue::forward(args, y);
   return {y, z};
+}
+
+// The epilogue's gradients: dz in the gapped layout with zero gap rows (so that the GEMMs of
+// the convolution's backward may run over all rows), and dr (undefined without the residual).
+template <typename Epilogue>
+std::pair<at::Tensor, at::Tensor> gate_grads(const EpilogueArgs& args, const at::Tensor& grad_y,
+                                             const Gapped& geometry) {
+  auto dz = grad_y.new_empty({geometry.batch, geometry.time + geometry.pad, 2 * args.out});
+  dz.narrow(1, geometry.time, geometry.pad).zero_();
+  at::Tensor dr = args.residual ? grad_y.new_empty({geometry.batch, geometry.time, args.out})
+                                : at::Tensor();
+  Epilogue::backward(args, grad_y.contiguous(), dz, dr);
+  return {dz.view({geometry.out_rows(), 2 * args.out}), dr};
+}
+
+// Tap j's weight gradient is dz^T (the input rows of tap j): one GEMM per applied tap; the
+// taps that are not applied get zero. Returns [2 out, in, k].
+inline at::Tensor conv_weight_grad(const at::Tensor& dz_rows, const at::Tensor& x_gapped,
+                                   const at::Tensor& weight, const Gapped& geometry) {
+  auto grad_w = weight.new_empty({weight.size(2), weight.size(0), weight.size(1)});
+  grad_w.narrow(0, 0, geometry.first).zero_();
+  grad_w.narrow(0, geometry.first + geometry.taps, geometry.first).zero_();
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    auto grad_w_tap = grad_w[geometry.first + j];
+    at::mm_out(grad_w_tap, dz_rows.t(), geometry.tap(x_gapped, j));
+  }
+  return grad_w.permute({1, 2, 0}).contiguous();
+}
+
+// The gradient of the convolution's input x * m, gapped: tap j adds dz w_j into its input rows.
+// The centre tap covers every real row, so it initialises them.
+inline at::Tensor conv_input_grad(const at::Tensor& dz_rows, const at::Tensor& weight,
+                                  const Gapped& geometry) {
+  const auto w = taps_first(weight, geometry);
+  auto grad_gapped = dz_rows.new_empty({geometry.in_rows(), weight.size(1)});
+  geometry.zero_gaps(grad_gapped);
+  const int64_t centre = geometry.centre();
+  auto grad_centre = geometry.tap(grad_gapped, centre);
+  at::mm_out(grad_centre, dz_rows, w[centre]);
+  for (int64_t j = 0; j < geometry.taps; ++j) {
+    if (j != centre) geometry.tap(grad_gapped, j).addmm_(dz_rows, w[j]);
+  }
+  return grad_gapped;
+}
+
+// The residual branch's gradients (x's, the projection's weight and bias) from dr; x's is
+// undefined without the residual, the projection's empty without a projection.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_grads(
+    const at::Tensor& dr, const at::Tensor& x, const std::optional<at::Tensor>& residual_weight,
+    const std::optional<at::Tensor>& residual_bias, const at::Tensor& empty) {
+  if (!residual_weight.has_value()) return {dr, empty, empty};  // dr: x itself, or undefined
+  const int64_t rows = x.size(0) * x.size(1);  // explicit: a view of -1 rows fails for 0 channels
+  const auto dr_rows = dr.view({rows, dr.size(2)});
+  return {at::matmul(dr, residual_weight->squeeze(-1)),
+          at::mm(dr_rows.t(), x.view({rows, x.size(2)})).unsqueeze(-1),
+          residual_bias.has_value() ? dr_rows.sum(0) : empty};
+}
+
+// grad_x = (the residual branch's gradient) + d(conv input) * m, the second term added in
+// place into the first (a fresh tensor) in one pass.
+inline at::Tensor input_grad(at::Tensor grad_residual, const at::Tensor& grad_conv_input,
+                             const std::optional<at::Tensor>& mask) {
+  if (!grad_residual.defined()) {
+    return mask.has_value() ? grad_conv_input * mask->unsqueeze(-1)
+                            : grad_conv_input.contiguous();
+  }
+  if (mask.has_value()) {
+    grad_residual.addcmul_(grad_conv_input, mask->unsqueeze(-1));
+  } else {
+    grad_residual.add_(grad_conv_input);
+  }
+  return grad_residual.contiguous();
 }
 
 template <typename Epilogue>
@@ -254,66 +378,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   check_backward_arguments(grad_y, x_in, z, weight);
   const auto x = x_in.contiguous();
   const Gapped geometry(x, weight, dilation);
-  auto args = epilogue_args(x, z, geometry, mask, gate_keep, residual_weight, residual_bias,
-                            drop_gate, residual);
-  // dz in the gapped layout with zero gap rows, so the GEMMs below may run over all rows.
-  const int64_t two_out = weight.size(0), in = x.size(2);
-  auto dz = x.new_empty({geometry.batch, geometry.time + geometry.pad, two_out});
-  dz.narrow(1, geometry.time, geometry.pad).zero_();
-  at::Tensor dr =
-      residual ? at::empty({x.size(0), x.size(1), args.out}, x.options()) : at::Tensor();
-  Epilogue::backward(args, grad_y.contiguous(), dz, dr);
-
-  const auto dz_rows = dz.view({geometry.out_rows(), two_out});
-  // Rebuilt, not saved: the forward keeps x itself (the residual needs it unmasked, and a soft
-  // mask cannot be divided back out), and x*m costs one pass.
-  const auto x_gapped = geometry.input(x, mask);
-  const auto w = taps_first(weight, geometry);
-  // Tap j's weight gradient is dz^T (input rows of tap j); its input gradient is dz w_j added
-  // into those same rows. The centre tap covers every real row, so it initialises them. The
-  // taps that are not applied get zero.
-  const int64_t kernel_size = weight.size(2);
-  auto grad_w_all = weight.new_empty({kernel_size, two_out, in});
-  grad_w_all.narrow(0, 0, geometry.first).zero_();
-  grad_w_all.narrow(0, geometry.first + geometry.taps, geometry.first).zero_();
-  auto grad_w_taps = grad_w_all.narrow(0, geometry.first, geometry.taps);
-  auto grad_x_gapped = x.new_empty({geometry.in_rows(), in});
-  geometry.zero_gaps(grad_x_gapped);
-  const int64_t centre = geometry.centre();
-  for (int64_t j = 0; j < geometry.taps; ++j) {
-    auto grad_w_tap = grad_w_taps[j];
-    at::mm_out(grad_w_tap, dz_rows.t(), geometry.tap(x_gapped, j));
-  }
-  auto grad_x_centre = geometry.tap(grad_x_gapped, centre);
-  at::mm_out(grad_x_centre, dz_rows, w[centre]);
-  for (int64_t j = 0; j < geometry.taps; ++j) {
-    if (j != centre) geometry.tap(grad_x_gapped, j).addmm_(dz_rows, w[j]);
-  }
+  const auto args =
+      epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual), geometry,
+                    mask, gate_keep, drop_gate, residual);
+  const auto [dz_rows, dr] = gate_grads<Epilogue>(args, grad_y, geometry);
+  // x * m is rebuilt, not saved: the forward keeps x itself (the residual needs it unmasked,
+  // and a soft mask cannot be divided back out), and x * m costs one pass.
+  const auto grad_w = conv_weight_grad(dz_rows, geometry.input(x, mask), weight, geometry);
+  const auto grad_conv_input =
+      geometry.tap_sequences(conv_input_grad(dz_rows, weight, geometry), geometry.centre());
   const auto empty = weight.new_empty({0});
-  const auto grad_bias = has_bias ? dz_rows.sum(0) : empty;
-  at::Tensor grad_rw = empty, grad_rb = empty;
-  // grad_x = (residual branch's gradient) + d(conv input) * m, the second term added in place
-  // into the first (a fresh tensor) in one pass.
-  at::Tensor grad_x;
-  if (residual_weight.has_value()) {  // implies residual (checked)
-    const auto dr_rows = dr.view({args.rows, args.out});
-    grad_x = at::matmul(dr, residual_weight->squeeze(-1));
-    grad_rw = at::mm(dr_rows.t(), x.view({args.rows, in})).unsqueeze(-1);
-    if (residual_bias.has_value()) grad_rb = dr_rows.sum(0);
-  } else if (residual) {
-    grad_x = dr;
-  }
-  const auto grad_conv_input = geometry.tap_sequences(grad_x_gapped, centre);
-  if (!grad_x.defined()) {
-    grad_x =
-        mask.has_value() ? grad_conv_input * mask->unsqueeze(-1) : grad_conv_input.contiguous();
-  } else if (mask.has_value()) {
-    grad_x.addcmul_(grad_conv_input, mask->unsqueeze(-1));
-  } else {
-    grad_x.add_(grad_conv_input);
-  }
-  return {grad_x.contiguous(), grad_w_all.permute({1, 2, 0}).contiguous(), grad_bias, grad_rw,
-          grad_rb};
+  auto [grad_residual, grad_rw, grad_rb] =
+      residual_grads(dr, x, residual_weight, residual_bias, empty);
+  return {input_grad(std::move(grad_residual), grad_conv_input, mask), grad_w,
+          has_bias ? dz_rows.sum(0) : empty, grad_rw, grad_rb};
 }
 
 }  // namespace kxops::gated_conv

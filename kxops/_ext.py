@@ -12,6 +12,9 @@ import warnings
 import torch
 
 # Each block's ops; a block runs compiled on a device only if all of them have a kernel there.
+# Kept by hand, one line per block: which ops a wrapper needs together is a design choice that
+# no schema records, the list must be known when the extension did not load (`python -m kxops`
+# still reports every block), and torch has no public query for a namespace's ops.
 BLOCK_OPS = {
     "gated_conv": ("gated_conv", "gated_conv_backward"),
     "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
@@ -74,17 +77,27 @@ def _load():
 LOADED, LOAD_STATUS = _load()
 
 
+def _dispatcher_has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the dispatcher would run a kernel of kxops::<op> for the dispatch key, a
+    device-generic (CompositeExplicitAutograd) one included: torch.library.get_kernel returns
+    that kernel and raises when there is none. Older torch has no public query; there the
+    dispatcher's private one answers the same question."""
+    get_kernel = getattr(torch.library, "get_kernel", None)
+    if get_kernel is None:
+        return torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"kxops::{op}",
+                                                                      dispatch_key)
+    try:
+        get_kernel(f"kxops::{op}", dispatch_key)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _registered_kernels():
     if not LOADED:
         return frozenset()
-    found = set()
-    for ops in BLOCK_OPS.values():
-        for op in ops:
-            for device, key in DEVICE_KEYS.items():
-                # "computed" also counts device-generic (CompositeExplicitAutograd) kernels.
-                if torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"kxops::{op}", key):
-                    found.add((op, device))
-    return frozenset(found)
+    return frozenset((op, device) for ops in BLOCK_OPS.values() for op in ops
+                     for device, key in DEVICE_KEYS.items() if _dispatcher_has_kernel(op, key))
 
 
 # Computed once at import so that wrappers test a constant set (no dispatcher query per call,

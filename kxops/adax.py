@@ -32,6 +32,8 @@ def resolve_path(params, *, foreach, fused, differentiable):
 def _rounds(params, state_steps):
     """Index lists in which no param (nor its step) appears twice, each param's occurrences in
     order: the same param twice in a list is stepped twice, in turn, as the for-loop does."""
+    if len(set(map(id, params))) == len(params) == len(set(map(id, state_steps))):
+        return [range(len(params))]  # the usual case, without a Python loop over the tensors
     next_round, rounds = {}, []
     for i, (p, s) in enumerate(zip(params, state_steps)):
         r = max(next_round.get(id(p), 0), next_round.get(id(s), 0))
@@ -73,25 +75,20 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
                 found_inf, **hyper):
     params, grads, exp_avgs, exp_avg_sqs = (
         _local_shards(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
-    # The op checks the lists itself (shapes, dtypes, devices, sparse grads).
-    devices = {p.device for p in params}
-    missing = sorted({d.type for d in devices if not _ext.has_kernel("adax_", d)})
+    # The op checks the lists itself (shapes, dtypes, devices, sparse grads), but torch's
+    # grouping below asserts equal lengths before the op could say so in its words.
+    ref.check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    groups = _by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    missing = sorted({device.type for device, _ in groups
+                      if not _ext.has_kernel("adax_", device)})
     if missing:
         raise RuntimeError(
             f"AdaX fused=True: no compiled kxops kernel for device(s) {missing} "
             f"(kxops status: {_ext.LOAD_STATUS}); use foreach=True or leave fused=None")
     op = torch.ops.kxops.adax_
     op = op.tensor_lr if isinstance(lr, torch.Tensor) else op.default
-    # One call per device (the op runs on one device); it groups dtypes itself.
-    if len(devices) == 1:
-        by_device = {next(iter(devices)): [params, grads, exp_avgs, exp_avg_sqs, state_steps]}
-    else:
-        by_device = {}
-        for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-            lists = by_device.setdefault(tensors[0].device, [[], [], [], [], []])
-            for acc, tensor in zip(lists, tensors):
-                acc.append(tensor)
-    for device, lists in by_device.items():
+    # One call per device (the op runs on one device) and dtype, as the foreach path groups.
+    for (device, _), lists in groups.items():
         op(*lists, lr=lr.to(device) if isinstance(lr, torch.Tensor) else lr,
            grad_scale=None if grad_scale is None else grad_scale.to(device),
            found_inf=None if found_inf is None else found_inf.to(device), **hyper)
@@ -144,11 +141,40 @@ def _by_device_and_dtype(tensor_lists):
     return groups
 
 
+def _second_moment_(v, g, steps, beta2, eps, math_dtype):
+    """v = (1 - b_t) v + b_t g^2 with b_t = beta2 / B_t, in place; returns each tensor's
+    eps / sqrt(B_t) (ref.eps_term), as host numbers."""
+    inv_bcs = [ref.inverse_bias_correction(float(s.item()), beta2) for s in steps]
+    torch._foreach_mul_(v, [1 - beta2 * b for b in inv_bcs])
+    torch._foreach_addcmul_(v, g, g, [beta2 * b for b in inv_bcs])
+    return [ref.eps_term(eps, b, math_dtype) for b in inv_bcs]
+
+
+def _second_moment_on_device_(v, g, steps, beta2, eps, math_dtype):
+    """As _second_moment_, with 1/B_t computed on the steps' device (graph-safe)."""
+    # v (1 - w) + w g^2 as the other paths compute it: a lerp would give inf - inf (NaN) at
+    # w = 1 (the first step) for a g^2 that overflows. addcmul_ takes its weights as host
+    # numbers only: (w g) g is its own order of operations.
+    inv_bcs = _device_inverse_bias_corrections(steps, beta2)
+    weights = torch._foreach_mul(inv_bcs, beta2)
+    decays = torch._foreach_add(torch._foreach_neg(weights), 1)
+    torch._foreach_mul_(v, decays)
+    torch._foreach_addcmul_(v, torch._foreach_mul(g, weights), g)
+    eps_terms = torch._foreach_sqrt(inv_bcs)
+    torch._foreach_mul_(eps_terms, eps)
+    # See ref.eps_term: the floor keeps never-updated elements at 0/eps, not 0/0.
+    torch._foreach_clamp_min_(eps_terms, torch.finfo(math_dtype).tiny)
+    return eps_terms
+
+
 def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                    weight_decay, eps, decoupled, maximize, capturable, grad_scale, found_inf):
-    """One multi-tensor step, operation for operation as the for-loop (same numbers), with
-    as few passes over memory and temporaries as torch's fused foreach forms allow."""
+    """One multi-tensor step, operation for operation as the for-loop (same numbers), in as
+    few passes over memory as torch's fused foreach forms allow: seven for fp32/fp64 params
+    with a float lr, and one temporary (the denominator) when the grads are used as they are
+    (no grad_scale, maximize or L2 term)."""
     groups = _by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    second_moment_ = _second_moment_on_device_ if capturable else _second_moment_
     for (device, dtype), (dev_params, dev_grads, dev_m, dev_v, dev_steps) in groups.items():
         low_precision = dtype in ref.LOW_PRECISION
         work = [p.float() for p in dev_params] if low_precision else dev_params
@@ -164,30 +190,16 @@ def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, bet
             else:
                 g = _on_grads("_foreach_add", g, dev_grads, work, alpha=weight_decay)
         torch._foreach_lerp_(dev_m, g, 1 - beta1)
-        if capturable:
-            # v (1 - w) + w g^2 as the other paths compute it: a lerp would give inf - inf
-            # (NaN) at w = 1 (the first step) for a g^2 that overflows. addcmul_ takes its
-            # weights as host numbers only: (w g) g is its own order of operations.
-            inv_bc = _device_inverse_bias_corrections(dev_steps, beta2)
-            weights = torch._foreach_mul(inv_bc, beta2)
-            decays = torch._foreach_add(torch._foreach_neg(weights), 1)
-            torch._foreach_mul_(dev_v, decays)
-            torch._foreach_addcmul_(dev_v, torch._foreach_mul(g, weights), g)
-            eps_terms = torch._foreach_sqrt(inv_bc)
-            torch._foreach_mul_(eps_terms, eps)
-            # See ref.eps_term: the floor keeps never-updated elements at 0/eps, not 0/0.
-            torch._foreach_clamp_min_(eps_terms, torch.finfo(work[0].dtype).tiny)
-        else:
-            inv_bc = [ref.inverse_bias_correction(float(s.item()), beta2) for s in dev_steps]
-            torch._foreach_mul_(dev_v, [1 - beta2 * b for b in inv_bc])
-            torch._foreach_addcmul_(dev_v, g, g, [beta2 * b for b in inv_bc])
-            eps_terms = [ref.eps_term(eps, b, work[0].dtype) for b in inv_bc]
+        eps_terms = second_moment_(dev_v, g, dev_steps, beta2, eps, work[0].dtype)
         denom = torch._foreach_sqrt(dev_v)
         torch._foreach_add_(denom, eps_terms)
-        # Not addcdiv_: it rounds (lr m) / denom, the loop (m / denom) lr.
-        update = torch._foreach_div(dev_m, denom)
-        torch._foreach_mul_(update, lr)
-        torch._foreach_sub_(work, update)
+        if isinstance(lr, torch.Tensor):
+            # addcdiv_ takes host numbers only; (m lr) / denom as it rounds.
+            update = torch._foreach_mul(dev_m, lr)
+            torch._foreach_div_(update, denom)
+            torch._foreach_sub_(work, update)
+        else:
+            torch._foreach_addcdiv_(work, dev_m, denom, -lr)
         if low_precision:
             torch._foreach_copy_(dev_params, work)
 

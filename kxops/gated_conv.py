@@ -77,7 +77,7 @@ if _ext.LOADED:
         for name, t, shape in (("grad_y", grad_y, (*x.shape[:2], out_channels)),
                                ("z", z, (*x.shape[:2], 2 * out_channels))):
             if tuple(t.shape) != shape:
-                raise ValueError(f"kxops.gated_conv_backward: {name} must have shape {shape}, "
+                raise ValueError(f"kxops gated_conv_backward: {name} must have shape {shape}, "
                                  f"got {tuple(t.shape)}")
         return (
             x.new_empty(x.shape),  # the kernels return contiguous gradients

@@ -150,9 +150,7 @@ class AdaXW(AdaX):
 
     _decoupled = True
 
-    def __init__(self, params, lr=5e-3, betas=(0.9, 1e-4), eps=1e-12, weight_decay=5e-2, *,
-                 foreach=None, fused=None, capturable=False, maximize=False,
-                 differentiable=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         foreach=foreach, fused=fused, capturable=capturable,
-                         maximize=maximize, differentiable=differentiable)
+    def __init__(self, params, lr=5e-3, betas=(0.9, 1e-4), eps=1e-12, weight_decay=5e-2,
+                 **flags):
+        """As AdaX, with AdaX-W's defaults; ``flags`` are AdaX's keyword-only flags."""
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flags)

@@ -1007,3 +1007,58 @@ def test_compiled_foreach_step_with_low_precision_params(capturable):
 
     for ours, eager in zip(run(True), run(False)):
         torch.testing.assert_close(ours.detach(), eager.detach(), atol=0, rtol=0)
+
+
+def _multi_tensor_ops(step):
+    """The torch._foreach_* calls of one call of step(), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name.startswith("_foreach_"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        step()
+    return record.ops
+
+
+@pytest.mark.parametrize("cls, torch_cls", [(kxops.optim.AdaXW, torch.optim.AdamW),
+                                            (kxops.optim.AdaX, torch.optim.Adam)])
+def test_foreach_step_is_as_lean_as_torchs_foreach_adam(cls, torch_cls):
+    """The foreach step (what foreach=True and the fallback run) makes no more passes over the
+    tensors than torch's foreach Adam(W), and no more param-sized temporaries (out-of-place
+    ops): it used to make two (the denominator and the update)."""
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    counts = []
+    for optimizer in (cls(params, foreach=True), torch_cls(params, foreach=True,
+                                                          weight_decay=0.05)):
+        optimizer.step()  # the state is created on the first step
+        ops = _multi_tensor_ops(optimizer.step)
+        counts.append((len(ops), sum(not op.endswith("_") for op in ops)))
+    (ours, our_temporaries), (theirs, their_temporaries) = counts
+    assert ours <= theirs and our_temporaries <= their_temporaries, counts
+
+
+@pytest.mark.parametrize("path", [dict(fused=True), dict(foreach=True),
+                                  dict(fused=False, foreach=False)])
+def test_lists_of_unequal_length_are_refused_in_the_ops_words(path):
+    """Every path, the compiled op's included, refuses unequal lists with the op's message (the
+    for-loop and foreach paths used to say it their own way)."""
+    if path.get("fused"):
+        needs_kernel("adax_", "cpu")
+    p = [torch.randn(3)]
+    with pytest.raises(ValueError) as error:
+        adax(p, [torch.randn(3)] * 2, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())],
+             **path, decoupled=True, maximize=False, **HYPER)
+    assert str(error.value).removeprefix("kxops.adax_: ") == (
+        "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
+        "1, 2, 1, 1, 1")

@@ -404,14 +404,14 @@ _OP_CASES = [
     ("gated_conv", "dict(x=torch.ones(2, 5, 3, dtype=torch.long))", "TypeError", "x must be"),
     ("gated_conv", "dict(x=torch.randn(10, 3))", "ValueError", r"x must be \[batch"),
     ("gated_conv", "dict(weight=W.double())", "TypeError", "weight has dtype"),
-    ("gated_conv", "dict(weight=torch.randn(8, 4, 3))", "ValueError", "weight must be"),
+    ("gated_conv", "dict(weight=torch.randn(8, 4, 3))", "ValueError", "channel mismatch"),
     ("gated_conv", "dict(weight=torch.randn(8, 3))", "ValueError", "weight must be"),
     ("gated_conv", "dict(weight=torch.randn(7, 3, 3))", "ValueError", r"2\*out"),
     ("gated_conv", "dict(weight=torch.randn(0, 3, 3), residual_weight=None, "
      "residual_bias=None, gate_keep=None, residual=False)", "ValueError", r"2\*out"),
-    ("gated_conv", "dict(weight=torch.randn(8, 3, 2))", "ValueError", "kernel size must be odd"),
-    ("gated_conv", "dict(bias=torch.randn(7))", "ValueError", "bias must be"),
-    ("gated_conv", "dict(bias=torch.randn(8, 1))", "ValueError", "bias must be"),
+    ("gated_conv", "dict(weight=torch.randn(8, 3, 2))", "ValueError", "kernel_size must be odd"),
+    ("gated_conv", "dict(bias=torch.randn(7))", "ValueError", "bias must have shape"),
+    ("gated_conv", "dict(bias=torch.randn(8, 1))", "ValueError", "bias must have shape"),
     ("gated_conv", "dict(bias=torch.randn(8, dtype=torch.float16))", "TypeError",
      "bias has dtype"),
     ("gated_conv", "dict(mask=torch.ones(2, 4))", "ValueError", "mask must be"),
@@ -421,15 +421,16 @@ _OP_CASES = [
     ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 3, dtype=torch.bool))", "ValueError",
      "gate_keep must be"),
     ("gated_conv", "dict(residual_weight=torch.randn(4, 3, 2))", "ValueError",
-     "residual_weight must be"),
+     "residual_weight must have shape"),
     ("gated_conv", "dict(residual_weight=torch.randn(3, 3, 1))", "ValueError",
-     "residual_weight must be"),
+     "residual_weight must have shape"),
     ("gated_conv", "dict(residual_weight=RW.double())", "TypeError", "residual_weight has dtype"),
     ("gated_conv", "dict(residual_weight=None, residual_bias=None)", "ValueError",
      "needs residual_weight"),
     ("gated_conv", "dict(residual_weight=None)", "ValueError", "needs residual_weight"),
-    ("gated_conv", "dict(residual=False)", "ValueError", "residual is False"),
-    ("gated_conv", "dict(residual_bias=torch.randn(3))", "ValueError", "residual_bias must be"),
+    ("gated_conv", "dict(residual=False)", "ValueError", "residual=False"),
+    ("gated_conv", "dict(residual_bias=torch.randn(3))", "ValueError",
+     "residual_bias must have shape"),
     ("gated_conv", "dict(residual_bias=RB.double())", "TypeError", "residual_bias has dtype"),
     ("gated_conv", "dict(dilation=0)", "ValueError", "dilation must be"),
     ("gated_conv", "dict(dilation=-2**62)", "ValueError", "dilation must be"),
@@ -437,31 +438,31 @@ _OP_CASES = [
     ("gated_conv", "dict(drop_gate=-0.1)", "ValueError", "drop_gate must be"),
     ("gated_conv", "dict(drop_gate=float('nan'))", "ValueError", "drop_gate must be"),
     ("gated_conv_backward", "dict(grad_y=torch.randn(2, 5, 3))", "ValueError",
-     "grad_y must be"),
+     "grad_y must have shape"),
     ("gated_conv_backward", "dict(grad_y=torch.randn(2, 4, 4))", "ValueError",
-     "grad_y must be"),
+     "grad_y must have shape"),
     ("gated_conv_backward", "dict(grad_y=torch.randn(1, 5, 4))", "ValueError",
-     "grad_y must be"),
-    ("gated_conv_backward", "dict(grad_y=torch.randn(40))", "ValueError", "grad_y must be"),
+     "grad_y must have shape"),
+    ("gated_conv_backward", "dict(grad_y=torch.randn(40))", "ValueError", "grad_y must have shape"),
     ("gated_conv_backward", "dict(grad_y=torch.randn(2, 5, 4, dtype=torch.float64))",
      "TypeError", "grad_y has dtype"),
-    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 6))", "ValueError", "z must be"),
-    ("gated_conv_backward", "dict(z=torch.randn(2, 3, 8))", "ValueError", "z must be"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 6))", "ValueError", "z must have shape"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 3, 8))", "ValueError", "z must have shape"),
     ("gated_conv_backward", "dict(z=torch.randn(2, 5, 8, dtype=torch.float64))", "TypeError",
      "z has dtype"),
-    ("gated_conv_backward", "dict(x=torch.randn(2, 5, 4))", "ValueError", "weight must be"),
+    ("gated_conv_backward", "dict(x=torch.randn(2, 5, 4))", "ValueError", "channel mismatch"),
     ("gated_conv_backward", "dict(weight=torch.randn(8, 3, 4))", "ValueError",
-     "kernel size must be odd"),
+     "kernel_size must be odd"),
     ("gated_conv_backward", "dict(mask=torch.ones(5, 2))", "ValueError", "mask must be"),
     ("gated_conv_backward", "dict(gate_keep=torch.ones(2, 5, 8, dtype=torch.bool))",
      "ValueError", "gate_keep must be"),
     ("gated_conv_backward", "dict(residual_weight=torch.randn(4, 2, 1))", "ValueError",
-     "residual_weight must be"),
+     "residual_weight must have shape"),
     ("gated_conv_backward", "dict(residual_weight=None, residual_bias=None)", "ValueError",
      "needs residual_weight"),
-    ("gated_conv_backward", "dict(residual=False)", "ValueError", "residual is False"),
+    ("gated_conv_backward", "dict(residual=False)", "ValueError", "residual=False"),
     ("gated_conv_backward", "dict(residual_bias=torch.randn(5))", "ValueError",
-     "residual_bias must be"),
+     "residual_bias must have shape"),
     ("gated_conv_backward", "dict(dilation=0)", "ValueError", "dilation must be"),
     ("gated_conv_backward", "dict(drop_gate=2.0)", "ValueError", "drop_gate must be"),
 ]
@@ -730,3 +731,60 @@ def test_from_conv1d_checks_the_residual_conv():
     with pytest.raises(ValueError, match="has no projection"):
         kxops.nn.DilatedGatedConv1d.from_conv1d(nn.Conv1d(4, 8, 3, padding=1),
                                                 residual_conv=nn.Conv1d(4, 4, 1))
+
+
+# Each: code that makes one argument of a good call wrong (x [2, 5, 3], weight [6, 3, 3]).
+_ONE_WRONG_ARGUMENT = [
+    "x = torch.randn(2, 5, 4)",
+    "weight = torch.randn(6, 3, 2)",
+    "kw['dilation'] = 0",
+    "mask = torch.ones(2, 4)",
+    "x = torch.randn(5, 3)",
+    "weight = torch.randn(6, 3)",
+    "weight = torch.randn(6, 3, 3, dtype=torch.float64)",
+    "weight = torch.randn(5, 3, 3)",
+    "weight = torch.randn(8, 3, 3)",
+    "bias = torch.randn(5)",
+    "bias = torch.randn(6, dtype=torch.float64)",
+    "kw['drop_gate'] = 1.5",
+    "kw['residual_bias'] = torch.randn(3)",
+    "x = torch.ones(2, 5, 3, dtype=torch.long)",
+    "x = torch.randn(2, 5, 3).to(torch.float8_e4m3fn)",
+    "kw.update(residual=False, residual_weight=torch.randn(3, 3, 1))",
+    "kw['residual_weight'] = torch.randn(3, 4, 1)",
+    "kw.update(residual_weight=torch.randn(3, 3, 1), residual_bias=torch.randn(4))",
+]
+
+
+def test_op_and_wrapper_refuse_a_wrong_argument_in_the_same_words():
+    """The compiled op called directly refuses each wrong argument with the wrapper's error
+    type and words, after the op's name (the two used to word most of them apart)."""
+    needs_kernel("gated_conv", "cpu")
+    code = f"""
+        import torch, kxops
+        for build in {_ONE_WRONG_ARGUMENT!r}:
+            x, weight, bias, mask = torch.randn(2, 5, 3), torch.randn(6, 3, 3), None, None
+            kw = dict(dilation=1, drop_gate=0.0, residual=True, residual_weight=None,
+                      residual_bias=None)
+            exec(build)
+            calls = (lambda: kxops.dilated_gated_conv1d(x, weight, bias, mask, **kw),
+                     lambda: torch.ops.kxops.gated_conv(
+                         x, weight, bias, mask, None, kw["residual_weight"],
+                         kw["residual_bias"], kw["dilation"], kw["drop_gate"], kw["residual"]))
+            said = []
+            for call in calls:
+                try:
+                    call()
+                    said.append("no error")
+                except Exception as e:
+                    said.append(type(e).__name__ + ": " + str(e).splitlines()[0])
+            print(build, "|", said[0], "|", said[1])
+    """
+    result = run_isolated(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(_ONE_WRONG_ARGUMENT), result.stdout
+    for line in lines:
+        build, wrapper, op = line.split(" | ")
+        error, _, words = wrapper.partition(": ")
+        assert op == f"{error}: kxops gated_conv: {words}", (build, wrapper, op)

@@ -48,6 +48,32 @@ void load_row(const EpilogueArgs& a, int64_t row, RowBuffers<T>& b, const scalar
   }
 }
 
+// Loads and stores of one lane group: a Vectorized<T> of channels, or one channel (the tail).
+template <typename T>
+struct VectorLanes {
+  using type = Vectorized<T>;
+  static constexpr int64_t size = Vectorized<T>::size();
+  static type load(const T* p) { return type::loadu(p); }
+  static void store(const type& value, T* p) { value.store(p); }
+};
+
+template <typename T>
+struct ScalarLanes {
+  using type = T;
+  static constexpr int64_t size = 1;
+  static type load(const T* p) { return *p; }
+  static void store(const type& value, T* p) { *p = value; }
+};
+
+// Calls body(c, lanes) over channels [0, n): whole vectors, then the tail one channel at a time;
+// body reads and writes through decltype(lanes).
+template <typename T, typename Body>
+void for_each_lane(int64_t n, Body body) {
+  int64_t c = 0;
+  for (; c + VectorLanes<T>::size <= n; c += VectorLanes<T>::size) body(c, VectorLanes<T>{});
+  for (; c < n; ++c) body(c, ScalarLanes<T>{});
+}
+
 // Runs body(row, buffers, mask value) over all rows in parallel.
 template <typename scalar_t, typename Body>
 void for_each_row(const EpilogueArgs& a, Body body) {
@@ -72,20 +98,16 @@ struct CpuEpilogue {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_cpu", [&] {
           using T = at::opmath_type<scalar_t>;
-          using Vec = Vectorized<T>;
           scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
           for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
             const int64_t out = a.out;
             T* y_row = b.dy.data();  // scratch for the output row
-            int64_t c = 0;
-            for (; c + Vec::size() <= out; c += Vec::size()) {
-              gate_forward(Vec::loadu(&b.h[c]), Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
-                           Vec::loadu(&b.keep_scale[c]), a.residual)
-                  .store(y_row + c);
-            }
-            for (; c < out; ++c) {
-              y_row[c] = gate_forward(b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
-            }
+            for_each_lane<T>(out, [&](int64_t c, auto lanes) {
+              using L = decltype(lanes);
+              L::store(gate_forward(L::load(&b.h[c]), L::load(&b.g[c]), L::load(&b.r[c]),
+                                    typename L::type(m), L::load(&b.keep_scale[c]), a.residual),
+                       y_row + c);
+            });
             at::vec::convert(y_row, y_data + row * out, out);
           });
         });
@@ -96,7 +118,6 @@ struct CpuEpilogue {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cpu", [&] {
           using T = at::opmath_type<scalar_t>;
-          using Vec = Vectorized<T>;
           const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
           scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
           scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
@@ -104,22 +125,16 @@ struct CpuEpilogue {
             const int64_t out = a.out;
             at::vec::convert(dy_data + row * out, b.dy.data(), out);
             // Results overwrite the row's inputs in place: h <- dh, g <- dg, r <- dr.
-            int64_t c = 0;
-            for (; c + Vec::size() <= out; c += Vec::size()) {
-              const auto grads = gate_backward(Vec::loadu(&b.dy[c]), Vec::loadu(&b.h[c]),
-                                               Vec::loadu(&b.g[c]), Vec::loadu(&b.r[c]), Vec(m),
-                                               Vec::loadu(&b.keep_scale[c]), a.residual);
-              grads.h.store(&b.h[c]);
-              grads.g.store(&b.g[c]);
-              grads.r.store(&b.r[c]);
-            }
-            for (; c < out; ++c) {
-              const auto grads =
-                  gate_backward(b.dy[c], b.h[c], b.g[c], b.r[c], m, b.keep_scale[c], a.residual);
-              b.h[c] = grads.h;
-              b.g[c] = grads.g;
-              b.r[c] = grads.r;
-            }
+            for_each_lane<T>(out, [&](int64_t c, auto lanes) {
+              using L = decltype(lanes);
+              const auto grads = gate_backward(L::load(&b.dy[c]), L::load(&b.h[c]),
+                                               L::load(&b.g[c]), L::load(&b.r[c]),
+                                               typename L::type(m), L::load(&b.keep_scale[c]),
+                                               a.residual);
+              L::store(grads.h, &b.h[c]);
+              L::store(grads.g, &b.g[c]);
+              L::store(grads.r, &b.r[c]);
+            });
             scalar_t* dz_of_row = dz_data + gapped_row(row, a.time, a.dz_gap) * 2 * out;
             at::vec::convert(b.h.data(), dz_of_row, out);
             at::vec::convert(b.g.data(), dz_of_row + out, out);

@@ -43,13 +43,9 @@ struct TensorArgs {
   int64_t chunk_begin;  // first chunk of this tensor
 };
 
+// What the update kernel reads of a tensor: its arguments and the constants of its step.
 struct TensorJob {
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  int64_t numel;
-  int64_t chunk_begin;
+  TensorArgs tensor;
   Constants<double> constants;
   int skip;
 };
@@ -82,12 +78,7 @@ __global__ void fill_jobs(FillBatch batch, StepScalars scalars, TensorJob* jobs,
   }
   if (threadIdx.x != 0) return;
   TensorJob& job = jobs[job_index];
-  job.param = args.param;
-  job.grad = args.grad;
-  job.exp_avg = args.exp_avg;
-  job.exp_avg_sq = args.exp_avg_sq;
-  job.numel = args.numel;
-  job.chunk_begin = args.chunk_begin;
+  job.tensor = args;
   // GradScaler found an inf/NaN: skip the step, step counts included.
   job.skip = scalars.found_inf != nullptr && *scalars.found_inf != 0.0f;
   if (job.skip) return;
@@ -109,13 +100,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t chunk = first_chunk + blockIdx.x;
   const TensorJob& job = jobs[block_table[chunk]];
   if (job.skip) return;
-  const int64_t offset = (chunk - job.chunk_begin) * kChunk;
-  const int64_t remaining = job.numel - offset;
+  const TensorArgs& t = job.tensor;
+  const int64_t offset = (chunk - t.chunk_begin) * kChunk;
+  const int64_t remaining = t.numel - offset;
   const int64_t n = remaining < kChunk ? remaining : kChunk;  // std::min would odr-use kChunk
-  scalar_t* p = static_cast<scalar_t*>(job.param) + offset;
-  const scalar_t* g = static_cast<const scalar_t*>(job.grad) + offset;
-  T* m = static_cast<T*>(job.exp_avg) + offset;
-  T* v = static_cast<T*>(job.exp_avg_sq) + offset;
+  scalar_t* p = static_cast<scalar_t*>(t.param) + offset;
+  const scalar_t* g = static_cast<const scalar_t*>(t.grad) + offset;
+  T* m = static_cast<T*>(t.exp_avg) + offset;
+  T* v = static_cast<T*>(t.exp_avg_sq) + offset;
   const auto c = math_constants<T>(job.constants);
 
   using ParamPack = Pack<scalar_t, kVec>;
@@ -146,76 +138,120 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-const void* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr() : nullptr;
-}
+// The device scalars in the types fill_jobs reads (a cast kernel at most: graph-safe); they
+// own the memory that pointers() hands the kernel.
+struct DeviceScalars {
+  std::optional<at::Tensor> lr, grad_scale, found_inf;
 
-void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr,
-                    const Hyper& hyper, const std::optional<at::Tensor>& grad_scale_in,
-                    const std::optional<at::Tensor>& found_inf_in) {
-  if (lists.params.empty()) return;
-  const auto device = lists.params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  // Device scalars in the types fill_jobs reads (a cast kernel at most: graph-safe).
-  const auto lr_double = lr.has_value() ? std::optional(lr->to(at::kDouble)) : std::nullopt;
-  const auto grad_scale =
-      grad_scale_in.has_value() ? std::optional(grad_scale_in->to(at::kFloat)) : std::nullopt;
-  const auto found_inf =
-      found_inf_in.has_value() ? std::optional(found_inf_in->to(at::kFloat)) : std::nullopt;
-  const StepScalars scalars{hyper, static_cast<const double*>(optional_ptr(lr_double)),
-                            static_cast<const float*>(optional_ptr(grad_scale)),
-                            static_cast<const float*>(optional_ptr(found_inf))};
+  DeviceScalars(const std::optional<at::Tensor>& lr_in,
+                const std::optional<at::Tensor>& grad_scale_in,
+                const std::optional<at::Tensor>& found_inf_in)
+      : lr(cast(lr_in, at::kDouble)),
+        grad_scale(cast(grad_scale_in, at::kFloat)),
+        found_inf(cast(found_inf_in, at::kFloat)) {}
 
-  // Tensors in dtype-group order, their chunks numbered on across the groups.
+  StepScalars pointers(const Hyper& hyper) const {
+    return {hyper, data<double>(lr), data<float>(grad_scale), data<float>(found_inf)};
+  }
+
+ private:
+  static std::optional<at::Tensor> cast(const std::optional<at::Tensor>& t, at::ScalarType type) {
+    return t.has_value() ? std::optional(t->to(type)) : std::nullopt;
+  }
+  template <typename T>
+  static const T* data(const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+  }
+};
+
+// One update launch: the chunks of one dtype group.
+struct Launch {
+  at::ScalarType type;
+  int64_t first_chunk, num_chunks;
+};
+
+// The tensors in dtype-group order, their chunks numbered on across the groups, and the
+// launches that update them.
+struct Plan {
   std::vector<TensorArgs> args;
-  struct Group {
-    at::ScalarType type;
-    int64_t first_chunk, num_chunks;
-  };
-  std::vector<Group> launches;
+  std::vector<Launch> launches;
   int64_t chunks = 0;
+};
+
+Plan plan(const TensorLists& lists) {
+  Plan out;
   for (const auto& [type, indices] : group_by_dtype(lists)) {
-    const int64_t first_chunk = chunks;
+    const int64_t first_chunk = out.chunks;
     for (size_t i : indices) {
       const int64_t numel = lists.params[i].numel();
-      args.push_back({lists.params[i].data_ptr(), lists.grads[i].const_data_ptr(),
-                      lists.exp_avgs[i].data_ptr(), lists.exp_avg_sqs[i].data_ptr(),
-                      lists.steps[i].data_ptr<float>(), numel, chunks});
-      chunks += (numel + kChunk - 1) / kChunk;
+      out.args.push_back({lists.params[i].data_ptr(), lists.grads[i].const_data_ptr(),
+                          lists.exp_avgs[i].data_ptr(), lists.exp_avg_sqs[i].data_ptr(),
+                          lists.steps[i].data_ptr<float>(), numel, out.chunks});
+      out.chunks += (numel + kChunk - 1) / kChunk;
     }
-    TORCH_CHECK(chunks - first_chunk <= std::numeric_limits<int>::max(),
-                "kxops.adax_: too many elements (", chunks - first_chunk, " chunks of ", kChunk,
-                ") for one launch");
-    launches.push_back({type, first_chunk, chunks - first_chunk});
+    TORCH_CHECK(out.chunks - first_chunk <= std::numeric_limits<int>::max(),
+                "kxops.adax_: too many elements (", out.chunks - first_chunk, " chunks of ",
+                kChunk, ") for one launch");
+    out.launches.push_back({type, first_chunk, out.chunks - first_chunk});
   }
-  TORCH_CHECK(static_cast<int64_t>(args.size()) <= std::numeric_limits<int>::max(),
-              "kxops.adax_: too many tensors (", args.size(), ") for one call");
+  TORCH_CHECK(static_cast<int64_t>(out.args.size()) <= std::numeric_limits<int>::max(),
+              "kxops.adax_: too many tensors (", out.args.size(), ") for one call");
+  return out;
+}
 
-  // One buffer: the jobs, then the block table (TensorJob's alignment covers the ints).
-  const int64_t jobs_bytes = static_cast<int64_t>(args.size() * sizeof(TensorJob));
-  auto buffer = at::empty({jobs_bytes + chunks * static_cast<int64_t>(sizeof(int))},
-                          lists.params[0].options().dtype(at::kByte));
-  auto* jobs = reinterpret_cast<TensorJob*>(buffer.mutable_data_ptr());
-  auto* block_table =
-      reinterpret_cast<int*>(static_cast<char*>(buffer.mutable_data_ptr()) + jobs_bytes);
+// One device buffer: the jobs, then the block table (TensorJob's alignment covers the ints).
+struct Workspace {
+  at::Tensor buffer;
+  TensorJob* jobs;
+  int* block_table;
+
+  Workspace(const Plan& plan, const at::TensorOptions& options) {
+    const int64_t jobs_bytes = static_cast<int64_t>(plan.args.size() * sizeof(TensorJob));
+    buffer = at::empty({jobs_bytes + plan.chunks * static_cast<int64_t>(sizeof(int))},
+                       options.dtype(at::kByte));
+    jobs = reinterpret_cast<TensorJob*>(buffer.mutable_data_ptr());
+    block_table =
+        reinterpret_cast<int*>(static_cast<char*>(buffer.mutable_data_ptr()) + jobs_bytes);
+  }
+};
+
+// The fill launches: every tensor's job (its step incremented) and rows of the block table.
+void fill(const Plan& plan, const StepScalars& scalars, const Workspace& work,
+          cudaStream_t stream) {
+  const auto& args = plan.args;
   for (size_t first = 0; first < args.size(); first += kArgsPerFill) {
     FillBatch batch{};
     batch.count = static_cast<int>(std::min<size_t>(kArgsPerFill, args.size() - first));
     batch.first = static_cast<int64_t>(first);
     std::copy_n(args.begin() + first, batch.count, batch.args);
-    fill_jobs<<<batch.count, kThreads, 0, stream>>>(batch, scalars, jobs, block_table);
+    fill_jobs<<<batch.count, kThreads, 0, stream>>>(batch, scalars, work.jobs, work.block_table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const bool l2 = !hyper.decoupled && hyper.weight_decay != 0.0;
-  for (const auto& group : launches) {
-    if (group.num_chunks == 0) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.type, "adax_cuda", [&] {
-      adax_kernel<scalar_t><<<static_cast<unsigned int>(group.num_chunks), kThreads, 0, stream>>>(
-          jobs, block_table, group.first_chunk, l2);
+}
+
+// The update launches, one per dtype group.
+void update(const Plan& plan, const Workspace& work, bool l2, cudaStream_t stream) {
+  for (const auto& launch : plan.launches) {
+    if (launch.num_chunks == 0) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, launch.type, "adax_cuda", [&] {
+      adax_kernel<scalar_t><<<static_cast<unsigned int>(launch.num_chunks), kThreads, 0, stream>>>(
+          work.jobs, work.block_table, launch.first_chunk, l2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+}
+
+void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr,
+                    const Hyper& hyper, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (lists.params.empty()) return;
+  const c10::cuda::CUDAGuard guard(lists.params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceScalars scalars(lr, grad_scale, found_inf);
+  const auto launches = plan(lists);
+  const Workspace work(launches, lists.params[0].options());
+  fill(launches, scalars.pointers(hyper), work, stream);
+  update(launches, work, !hyper.decoupled && hyper.weight_decay != 0.0, stream);
 }
 
 }  // namespace

@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <type_traits>
 
 #include "cuda/toolbox.cuh"
 #include "gated_conv_host.h"
@@ -126,26 +125,22 @@ Pointers pointers(const EpilogueArgs& a) {
           a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr};
 }
 
-// Calls launch(vector_width_constant, blocks): 16-byte packs when every row's channel slices
-// stay aligned (out a multiple of the pack and all base pointers aligned), else one channel.
+// Calls launch(width, blocks) at toolbox's vector width: 16-byte packs when every row's channel
+// slices stay aligned (out a multiple of the pack and all base pointers aligned), else one
+// channel.
 template <typename scalar_t, typename Launch>
 void with_vector_width(const EpilogueArgs& a, std::initializer_list<const void*> outputs,
                        Launch launch) {
-  constexpr int kPack = kVecWidth<scalar_t>;
   using P = VecPack<scalar_t>;
-  bool vectorised = a.out % kPack == 0 && is_aligned<P>(a.z.const_data_ptr()) &&
+  bool vectorised = a.out % kVecWidth<scalar_t> == 0 && is_aligned<P>(a.z.const_data_ptr()) &&
                     (!a.residual || is_aligned<P>(a.r.const_data_ptr()));
   for (const void* ptr : outputs) vectorised = vectorised && (ptr == nullptr || is_aligned<P>(ptr));
-  const int64_t width = vectorised ? kPack : 1;
-  const int64_t work = a.rows * (a.out / width);
-  const int64_t max_blocks = 65535LL * 8;  // grid-stride beyond this
-  const auto blocks = static_cast<unsigned int>(
-      std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
-  if (vectorised) {
-    launch(std::integral_constant<int, kPack>{}, blocks);
-  } else {
-    launch(std::integral_constant<int, 1>{}, blocks);
-  }
+  with_vec_width<scalar_t>(vectorised, [&](auto width) {
+    const int64_t work = a.rows * (a.out / decltype(width)::value);
+    const int64_t max_blocks = 65535LL * 8;  // grid-stride beyond this
+    launch(width, static_cast<unsigned int>(std::max<int64_t>(
+                      1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks))));
+  });
 }
 
 struct CudaEpilogue {

@@ -1,9 +1,10 @@
 // The CUDA helpers every kxops kernel uses: fixed-size packs for 16-byte (or smaller) vector
-// loads and stores, the vector width of a type, and the alignment test (on the host, where a
-// launch picks its vector path, and on the device).
+// loads and stores, the vector width of a type, the alignment test (on the host, where a
+// launch picks its vector path, and on the device) and the host's switch between the widths.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace kxops {
 
@@ -22,6 +23,19 @@ using VecPack = Pack<T, kVecWidth<T>>;
 template <typename P>
 __host__ __device__ __forceinline__ bool is_aligned(const void* ptr) {
   return reinterpret_cast<std::uintptr_t>(ptr) % alignof(P) == 0;
+}
+
+// The switch of a launch whose alignment is known on the host: calls launch(width), width a
+// std::integral_constant of kVecWidth<T> (16-byte packs) when `vectorised`, else of 1, so that
+// the kernel is a template on its width instantiated for both. (A kernel whose tensors' alignment
+// varies block by block takes kVecWidth<T> and tests is_aligned on the device instead.)
+template <typename T, typename Launch>
+void with_vec_width(bool vectorised, Launch&& launch) {
+  if (vectorised) {
+    launch(std::integral_constant<int, kVecWidth<T>>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace kxops

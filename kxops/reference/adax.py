@@ -84,19 +84,24 @@ def check_hyperparameters(lr, betas, eps, weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    """The lists are of one length (in the op's words, csrc/adax_host.h)."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if len({len(tensors) for tensors in lists}) > 1:
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
+                         f"same length, got {', '.join(str(len(t)) for t in lists)}")
+
+
 def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-    n = len(params)
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-             "state_steps": state_steps}
-    for name, tensors in lists.items():
-        if len(tensors) != n:
-            raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}")
+    """The list checks of the paths without the compiled op, in the op's words (it also checks
+    dtypes, devices and layouts, which torch's own ops check on these paths)."""
+    check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse:
             raise RuntimeError("AdaX does not support sparse gradients")
         if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape "
-                             f"{tuple(p.shape)}")
+            raise ValueError(f"grads[{i}] has shape {list(g.shape)} but params[{i}] has shape "
+                             f"{list(p.shape)}")
 
 
 def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
@@ -129,6 +134,7 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
         exp_avg_sq.mul_(1 - beta2 * inv_bc).addcmul_(g, g, value=beta2 * inv_bc)
         # Out of place: sqrt's backward needs its output (differentiable=True).
         denom = exp_avg_sq.sqrt() + eps_term(eps, inv_bc, work.dtype)
-        work.sub_(exp_avg / denom * lr)
+        # (lr m) / denom: addcdiv's order, so that the foreach path's addcdiv_ is bit-identical.
+        work.sub_(exp_avg * lr / denom)
         if work is not param:
             param.copy_(work)

@@ -10,7 +10,8 @@ A tap that lies wholly outside the sequence (``|j - k//2| * dilation >= T``) rea
 only and is not applied (its weight gets a zero gradient), so any dilation, however large, costs
 no more than one that reaches past both ends.
 
-The input checks here are the contract that the compiled ops share.
+The input checks here are the contract that the compiled ops share: they check the same in the
+same words (csrc/gated_conv_host.h), after the op's name.
 """
 
 import numbers
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 _INT64_MAX = 2**63 - 1
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _shape(t):
@@ -56,8 +58,9 @@ def check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in _DTYPES:
+        raise TypeError("x must be a floating-point tensor (float64, float32, float16 or "
+                        f"bfloat16), got dtype {x.dtype}")
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, time, channels], got shape {_shape(x)}")
     if weight.dim() != 3:
