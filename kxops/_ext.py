@@ -12,14 +12,16 @@ import warnings
 import torch
 
 # Each block's ops; a block runs compiled on a device only if all of them have a kernel there.
-# Kept by hand, one line per block: which ops a wrapper needs together is a design choice that
+# Kept by hand, one entry per block: which ops a wrapper needs together is a design choice that
 # no schema records, the list must be known when the extension did not load (`python -m kxops`
 # still reports every block), and torch has no public query for a namespace's ops.
 BLOCK_OPS = {
     "gated_conv": ("gated_conv", "gated_conv_backward"),
     "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
     "adax": ("adax_",),
-    "linear_sparse_zlpr": ("linear_sparse_zlpr", "linear_sparse_zlpr_backward", "linear_sparse_zlpr_partials", "linear_sparse_zlpr_partials_backward", "sparse_zlpr"),  # noqa: E501
+    "linear_sparse_zlpr": ("linear_sparse_zlpr", "linear_sparse_zlpr_backward",
+                           "linear_sparse_zlpr_partials", "linear_sparse_zlpr_partials_backward",
+                           "sparse_zlpr"),
 }
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
