@@ -1,5 +1,7 @@
 // KXOPS_HOST_DEVICE marks the math that the CPU and CUDA kernels share, and the scalar
-// functions that math calls unqualified (csrc/cpu/vec_math.h adds their at::vec overloads).
+// primitives that math calls unqualified. In a CPU build cpu/vec_math.h, included below, adds
+// their at::vec overloads, so that the shared templates also run on CPU vectors, whatever the
+// order in which a file includes its headers.
 #pragma once
 
 #include <cmath>
@@ -17,4 +19,16 @@ KXOPS_HOST_DEVICE double square_root(double x) { return sqrt(x); }
 KXOPS_HOST_DEVICE float exponential(float x) { return expf(x); }
 KXOPS_HOST_DEVICE double exponential(double x) { return exp(x); }
 
+// if_true where mask is set, else if_false; all_lanes: whether mask is set in every lane (a
+// scalar has one).
+template <typename T>
+KXOPS_HOST_DEVICE T select(bool mask, T if_true, T if_false) {
+  return mask ? if_true : if_false;
+}
+KXOPS_HOST_DEVICE bool all_lanes(bool mask) { return mask; }
+
 }  // namespace kxops
+
+#if !defined(__CUDACC__)
+#include "cpu/vec_math.h"
+#endif

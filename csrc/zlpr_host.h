@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -87,6 +88,21 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& log
   auto grad =
       compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   return {row_loss, grad};
+}
+
+// Registers one device's kernels of the two forward ops behind the argument checks, so that
+// every device checks every argument before its kernel touches memory.
+template <auto dense_kernel, auto sparse_kernel>
+void impl_forward_ops(torch::Library& m) {
+  m.impl("zlpr", [](const at::Tensor& logits, const at::Tensor& labels, bool compute_grad) {
+    check_dense(logits, labels);
+    return dense_kernel(logits, labels, compute_grad);
+  });
+  m.impl("sparse_zlpr", [](const at::Tensor& logits, const at::Tensor& positives,
+                           int64_t ignore_index, bool compute_grad) {
+    check_sparse(logits, positives);
+    return sparse_kernel(logits, positives, ignore_index, compute_grad);
+  });
 }
 
 }  // namespace kxops::zlpr

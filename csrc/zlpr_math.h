@@ -12,6 +12,10 @@
 // joins both sums and makes them NaN. A +inf term makes its sum, and the loss, +inf; the
 // gradient is then 0 at the finite terms and NaN (inf/inf) at the infinite ones. A NaN makes
 // its sum NaN, and the gradient NaN at every class in that sum, and only there.
+//
+// The rules of a class (which sum it enters, its weighted term) are templates over T: acc_t
+// (CUDA, the CPU's exact rows) or a CPU vector (at::vec::Vectorized<acc_t>, whose primitives
+// cpu/vec_math.h provides), so that every path applies the same rule.
 #pragma once
 
 #include <cmath>
@@ -32,7 +36,7 @@ struct ExpSum {
 // so that terms tied at +inf count once each.
 template <typename acc_t>
 KXOPS_HOST_DEVICE acc_t relative_exp(acc_t x, acc_t max) {
-  return x == max ? acc_t(1) : std::exp(x - max);
+  return x == max ? acc_t(1) : exponential(x - max);
 }
 
 // Adds w e^x (w > 0, +inf or NaN) online: rescales the running sum when the maximum moves.
@@ -61,25 +65,45 @@ KXOPS_HOST_DEVICE ExpSum<acc_t> merge(const ExpSum<acc_t>& a, const ExpSum<acc_t
 // log(1 + sum_j w_j e^{x_j}).
 template <typename acc_t>
 KXOPS_HOST_DEVICE acc_t log_one_plus(const ExpSum<acc_t>& acc) {
-  return acc.max + std::log(std::exp(-acc.max) + acc.sum);
+  return acc.max + std::log(exponential(-acc.max) + acc.sum);
 }
 
 // 1 / (1 + sum_j w_j e^{x_j}), expressed relative to e^{max}: multiply by w e^{x - max}.
 template <typename acc_t>
 KXOPS_HOST_DEVICE acc_t inv_total(const ExpSum<acc_t>& acc) {
-  return acc_t(1) / (std::exp(-acc.max) + acc.sum);
+  return acc_t(1) / (exponential(-acc.max) + acc.sum);
 }
 
-// Whether a class enters the negative (weight 1 - t, term e^{s}) and the positive (weight t,
-// term e^{-s}) sums; written so that a NaN label enters both.
-template <typename acc_t>
-KXOPS_HOST_DEVICE bool in_negative(acc_t s, acc_t t) {
-  return s != -INFINITY && !(t >= 1);
+// Whether a class is left out of the negative sum (weight 1 - t, term e^{s}) and of the
+// positive sum (weight t, term e^{-s}): when its logit is masked or its label excludes it;
+// written so that a NaN label stays in both. A bool for a scalar, a lane mask for a vector.
+template <typename T>
+KXOPS_HOST_DEVICE auto out_of_negative(T s, T t) {
+  return (s == T(-INFINITY)) | (t >= T(1));
 }
 
-template <typename acc_t>
-KXOPS_HOST_DEVICE bool in_positive(acc_t s, acc_t t) {
-  return s != -INFINITY && !(t <= 0);
+template <typename T>
+KXOPS_HOST_DEVICE auto out_of_positive(T s, T t) {
+  return (s == T(-INFINITY)) | (t <= T(0));
+}
+
+// scale w e^{x - max} for a class in its sum, 0 for one left out: selected, not multiplied, so
+// that a left-out term whose exponential overflows, or whose scale is NaN, still gives 0.
+template <typename T, typename Mask>
+KXOPS_HOST_DEVICE T weighted_term(Mask out, T w, T x, T max, T scale) {
+  if (all_lanes(out)) return T(0);  // hard labels: most classes are in one sum only
+  return select(out, T(0), w * exponential(x - max) * scale);
+}
+
+// A class's terms of the two sums, relative to their maxima (times scale).
+template <typename T>
+KXOPS_HOST_DEVICE T negative_term(T s, T t, T max, T scale = T(1)) {
+  return weighted_term(out_of_negative(s, t), T(1) - t, s, max, scale);
+}
+
+template <typename T>
+KXOPS_HOST_DEVICE T positive_term(T s, T t, T max, T scale = T(1)) {
+  return weighted_term(out_of_positive(s, t), t, T(0) - s, max, scale);
 }
 
 // Both sums of one row, accumulated one class at a time.
@@ -89,8 +113,8 @@ struct RowSums {
   ExpSum<acc_t> pos;
 
   KXOPS_HOST_DEVICE void add(acc_t s, acc_t t) {
-    if (in_negative(s, t)) push(neg, s, acc_t(1) - t);
-    if (in_positive(s, t)) push(pos, -s, t);
+    if (!out_of_negative(s, t)) push(neg, s, acc_t(1) - t);
+    if (!out_of_positive(s, t)) push(pos, -s, t);
   }
 
   KXOPS_HOST_DEVICE acc_t loss() const { return log_one_plus(neg) + log_one_plus(pos); }
@@ -114,10 +138,7 @@ struct RowGrad {
         inv_pos(inv_total(sums.pos)) {}
 
   KXOPS_HOST_DEVICE acc_t operator()(acc_t s, acc_t t) const {
-    const acc_t g_neg =
-        in_negative(s, t) ? (acc_t(1) - t) * std::exp(s - max_neg) * inv_neg : acc_t(0);
-    const acc_t g_pos = in_positive(s, t) ? t * std::exp(-s - max_pos) * inv_pos : acc_t(0);
-    return g_neg - g_pos;
+    return negative_term(s, t, max_neg, inv_neg) - positive_term(s, t, max_pos, inv_pos);
   }
 };
 

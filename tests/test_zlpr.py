@@ -391,6 +391,26 @@ def test_kernel_sparse_positives_dominate(device):
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
 
 
+# The CPU kernel stabilises the negative sum with the row's maximum, taken as it copies the
+# logits, unless a positive reaches that maximum: rows whose top is a positive far above every
+# negative (the row's maximum would underflow every negative term), tied with the top negative,
+# or NaN; at every position of a row and across the vector tail.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_classes", [1, 5, 8, 9, 17, 100])
+def test_kernel_sparse_positive_on_top_of_its_row(device, dtype, num_classes):
+    needs_kernel("sparse_zlpr", device)
+    rows = 4 * num_classes
+    logits = torch.randn(rows, num_classes, dtype=torch.float64)
+    top = torch.arange(rows) % num_classes  # the positive's class
+    tops = torch.tensor([150.0, 0.0, math.nan, 3.0], dtype=torch.float64).repeat_interleave(
+        num_classes)
+    tops[num_classes:2 * num_classes] = logits[num_classes:2 * num_classes].amax(-1)  # a tie
+    logits[torch.arange(rows), top] = tops
+    positives = torch.stack([top, torch.full_like(top, -1)], -1).to(device)
+    grad_rows = torch.rand(rows, device=device, dtype=ref.opmath_dtype(dtype))
+    assert_sparse_matches_reference(logits.to(device=device, dtype=dtype), positives, grad_rows)
+
+
 def test_kernel_no_gradient_pass_without_requires_grad(device):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((4, 9), dtype=torch.float32, device=device)

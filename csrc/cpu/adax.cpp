@@ -11,12 +11,9 @@
 #include <algorithm>
 #include <vector>
 
-// A block of its own (clang-format sorts within blocks): before adax_math.h, whose update()
-// needs the vector overloads.
-#include "cpu/vec_math.h"
-
 #include "adax_host.h"
 #include "adax_math.h"
+#include "cpu/vec_math.h"
 
 namespace kxops::adax {
 namespace {

@@ -10,8 +10,6 @@
 
 #include <vector>
 
-#include "cpu/vec_math.h"  // before gated_conv_math.h: its sigmoid() needs the vector overloads
-
 namespace kxops::gated_conv {
 // The vector overload of gated_conv_math.h's nan_or, declared before that header's sigmoid().
 template <typename T>
@@ -21,6 +19,7 @@ at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
 }
 }  // namespace kxops::gated_conv
 
+#include "cpu/vec_math.h"
 #include "gated_conv_host.h"
 #include "gated_conv_math.h"
 

@@ -1,6 +1,7 @@
-// What the CPU kernels share: the at::vec overloads of the functions the shared math headers
-// call unqualified (include this before those headers so that their templates see the
-// overloads at definition), and how rows are split into at::parallel_for tasks.
+// What the CPU kernels share: the at::vec overloads of the primitives that the shared math
+// headers call unqualified (host_device.h includes this file in CPU builds, so that the
+// headers' templates see these overloads whatever the include order), and how rows are split
+// into at::parallel_for tasks.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -21,9 +22,24 @@ at::vec::Vectorized<T> square_root(const at::vec::Vectorized<T>& x) {
   return x.sqrt();
 }
 
+// 20-ULP Sleef-free exp: ample for a sigmoid or a loss in fp32. It clamps its argument, so a
+// NaN comes out finite: callers that must carry NaN do so themselves.
 template <typename T>
 at::vec::Vectorized<T> exponential(const at::vec::Vectorized<T>& x) {
-  return x.exp_u20();  // 20-ULP Sleef-free exp: ample for a sigmoid in fp32
+  return x.exp_u20();
+}
+
+// The lane masks of at::vec comparisons: all bits set, or none.
+template <typename T>
+at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& mask,
+                              const at::vec::Vectorized<T>& if_true,
+                              const at::vec::Vectorized<T>& if_false) {
+  return at::vec::Vectorized<T>::blendv(if_false, if_true, mask);
+}
+
+template <typename T>
+bool all_lanes(const at::vec::Vectorized<T>& mask) {
+  return mask.zero_mask() == 0;
 }
 
 }  // namespace kxops

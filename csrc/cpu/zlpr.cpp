@@ -1,20 +1,23 @@
-// ZLPR loss on CPU: one task per block of rows; each row is read once into two fp32/fp64
-// buffers, which then hold the exponential terms, so the gradient costs no second read of the
-// logits or labels and no second round of exponentials.
+// ZLPR loss on CPU: one task per block of rows; each row is read once into fp32/fp64 buffers
+// (the gradient row itself where it is fp32/fp64), which then hold the exponential terms, so
+// the gradient costs no second read of the logits or labels and no second round of
+// exponentials. Each row runs in steps: the maxima, the weighted terms and their sums, the
+// finished gradient; rows whose sums are not finite are redone class by class.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
-#include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/vec_math.h"
-
 #include "zlpr_host.h"
 #include "zlpr_math.h"
 
@@ -33,6 +36,47 @@ template <typename acc_t>
 acc_t lanes_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Calls step(j, count) for each vector of a row of n: count = the vector width, except for a
+// shorter last one.
+template <typename acc_t, typename Step>
+void for_each_vector(int64_t n, Step step) {
+  constexpr int64_t kWidth = Vectorized<acc_t>::size();
+  for (int64_t j = 0; j < n; j += kWidth) step(j, std::min(kWidth, n - j));
+}
+
+// count values from p, the other lanes set to fill.
+template <typename acc_t>
+Vectorized<acc_t> load(const acc_t* p, int64_t count, acc_t fill) {
+  using Vec = Vectorized<acc_t>;
+  if (count == Vec::size()) return Vec::loadu(p);
+  return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+}
+
+// A row's logits, the lanes past its end masked (-inf: in no sum, neutral in every maximum).
+template <typename acc_t>
+Vectorized<acc_t> load_logits(const acc_t* s, int64_t count) {
+  return load(s, count, kNegInf<acc_t>);
+}
+
+template <typename acc_t>
+bool is_finite(const ExpSum<acc_t>& acc) {
+  return std::isfinite(acc.max) && std::isfinite(acc.sum);
+}
+
+template <typename acc_t>
+bool is_finite(const RowSums<acc_t>& sums) {
+  return is_finite(sums.neg) && is_finite(sums.pos);
+}
+
+// Writes the finished opmath row s to the gradient row, unless s is the gradient row itself.
+template <typename acc_t, typename scalar_t>
+void store_grad(const acc_t* s, int64_t n, scalar_t* grad) {
+  if (static_cast<const void*>(s) != static_cast<const void*>(grad)) at::vec::convert(s, grad, n);
 }
 
 // Rows whose sums are not finite (a NaN, a +inf logit, an infinite label) go class by class
@@ -60,98 +104,72 @@ void exact_row(const acc_t* s, const acc_t* t, int64_t n, acc_t* loss, scalar_t*
   for (int64_t j = 0; j < n; ++j) grad[j] = static_cast<scalar_t>(finish(s[j], t[j]));
 }
 
+// The maxima of the terms that enter each sum (0 stands for the "1 +"); a NaN reaches them.
 template <typename acc_t>
-bool is_finite(const ExpSum<acc_t>& acc) {
-  return std::isfinite(acc.max) && std::isfinite(acc.sum);
+std::pair<acc_t, acc_t> term_maxima(const acc_t* s, const acc_t* t, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec max_neg(0), max_pos(0);
+  for_each_vector<acc_t>(n, [&](int64_t j, int64_t count) {
+    const Vec sj = load_logits(s + j, count), tj = load(t + j, count, acc_t(0));
+    max_neg = at::vec::maximum(max_neg, select(out_of_negative(sj, tj), Vec(0), sj));
+    max_pos = at::vec::maximum(max_pos, select(out_of_positive(sj, tj), Vec(0), Vec(0) - sj));
+  });
+  return {lanes_max(max_neg), lanes_max(max_pos)};
+}
+
+// Overwrites s and t with the weighted terms of the negative and the positive sum, and returns
+// the sums.
+template <typename acc_t>
+RowSums<acc_t> weighted_terms(acc_t* s, acc_t* t, int64_t n, acc_t max_neg, acc_t max_pos) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vmax_neg(max_neg), vmax_pos(max_pos);
+  Vec sum_neg(0), sum_pos(0);
+  for_each_vector<acc_t>(n, [&](int64_t j, int64_t count) {
+    const Vec sj = load_logits(s + j, count), tj = load(t + j, count, acc_t(0));
+    const Vec e_neg = negative_term(sj, tj, vmax_neg), e_pos = positive_term(sj, tj, vmax_pos);
+    sum_neg = sum_neg + e_neg;
+    sum_pos = sum_pos + e_pos;
+    e_neg.store(s + j, count);
+    e_pos.store(t + j, count);
+  });
+  RowSums<acc_t> sums;
+  sums.neg = {max_neg, lanes_sum(sum_neg)};
+  sums.pos = {max_pos, lanes_sum(sum_pos)};
+  return sums;
 }
 
 // One row whose logits are in s and targets in t (both opmath, length n). Returns false, with
 // s and t overwritten and nothing written, when the row's sums are not finite: the caller then
-// reloads the row into exact_row. Otherwise s and t are overwritten with the weighted
-// exponential terms, and the loss and, when grad is not null, d loss / d logits are written.
+// reloads the row into exact_row. Otherwise writes the loss and, when grad is not null,
+// d loss / d logits.
 template <typename acc_t, typename scalar_t>
 bool zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kWidth = Vec::size();
-  const int64_t vec_end = n - n % kWidth;
-  const Vec zero(0), one(1), neg_inf(-std::numeric_limits<acc_t>::infinity());
-
-  // Maxima of the terms that enter each sum (0 stands for the "1 +"). The lanes take the
-  // membership rule of in_negative / in_positive; a NaN or +inf that reaches a maximum or a
-  // sum sends the row to exact_row.
-  Vec max_neg(0), max_pos(0);
-  for (int64_t j = 0; j < vec_end; j += kWidth) {
-    const Vec sj = Vec::loadu(s + j), tj = Vec::loadu(t + j);
-    const Vec masked = sj == neg_inf;
-    max_neg = at::vec::maximum(max_neg, Vec::blendv(sj, zero, masked | (tj >= one)));
-    max_pos = at::vec::maximum(max_pos, Vec::blendv(zero - sj, zero, masked | (tj <= zero)));
-  }
-  acc_t m_neg = lanes_max(max_neg);
-  acc_t m_pos = lanes_max(max_pos);
-  for (int64_t j = vec_end; j < n; ++j) {
-    if (in_negative(s[j], t[j])) m_neg = std::max(m_neg, s[j]);
-    if (in_positive(s[j], t[j])) m_pos = std::max(m_pos, -s[j]);
-  }
-
-  // Weighted terms w e^{x - max}; blend, not multiply, so that a dropped term whose
-  // exponential overflows gives 0 rather than 0 * inf.
-  const Vec vm_neg(m_neg), vm_pos(m_pos);
-  Vec sum_neg(0), sum_pos(0);
-  for (int64_t j = 0; j < vec_end; j += kWidth) {
-    const Vec sj = Vec::loadu(s + j), tj = Vec::loadu(t + j);
-    const Vec masked = sj == neg_inf;
-    const Vec out_neg = masked | (tj >= one), out_pos = masked | (tj <= zero);
-    // Hard labels leave most vectors with one sum only: skip the other's exponentials.
-    const Vec e_neg = out_neg.zero_mask() == 0
-                          ? zero
-                          : Vec::blendv((one - tj) * (sj - vm_neg).exp_u20(), zero, out_neg);
-    const Vec e_pos = out_pos.zero_mask() == 0
-                          ? zero
-                          : Vec::blendv(tj * (zero - sj - vm_pos).exp_u20(), zero, out_pos);
-    sum_neg = sum_neg + e_neg;
-    sum_pos = sum_pos + e_pos;
-    e_neg.store(s + j);
-    e_pos.store(t + j);
-  }
-  RowSums<acc_t> sums;
-  sums.neg = {m_neg, lanes_sum(sum_neg)};
-  sums.pos = {m_pos, lanes_sum(sum_pos)};
-  for (int64_t j = vec_end; j < n; ++j) {
-    const acc_t e_neg = in_negative(s[j], t[j]) ? (1 - t[j]) * std::exp(s[j] - m_neg) : 0;
-    const acc_t e_pos = in_positive(s[j], t[j]) ? t[j] * std::exp(-s[j] - m_pos) : 0;
-    sums.neg.sum += e_neg;
-    sums.pos.sum += e_pos;
-    s[j] = e_neg;
-    t[j] = e_pos;
-  }
-  if (!is_finite(sums.neg) || !is_finite(sums.pos)) return false;
+  const auto [max_neg, max_pos] = term_maxima(s, t, n);
+  const RowSums<acc_t> sums = weighted_terms(s, t, n, max_neg, max_pos);
+  if (!is_finite(sums)) return false;
   *loss = sums.loss();
   if (grad == nullptr) return true;
-
   // Finite sums: every stored term is finite and 0 outside its sum, so the products below
   // follow the membership rule without testing it again.
   const RowGrad<acc_t> finish(sums);
   const Vec inv_neg(finish.inv_neg), inv_pos(finish.inv_pos);
-  for (int64_t j = 0; j < vec_end; j += kWidth) {
-    (Vec::loadu(s + j) * inv_neg - Vec::loadu(t + j) * inv_pos).store(s + j);
-  }
-  for (int64_t j = vec_end; j < n; ++j) s[j] = s[j] * finish.inv_neg - t[j] * finish.inv_pos;
-  if (static_cast<void*>(s) != static_cast<void*>(grad)) at::vec::convert(s, grad, n);
+  at::vec::map2([&](Vec e_neg, Vec e_pos) { return e_neg * inv_neg - e_pos * inv_pos; }, s, s, t,
+                n);
+  store_grad(s, n, grad);
   return true;
 }
 
-// The exact sparse row: positives leave the negative sum because their logits are replaced by
-// -inf in the private copy s (no subtraction), so the negative side costs one exponential per
-// class without reading targets, and the positive side is a short online sum over the listed
-// positives. `kept` receives (class, logit) of each distinct positive that is not masked.
-// Returns false, with s overwritten and nothing written, when the negative sum is not finite:
-// the caller then reloads the row into exact_sparse_row.
-template <typename acc_t, typename scalar_t, typename index_t>
-bool sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_row,
-                     int64_t ignore_index, std::vector<std::pair<int64_t, acc_t>>& kept,
-                     acc_t* loss, scalar_t* grad) {
-  using Vec = Vectorized<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+// (class, logit) of each distinct positive of a sparse row that is not masked.
+template <typename acc_t>
+using Positives = std::vector<std::pair<int64_t, acc_t>>;
+
+// Collects a sparse row's positives into kept and masks them (-inf) in s, its private copy of
+// the logits, so that every class left in s is a negative: the negative sum is then exact (no
+// subtraction) and costs one exponential per class without reading targets.
+template <typename acc_t, typename index_t>
+void take_positives(acc_t* s, int64_t n, const index_t* positives, int64_t per_row,
+                    int64_t ignore_index, Positives<acc_t>& kept) {
   kept.clear();
   for (const index_t* p = positives; p != positives + per_row; ++p) {
     // Compared as int64: an ignore_index out of index_t's range matches nothing.
@@ -160,49 +178,88 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, const index_t* positives, int64_t per_
                       ", out of range for ", n, " classes (valid: 0..", n - 1,
                       ", or ignore_index=", ignore_index, " for padding)");
     // A -inf here is a masked positive or a duplicate already taken: neither adds a term.
-    if (s[*p] == kNegInf) continue;
+    if (s[*p] == kNegInf<acc_t>) continue;
     kept.emplace_back(*p, s[*p]);
-    s[*p] = kNegInf;
+    s[*p] = kNegInf<acc_t>;
   }
+}
 
-  // -inf logits are neutral in the max and give e^{-inf} = 0; a NaN or +inf makes the
-  // maximum or the sum non-finite.
-  const int64_t vec_end = n - n % Vec::size();
-  Vec max_vec(0);
-  for (int64_t j = 0; j < vec_end; j += Vec::size()) {
-    max_vec = at::vec::maximum(max_vec, Vec::loadu(s + j));
+// The maximum of s, at least 0; a NaN reaches it.
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec max(0);
+  for_each_vector<acc_t>(
+      n, [&](int64_t j, int64_t count) { max = at::vec::maximum(max, load_logits(s + j, count)); });
+  return lanes_max(max);
+}
+
+// Copies a row's logits into s (opmath) and returns row_max of them, in one pass where the
+// logits are opmath already.
+template <typename scalar_t, typename acc_t>
+acc_t copy_with_max(const scalar_t* logits, acc_t* s, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = Vectorized<acc_t>;
+    Vec max(0);
+    for_each_vector<acc_t>(n, [&](int64_t j, int64_t count) {
+      const Vec v = load_logits(logits + j, count);
+      v.store(s + j, count);
+      max = at::vec::maximum(max, v);
+    });
+    return lanes_max(max);
+  } else {
+    at::vec::convert(logits, s, n);
+    return row_max(s, n);
   }
-  acc_t max_neg = lanes_max(max_vec);
-  for (int64_t j = vec_end; j < n; ++j) max_neg = std::max(max_neg, s[j]);
-  const Vec max_neg_vec(max_neg);
-  Vec sum_vec(0);
-  for (int64_t j = vec_end; j < n; ++j) s[j] = std::exp(s[j] - max_neg);
-  for (int64_t j = 0; j < vec_end; j += Vec::size()) {
-    const Vec e = (Vec::loadu(s + j) - max_neg_vec).exp_u20();
-    sum_vec = sum_vec + e;
-    e.store(s + j);
-  }
+}
+
+// Overwrites s (the negatives, with target 0) with their terms, and returns their sum.
+template <typename acc_t>
+ExpSum<acc_t> negative_terms(acc_t* s, int64_t n, acc_t max) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vmax(max);
+  Vec sum(0);
+  for_each_vector<acc_t>(n, [&](int64_t j, int64_t count) {
+    const Vec e = negative_term(load_logits(s + j, count), Vec(0), vmax);
+    sum = sum + e;
+    e.store(s + j, count);
+  });
+  return {max, lanes_sum(sum)};
+}
+
+// One sparse row whose logits are in s (opmath, its private copy), row_max of them in
+// logits_max. Returns false, with s overwritten and nothing written, when the negative sum is
+// not finite: the caller then reloads the row into exact_sparse_row. Otherwise as zlpr_row.
+template <typename acc_t, typename scalar_t, typename index_t>
+bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* positives,
+                     int64_t per_row, int64_t ignore_index, Positives<acc_t>& kept, acc_t* loss,
+                     scalar_t* grad) {
+  using Vec = Vectorized<acc_t>;
+  take_positives(s, n, positives, per_row, ignore_index, kept);
+  // The negatives' maximum is the row's unless a positive reaches it (or it is NaN).
+  const bool positive_on_top = std::any_of(kept.begin(), kept.end(), [&](const auto& positive) {
+    return !(positive.second < logits_max);
+  });
   RowSums<acc_t> sums;
-  sums.neg.max = max_neg;
-  sums.neg.sum = std::accumulate(s + vec_end, s + n, lanes_sum(sum_vec));
+  sums.neg = negative_terms(s, n, positive_on_top ? row_max(s, n) : logits_max);
   if (!is_finite(sums.neg)) return false;
   // The positive sum goes through the shared math as it is, whatever its values.
   for (const auto& [index, logit] : kept) push(sums.pos, -logit, acc_t(1));
   *loss = sums.loss();
   if (grad == nullptr) return true;
-
   const RowGrad<acc_t> finish(sums);
-  at::vec::map([&](Vec e) { return e * Vec(finish.inv_neg); }, s, s, n);
+  const Vec inv_neg(finish.inv_neg);
+  at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);
   for (const auto& [index, logit] : kept) s[index] = finish(logit, acc_t(1));
-  if (static_cast<void*>(s) != static_cast<void*>(grad)) at::vec::convert(s, grad, n);
+  store_grad(s, n, grad);
   return true;
 }
 
 // The sparse row through the shared math: s holds the row's logits with its positives (kept,
-// from sparse_zlpr_row) at -inf, so every other class is a negative (target 0).
+// from take_positives) at -inf, so every other class is a negative (target 0).
 template <typename acc_t, typename scalar_t>
-void exact_sparse_row(const acc_t* s, int64_t n, const std::vector<std::pair<int64_t, acc_t>>& kept,
-                      acc_t* loss, scalar_t* grad) {
+void exact_sparse_row(const acc_t* s, int64_t n, const Positives<acc_t>& kept, acc_t* loss,
+                      scalar_t* grad) {
   RowSums<acc_t> sums = exact_sums(s, n, [](int64_t) { return acc_t(0); });
   for (const auto& [index, logit] : kept) sums.add(logit, acc_t(1));
   *loss = sums.loss();
@@ -214,96 +271,101 @@ void exact_sparse_row(const acc_t* s, int64_t n, const std::vector<std::pair<int
   }
 }
 
-// Runs row_fn(row, logits_row, s, loss, grad) over every row in parallel, with s holding the
-// row's logits in opmath.
+// A thread's opmath row buffer of n values, reused from row to row.
+template <typename acc_t>
+acc_t* row_buffer(int64_t n) {
+  thread_local std::vector<acc_t> buffer;
+  buffer.resize(n);
+  return buffer.data();
+}
+
+// Runs row_fn(row, logits_row, s, loss, grad) over every row in parallel, s being the row's
+// opmath working buffer: an fp32/fp64 gradient row itself (no final copy out), else a buffer.
 template <typename scalar_t, typename RowFn>
 void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& grad,
                   bool compute_grad, RowFn row_fn) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = logits.size(-1);
-  const int64_t rows = row_loss.numel();
   const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();
   acc_t* loss_data = row_loss.mutable_data_ptr<acc_t>();
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = rows_per_task(n);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buffer(n);
+  constexpr bool kGradIsOpmath = std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, row_loss.numel(), rows_per_task(n), [&](int64_t begin, int64_t end) {
+    acc_t* buffer = kGradIsOpmath && compute_grad ? nullptr : row_buffer<acc_t>(n);
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* grad_row = grad_data == nullptr ? nullptr : grad_data + row * n;
-      // An fp32/fp64 gradient row is the working copy itself: no final copy out.
-      acc_t* s = s_buffer.data();
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      acc_t* s = buffer;
+      if constexpr (kGradIsOpmath) {
         if (grad_row != nullptr) s = grad_row;
       }
-      const scalar_t* logits_row = logits_data + row * n;
-      at::vec::convert(logits_row, s, n);
-      row_fn(row, logits_row, s, loss_data + row, grad_row);
+      row_fn(row, logits_data + row * n, s, loss_data + row, grad_row);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits_in,
-                                            const at::Tensor& labels_in, bool compute_grad) {
-  check_dense(logits_in, labels_in);
+// Both ops, their inputs checked: makes the logits contiguous, allocates the outputs and runs
+// the rows: with_row_fn(logit_t{}, n, run) calls run(row_fn) with the op's row function for
+// rows of n logit_t logits (see for_each_row).
+template <typename WithRowFn>
+std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool compute_grad,
+                                            WithRowFn with_row_fn) {
   const auto logits = logits_in.contiguous();
-  const auto labels = readable_labels(labels_in, logits.scalar_type());
   auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
-  const int64_t n = logits.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cpu", [&] {
-    using logit_t = scalar_t;
-    using acc_t = at::opmath_type<logit_t>;
-    AT_DISPATCH_ALL_TYPES_AND3(
-        at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
-          const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
-          for_each_row<logit_t>(
-              logits, row_loss, grad, compute_grad,
-              [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
-                thread_local std::vector<acc_t> t;
-                t.resize(n);
-                const scalar_t* labels_row = label_data + row * n;
-                at::vec::convert(labels_row, t.data(), n);
-                if (zlpr_row(s, t.data(), n, loss, g)) return;
-                at::vec::convert(logits_row, s, n);
-                at::vec::convert(labels_row, t.data(), n);
-                exact_row(s, t.data(), n, loss, g);
-              });
-        });
+    with_row_fn(scalar_t{}, logits.size(-1), [&](auto row_fn) {
+      for_each_row<scalar_t>(logits, row_loss, grad, compute_grad, row_fn);
+    });
   });
   return {row_loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits_in,
+std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
+                                            bool compute_grad) {
+  const auto labels = readable_labels(labels_in, logits.scalar_type());
+  return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
+    using logit_t = decltype(logit);
+    using acc_t = at::opmath_type<logit_t>;
+    AT_DISPATCH_ALL_TYPES_AND3(
+        at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
+          const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
+          run([&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
+            thread_local std::vector<acc_t> t;
+            t.resize(n);
+            const scalar_t* labels_row = label_data + row * n;
+            at::vec::convert(logits_row, s, n);
+            at::vec::convert(labels_row, t.data(), n);
+            if (zlpr_row(s, t.data(), n, loss, g)) return;
+            at::vec::convert(logits_row, s, n);
+            at::vec::convert(labels_row, t.data(), n);
+            exact_row(s, t.data(), n, loss, g);
+          });
+        });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                                                    const at::Tensor& positives_in,
                                                    int64_t ignore_index, bool compute_grad) {
-  check_sparse(logits_in, positives_in);
-  const auto logits = logits_in.contiguous();
   const auto positives = positives_in.contiguous();
-  auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
-  const int64_t n = logits.size(-1);
   const int64_t per_row = positives.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cpu", [&] {
-        using logit_t = scalar_t;
-        using acc_t = at::opmath_type<logit_t>;
-        AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
-          const index_t* index_data = positives.const_data_ptr<index_t>();
-          for_each_row<logit_t>(
-              logits, row_loss, grad, compute_grad,
-              [&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
-                thread_local std::vector<std::pair<int64_t, acc_t>> kept;
-                if (sparse_zlpr_row(s, n, index_data + row * per_row, per_row, ignore_index, kept,
-                                    loss, g)) {
-                  return;
-                }
-                at::vec::convert(logits_row, s, n);
-                for (const auto& [index, logit] : kept) {
-                  s[index] = -std::numeric_limits<acc_t>::infinity();
-                }
-                exact_sparse_row(s, n, kept, loss, g);
-              });
-        });
+  return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
+    using logit_t = decltype(logit);
+    using acc_t = at::opmath_type<logit_t>;
+    AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
+      const index_t* index_data = positives.const_data_ptr<index_t>();
+      run([&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
+        thread_local Positives<acc_t> kept;
+        const acc_t logits_max = copy_with_max(logits_row, s, n);
+        if (sparse_zlpr_row(s, n, logits_max, index_data + row * per_row, per_row, ignore_index,
+                            kept, loss, g)) {
+          return;
+        }
+        at::vec::convert(logits_row, s, n);
+        for (const auto& [index, logit] : kept) s[index] = kNegInf<acc_t>;
+        exact_sparse_row(s, n, kept, loss, g);
       });
-  return {row_loss, grad};
+    });
+  });
 }
 
 // Device-generic: one fused elementwise pass (broadcast multiply, cast to the gradient's dtype).
@@ -315,10 +377,7 @@ at::Tensor zlpr_backward(const at::Tensor& grad_loss, const at::Tensor& grad) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("zlpr", &zlpr_cpu);
-  m.impl("sparse_zlpr", &sparse_zlpr_cpu);
-}
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_forward_ops<&zlpr_cpu, &sparse_zlpr_cpu>(m); }
 
 TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) { m.impl("zlpr_backward", &zlpr_backward); }
 

@@ -16,7 +16,6 @@
 
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "cuda/toolbox.cuh"
 #include "zlpr_host.h"
@@ -53,15 +52,29 @@ struct MergeSums {
   }
 };
 
-// Targets read from a dense label tensor.
-template <typename label_t, int kVec>
-struct DenseTargets {
-  const label_t* row;
-
+// How visit_row reads the targets: the derived type gives raw(j), class j's target as stored,
+// and aligned(j), whether a pack of kVec targets can be read from j; load reads that pack, one
+// target at a time unless the derived type reads it whole.
+template <typename Derived, int kVec>
+struct Targets {
   template <typename acc_t>
   __device__ __forceinline__ acc_t at(int64_t j) const {
-    return static_cast<acc_t>(row[j]);
+    return static_cast<acc_t>(static_cast<const Derived*>(this)->raw(j));
   }
+  template <typename acc_t>
+  __device__ __forceinline__ void load(int64_t j, acc_t (&out)[kVec]) const {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = at<acc_t>(j + k);
+  }
+};
+
+// Targets read from a dense label tensor, in packs of 16 bytes.
+template <typename label_t, int kVec>
+struct DenseTargets : Targets<DenseTargets<label_t, kVec>, kVec> {
+  const label_t* row;
+
+  __device__ __forceinline__ DenseTargets(const label_t* row) : row(row) {}
+  __device__ __forceinline__ label_t raw(int64_t j) const { return row[j]; }
   __device__ __forceinline__ bool aligned(int64_t j) const {
     return is_aligned<Pack<label_t, kVec>>(row + j);
   }
@@ -75,19 +88,14 @@ struct DenseTargets {
 
 // Targets read from a bitmap of positive classes in shared memory.
 template <int kVec>
-struct BitmapTargets {
+struct BitmapTargets : Targets<BitmapTargets<kVec>, kVec> {
   const uint32_t* bits;
 
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t at(int64_t j) const {
-    return static_cast<acc_t>((bits[j >> 5] >> (j & 31)) & 1u);
+  __device__ __forceinline__ BitmapTargets(const uint32_t* bits) : bits(bits) {}
+  __device__ __forceinline__ uint32_t raw(int64_t j) const {
+    return (bits[j >> 5] >> (j & 31)) & 1u;
   }
   __device__ __forceinline__ bool aligned(int64_t) const { return true; }
-  template <typename acc_t>
-  __device__ __forceinline__ void load(int64_t j, acc_t (&out)[kVec]) const {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) out[k] = at<acc_t>(j + k);
-  }
 };
 
 // Calls value = visit(s_j, t_j) for the classes of this thread and, when out is not null,
@@ -126,13 +134,27 @@ __device__ __forceinline__ void visit_row(const scalar_t* logits, const Targets&
   for (int64_t j = body_end + lane; j < n; j += kThreads) scalar(j);
 }
 
+// A row's shared memory: the reduction's storage and the reduced sums.
+template <typename acc_t, int kThreads>
+struct RowShared {
+  typename RowReducer<RowSums<acc_t>, kThreads>::Reduce::TempStorage reduce;
+  acc_t sums[4];  // neg.max, neg.sum, pos.max, pos.sum
+};
+
+// The thread's row (one of the kRows rows of its block) and its lane in that row.
+template <int kThreads, int kRows>
+struct RowPlace {
+  int local_row = threadIdx.x / kThreads;
+  int lane = threadIdx.x % kThreads;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + local_row;
+};
+
 // The loss of one row and, when grad is not null, its gradient. All kThreads threads of the row
 // call this together.
 template <int kThreads, typename scalar_t, typename Targets, typename acc_t>
-__device__ __forceinline__ void zlpr_row(
-    const scalar_t* logits, const Targets& targets, scalar_t* grad, int64_t n, int lane,
-    typename RowReducer<RowSums<acc_t>, kThreads>::Reduce::TempStorage& temp,
-    acc_t (&shared_sums)[4], acc_t* loss) {
+__device__ __forceinline__ void zlpr_row(const scalar_t* logits, const Targets& targets,
+                                         scalar_t* grad, int64_t n, int lane,
+                                         RowShared<acc_t, kThreads>& shared, acc_t* loss) {
   using Reducer = RowReducer<RowSums<acc_t>, kThreads>;
   RowSums<acc_t> sums;
   visit_row<kThreads>(logits, targets, static_cast<scalar_t*>(nullptr), n, lane,
@@ -140,18 +162,18 @@ __device__ __forceinline__ void zlpr_row(
                         sums.add(s, t);
                         return acc_t(0);
                       });
-  sums = typename Reducer::Reduce(temp).Reduce(sums, MergeSums());
+  sums = typename Reducer::Reduce(shared.reduce).Reduce(sums, MergeSums());
   if (lane == 0) {  // the reduced value is valid in the row's first thread only
-    shared_sums[0] = sums.neg.max;
-    shared_sums[1] = sums.neg.sum;
-    shared_sums[2] = sums.pos.max;
-    shared_sums[3] = sums.pos.sum;
+    shared.sums[0] = sums.neg.max;
+    shared.sums[1] = sums.neg.sum;
+    shared.sums[2] = sums.pos.max;
+    shared.sums[3] = sums.pos.sum;
     *loss = sums.loss();
   }
   if (grad == nullptr) return;
   Reducer::sync();
-  sums.neg = {shared_sums[0], shared_sums[1]};
-  sums.pos = {shared_sums[2], shared_sums[3]};
+  sums.neg = {shared.sums[0], shared.sums[1]};
+  sums.pos = {shared.sums[2], shared.sums[3]};
   const RowGrad<acc_t> finish(sums);
   visit_row<kThreads>(logits, targets, grad, n, lane, finish);
 }
@@ -161,19 +183,33 @@ __global__ void __launch_bounds__(kThreads* kRows)
     zlpr_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
                 at::opmath_type<scalar_t>* __restrict__ row_loss, scalar_t* __restrict__ grad,
                 int64_t rows, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Reducer = RowReducer<RowSums<acc_t>, kThreads>;
-  __shared__ typename Reducer::Reduce::TempStorage temp[kRows];
-  __shared__ acc_t shared_sums[kRows][4];
-  const int local_row = threadIdx.x / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + local_row;
-  if (row >= rows) return;  // whole rows only: a warp row, or a block row that always exists
-  const int64_t offset = row * n;
-  constexpr int kVec = kVecWidth<scalar_t>;
-  zlpr_row<kThreads>(logits + offset, DenseTargets<label_t, kVec>{labels + offset},
-                     grad == nullptr ? nullptr : grad + offset, n, lane, temp[local_row],
-                     shared_sums[local_row], row_loss + row);
+  __shared__ RowShared<at::opmath_type<scalar_t>, kThreads> shared[kRows];
+  const RowPlace<kThreads, kRows> place;
+  // Whole rows only: a warp row, or a block row that always exists.
+  if (place.row >= rows) return;
+  const int64_t offset = place.row * n;
+  zlpr_row<kThreads>(logits + offset, DenseTargets<label_t, kVecWidth<scalar_t>>{labels + offset},
+                     grad == nullptr ? nullptr : grad + offset, n, place.lane,
+                     shared[place.local_row], row_loss + place.row);
+}
+
+// Sets bit j of bits (words words, shared memory) for each positive class j of the row. All
+// threads of the row call this together; Reducer::sync orders the clearing, the setting and the
+// reads that follow.
+template <typename Reducer, typename index_t>
+__device__ __forceinline__ void build_bitmap(const index_t* row_positives, int64_t per_row,
+                                             int64_t ignore_index, int64_t n, int64_t words,
+                                             int lane, int threads, uint32_t* bits) {
+  for (int64_t w = lane; w < words; w += threads) bits[w] = 0;
+  Reducer::sync();
+  // Setting a bit twice is harmless: duplicates count once.
+  for (int64_t k = lane; k < per_row; k += threads) {
+    const int64_t index = row_positives[k];
+    if (index == ignore_index) continue;
+    CUDA_KERNEL_ASSERT(index >= 0 && index < n && "kxops ZLPR: positives index out of range");
+    atomicOr(bits + (index >> 5), 1u << (index & 31));
+  }
+  Reducer::sync();
 }
 
 template <typename scalar_t, typename index_t, int kThreads, int kRows>
@@ -183,41 +219,35 @@ __global__ void __launch_bounds__(kThreads* kRows)
                        at::opmath_type<scalar_t>* __restrict__ row_loss,
                        scalar_t* __restrict__ grad, int64_t rows, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Reducer = RowReducer<RowSums<acc_t>, kThreads>;
-  __shared__ typename Reducer::Reduce::TempStorage temp[kRows];
-  __shared__ acc_t shared_sums[kRows][4];
+  __shared__ RowShared<acc_t, kThreads> shared[kRows];
   extern __shared__ uint32_t bitmaps[];
-  const int local_row = threadIdx.x / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + local_row;
-  if (row >= rows) return;
+  const RowPlace<kThreads, kRows> place;
+  if (place.row >= rows) return;
   const int64_t words = (n + 31) / 32;
-  uint32_t* bits = bitmaps + local_row * words;
-  for (int64_t w = lane; w < words; w += kThreads) bits[w] = 0;
-  Reducer::sync();
-  // Setting a bit twice is harmless: duplicates count once.
-  const index_t* row_positives = positives + row * per_row;
-  for (int64_t k = lane; k < per_row; k += kThreads) {
-    const int64_t index = row_positives[k];
-    if (index == ignore_index) continue;
-    CUDA_KERNEL_ASSERT(index >= 0 && index < n && "kxops ZLPR: positives index out of range");
-    atomicOr(bits + (index >> 5), 1u << (index & 31));
-  }
-  Reducer::sync();
-  constexpr int kVec = kVecWidth<scalar_t>;
-  const int64_t offset = row * n;
-  zlpr_row<kThreads>(logits + offset, BitmapTargets<kVec>{bits},
-                     grad == nullptr ? nullptr : grad + offset, n, lane, temp[local_row],
-                     shared_sums[local_row], row_loss + row);
+  uint32_t* bits = bitmaps + place.local_row * words;
+  build_bitmap<RowReducer<RowSums<acc_t>, kThreads>>(
+      positives + place.row * per_row, per_row, ignore_index, n, words, place.lane, kThreads, bits);
+  const int64_t offset = place.row * n;
+  zlpr_row<kThreads>(logits + offset, BitmapTargets<kVecWidth<scalar_t>>{bits},
+                     grad == nullptr ? nullptr : grad + offset, n, place.lane,
+                     shared[place.local_row], row_loss + place.row);
 }
 
-// Calls launch(threads_per_row_constant, rows_per_block_constant) for a row of n classes.
+// A launch's shape: kThreads threads per row, kRows rows per block.
+template <int kThreadsPerRow, int kRowsPerBlock>
+struct RowShape {
+  static constexpr int kThreads = kThreadsPerRow;
+  static constexpr int kRows = kRowsPerBlock;
+  static constexpr int kBlockThreads = kThreads * kRows;
+};
+
+// Calls launch(RowShape<...>{}) with the shape for rows of n classes.
 template <typename Launch>
 void with_row_shape(int64_t n, Launch launch) {
   if (n <= kMaxWarpRowClasses) {
-    launch(std::integral_constant<int, 32>{}, std::integral_constant<int, kWarpRowsPerBlock>{});
+    launch(RowShape<32, kWarpRowsPerBlock>{});
   } else {
-    launch(std::integral_constant<int, kBlockRowThreads>{}, std::integral_constant<int, 1>{});
+    launch(RowShape<kBlockRowThreads, 1>{});
   }
 }
 
@@ -244,11 +274,10 @@ void launch_dense(const at::Tensor& logits, const label_t* labels, at::Tensor& r
                   scalar_t* grad, int64_t rows, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_row_shape(n, [&](auto threads, auto rows_per_block) {
-    constexpr int kThreads = decltype(threads)::value;
-    constexpr int kRows = decltype(rows_per_block)::value;
-    zlpr_kernel<scalar_t, label_t, kThreads, kRows>
-        <<<grid_size(rows, kRows), kThreads * kRows, 0, stream>>>(
+  with_row_shape(n, [&](auto shape) {
+    using Shape = decltype(shape);
+    zlpr_kernel<scalar_t, label_t, Shape::kThreads, Shape::kRows>
+        <<<grid_size(rows, Shape::kRows), Shape::kBlockThreads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), labels, row_loss.mutable_data_ptr<acc_t>(), grad,
             rows, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -257,7 +286,6 @@ void launch_dense(const at::Tensor& logits, const label_t* labels, at::Tensor& r
 
 std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits_in,
                                              const at::Tensor& labels_in, bool compute_grad) {
-  check_dense(logits_in, labels_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const auto labels = kernel_labels(labels_in, logits.scalar_type());
@@ -282,25 +310,29 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits_in,
   return {row_loss, grad};
 }
 
+// Dense uint8 labels from the positives, for rows with too many classes for a bitmap in shared
+// memory; written once on the device (scatter asserts on an out-of-range index as the sparse
+// kernel does). Padding puts 0 on class 0 under amax, which changes nothing; duplicates stay 1.
+// The indices are compared as int64: an int32 comparison would wrap an ignore_index past
+// int32's range.
+at::Tensor dense_labels(const at::Tensor& positives, int64_t ignore_index,
+                        const at::Tensor& logits) {
+  const auto index = positives.to(at::kLong);
+  const auto padding = index == ignore_index;
+  return at::zeros(logits.sizes(), logits.options().dtype(at::kByte))
+      .scatter_reduce_(-1, index.masked_fill(padding, 0), padding.logical_not().to(at::kByte),
+                       "amax");
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
                                                     const at::Tensor& positives_in,
                                                     int64_t ignore_index, bool compute_grad) {
-  check_sparse(logits_in, positives_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t n = logits_in.size(-1);
   const int64_t rows_per_block = n <= kMaxWarpRowClasses ? kWarpRowsPerBlock : 1;
   const int64_t bitmap_bytes = rows_per_block * ((n + 31) / 32) * 4;
   if (bitmap_bytes > kMaxBitmapBytes) {
-    // Too many classes for a bitmap in shared memory: dense uint8 labels, written once on the
-    // device (scatter asserts on an out-of-range index as this kernel does). Padding puts 0
-    // on class 0 under amax, which changes nothing; duplicates stay 1. The indices are
-    // compared as int64: an int32 comparison would wrap an ignore_index past int32's range.
-    const auto index = positives_in.to(at::kLong);
-    const auto padding = index == ignore_index;
-    const auto dense = at::zeros(logits_in.sizes(), logits_in.options().dtype(at::kByte))
-                           .scatter_reduce_(-1, index.masked_fill(padding, 0),
-                                            padding.logical_not().to(at::kByte), "amax");
-    return zlpr_cuda(logits_in, dense, compute_grad);
+    return zlpr_cuda(logits_in, dense_labels(positives_in, ignore_index, logits_in), compute_grad);
   }
   const auto logits = logits_in.contiguous();
   const auto positives = positives_in.contiguous();
@@ -314,11 +346,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
         AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cuda_index", [&] {
-          with_row_shape(n, [&](auto threads, auto rows_per_block_constant) {
-            constexpr int kThreads = decltype(threads)::value;
-            constexpr int kRows = decltype(rows_per_block_constant)::value;
-            sparse_zlpr_kernel<scalar_t, index_t, kThreads, kRows>
-                <<<grid_size(rows, kRows), kThreads * kRows, bitmap_bytes, stream>>>(
+          with_row_shape(n, [&](auto shape) {
+            using Shape = decltype(shape);
+            sparse_zlpr_kernel<scalar_t, index_t, Shape::kThreads, Shape::kRows>
+                <<<grid_size(rows, Shape::kRows), Shape::kBlockThreads, bitmap_bytes, stream>>>(
                     logits.const_data_ptr<scalar_t>(), positives.const_data_ptr<index_t>(), per_row,
                     ignore_index, row_loss.mutable_data_ptr<acc_t>(), grad_data, rows, n);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -330,9 +361,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
-  m.impl("zlpr", &zlpr_cuda);
-  m.impl("sparse_zlpr", &sparse_zlpr_cuda);
-}
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) { impl_forward_ops<&zlpr_cuda, &sparse_zlpr_cuda>(m); }
 
 }  // namespace kxops::zlpr

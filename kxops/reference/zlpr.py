@@ -36,29 +36,33 @@ def check_logits(logits, name="logits"):
         raise ValueError(f"{name} must have at least 1 dim (the class dim), got a 0-dim tensor")
 
 
-def check_zlpr_inputs(logits, labels, reduction):
+def _check_loss_inputs(logits, reduction, name, targets):
+    """The checks both losses share: logits, reduction, and that ``targets`` is a tensor."""
     check_logits(logits)
     check_reduction(reduction)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(targets).__name__}")
+
+
+def _check_same_device(name, targets, logits):
+    if targets.device != logits.device:
+        raise ValueError(f"{name} are on {targets.device} but logits are on {logits.device}; "
+                         "put both on the same device")
+
+
+def check_zlpr_inputs(logits, labels, reduction):
+    _check_loss_inputs(logits, reduction, "labels", labels)
     if labels.is_complex() or labels.is_quantized or labels.dtype == torch.float4_e2m1fn_x2:
         raise TypeError(f"labels must be bool, integer or floating point, got {labels.dtype}")
     if labels.shape != logits.shape:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)}"
         )
-    if labels.device != logits.device:
-        raise ValueError(
-            f"labels are on {labels.device} but logits are on {logits.device}; "
-            "put both on the same device"
-        )
+    _check_same_device("labels", labels, logits)
 
 
 def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
-    check_logits(logits)
-    check_reduction(reduction)
-    if not isinstance(positives, torch.Tensor):
-        raise TypeError(f"positives must be a Tensor, got {type(positives).__name__}")
+    _check_loss_inputs(logits, reduction, "positives", positives)
     if positives.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positives must be an int32 or int64 tensor of class indices, got "
                         f"{positives.dtype}")
@@ -71,11 +75,7 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
             f"positives shape {tuple(positives.shape)} must be logits.shape[:-1] + (P,) = "
             f"{tuple(logits.shape[:-1])} + (P,)"
         )
-    if positives.device != logits.device:
-        raise ValueError(
-            f"positives are on {positives.device} but logits are on {logits.device}; "
-            "put both on the same device"
-        )
+    _check_same_device("positives", positives, logits)
 
 
 def check_positives_in_range(positives, ignore_index, num_classes):
