@@ -59,14 +59,14 @@ inline void check_like_x(const char* name, const at::Tensor& t, const at::Tensor
               " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device() == x.device(), "kxops gated_conv: ", name, " is on ", t.device(),
               " but x is on ", x.device(), "; put all inputs on the same device");
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name,
-                   " has dtype ", py(t.scalar_type()), " but x has dtype ", py(x.scalar_type()),
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name, " has dtype ",
+                   py(t.scalar_type()), " but x has dtype ", py(x.scalar_type()),
                    "; they must match");
 }
 
 inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, "kxops gated_conv: ", name, " must have shape ",
-                    py(shape), ", got ", py(t.sizes()));
+  TORCH_CHECK_VALUE(t.sizes() == shape, "kxops gated_conv: ", name, " must have shape ", py(shape),
+                    ", got ", py(t.sizes()));
 }
 
 inline void check_x_and_weight(const at::Tensor& x, const at::Tensor& weight) {
@@ -110,8 +110,9 @@ inline void check_residual(const std::optional<at::Tensor>& residual_weight,
   } else {
     TORCH_CHECK_VALUE(!residual_bias.has_value(),
                       "kxops gated_conv: residual_bias needs residual_weight (the 1x1 projection)");
-    TORCH_CHECK_VALUE(!residual || out == in, "kxops gated_conv: residual=True with out_channels=",
-                      out, " != in_channels=", in,
+    TORCH_CHECK_VALUE(!residual || out == in,
+                      "kxops gated_conv: residual=True with out_channels=", out,
+                      " != in_channels=", in,
                       " needs residual_weight [out_channels, in_channels, 1] (a 1x1 projection "
                       "of x)");
   }
@@ -286,9 +287,8 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
   const auto x = x_in.contiguous();
   const Gapped geometry(x, weight, dilation);
   const auto z = conv_forward(geometry.input(x, mask), weight, bias, geometry);
-  const auto args =
-      epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual), geometry,
-                    mask, gate_keep, drop_gate, residual);
+  const auto args = epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual),
+                                  geometry, mask, gate_keep, drop_gate, residual);
   auto y = at::empty({x.size(0), x.size(1), args.out}, x.options());
   Epilogue::forward(args, y);
   return {y, z};
@@ -301,8 +301,8 @@ std::pair<at::Tensor, at::Tensor> gate_grads(const EpilogueArgs& args, const at:
                                              const Gapped& geometry) {
   auto dz = grad_y.new_empty({geometry.batch, geometry.time + geometry.pad, 2 * args.out});
   dz.narrow(1, geometry.time, geometry.pad).zero_();
-  at::Tensor dr = args.residual ? grad_y.new_empty({geometry.batch, geometry.time, args.out})
-                                : at::Tensor();
+  at::Tensor dr =
+      args.residual ? grad_y.new_empty({geometry.batch, geometry.time, args.out}) : at::Tensor();
   Epilogue::backward(args, grad_y.contiguous(), dz, dr);
   return {dz.view({geometry.out_rows(), 2 * args.out}), dr};
 }
@@ -355,8 +355,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_grads(
 inline at::Tensor input_grad(at::Tensor grad_residual, const at::Tensor& grad_conv_input,
                              const std::optional<at::Tensor>& mask) {
   if (!grad_residual.defined()) {
-    return mask.has_value() ? grad_conv_input * mask->unsqueeze(-1)
-                            : grad_conv_input.contiguous();
+    return mask.has_value() ? grad_conv_input * mask->unsqueeze(-1) : grad_conv_input.contiguous();
   }
   if (mask.has_value()) {
     grad_residual.addcmul_(grad_conv_input, mask->unsqueeze(-1));
@@ -378,9 +377,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   check_backward_arguments(grad_y, x_in, z, weight);
   const auto x = x_in.contiguous();
   const Gapped geometry(x, weight, dilation);
-  const auto args =
-      epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual), geometry,
-                    mask, gate_keep, drop_gate, residual);
+  const auto args = epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual),
+                                  geometry, mask, gate_keep, drop_gate, residual);
   const auto [dz_rows, dr] = gate_grads<Epilogue>(args, grad_y, geometry);
   // x * m is rebuilt, not saved: the forward keeps x itself (the residual needs it unmasked,
   // and a soft mask cannot be divided back out), and x * m costs one pass.

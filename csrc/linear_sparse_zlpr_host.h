@@ -41,8 +41,8 @@ inline void check_like_input(const char* op, const char* name, const Tensor& t,
               " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device() == input.device(), "kxops ", op, ": ", name, " is on ", t.device(),
               " but input is on ", input.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "kxops ", op, ": ", name,
-                   " has dtype ", t.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "kxops ", op, ": ", name, " has dtype ",
+                   t.scalar_type(), " but input has dtype ", input.scalar_type());
 }
 
 // input [..., d], weight [C, d], bias [C], positives [..., P] (int32/int64 class ids).
@@ -72,9 +72,8 @@ inline void check_arguments(const char* op, const Tensor& input, const Tensor& w
   TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
                    "kxops ", op, ": positives must be an int32 or int64 tensor, got ",
                    positives.scalar_type());
-  TORCH_CHECK_VALUE(positives.dim() == input.dim() &&
-                        positives.sizes().slice(0, input.dim() - 1) ==
-                            input.sizes().slice(0, input.dim() - 1),
+  TORCH_CHECK_VALUE(positives.dim() == input.dim() && positives.sizes().slice(0, input.dim() - 1) ==
+                                                          input.sizes().slice(0, input.dim() - 1),
                     "kxops ", op, ": positives shape ", positives.sizes(),
                     " must be input.shape[:-1] + (P,) with input shape ", input.sizes());
   TORCH_CHECK_VALUE(block_rows >= 0, "kxops ", op,
@@ -86,9 +85,9 @@ inline void check_slice(const char* op, const Tensor& weight, int64_t class_offs
                         int64_t num_classes) {
   TORCH_CHECK_VALUE(class_offset >= 0, "kxops ", op, ": class_offset must be >= 0, got ",
                     class_offset);
-  TORCH_CHECK_VALUE(num_classes >= 0 && class_offset <= num_classes - weight.size(0), "kxops ",
-                    op, ": the weight's ", weight.size(0), " classes from class_offset ",
-                    class_offset, " do not fit in num_classes=", num_classes);
+  TORCH_CHECK_VALUE(num_classes >= 0 && class_offset <= num_classes - weight.size(0), "kxops ", op,
+                    ": the weight's ", weight.size(0), " classes from class_offset ", class_offset,
+                    " do not fit in num_classes=", num_classes);
 }
 
 inline int64_t leading_rows(const Tensor& input) {
@@ -109,8 +108,8 @@ inline int64_t rows_per_block(int64_t rows, int64_t classes, const Tensor& weigh
   const int64_t all = std::max<int64_t>(rows, 1);
   if (block_rows > 0) return std::min(block_rows, all);
   if (classes == 0) return all;
-  const int64_t budget = std::max<int64_t>(weight.numel() * weight.element_size(),
-                                           int64_t{128} << 20);
+  const int64_t budget =
+      std::max<int64_t>(weight.numel() * weight.element_size(), int64_t{128} << 20);
   return std::clamp<int64_t>(budget / (classes * bytes_per_logit), 1, all);
 }
 
@@ -120,7 +119,8 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-inline Tensor block_logits(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+inline Tensor block_logits(const Tensor& x, const Tensor& weight,
+                           const std::optional<Tensor>& bias) {
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
@@ -231,12 +231,11 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
     std::array<bool, 3> grad_mask, int64_t block_rows) {
   constexpr const char* op = "linear_sparse_zlpr";
   check_arguments(op, input, weight, bias, positives, block_rows);
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops ",
-                    op, ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops ", op,
+                    ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
-  Tensor row_loss =
-      at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+  Tensor row_loss = at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
   BlockGrads grads(rows, input, weight, grad_mask, bias.has_value());
   const double scale = reduction == "mean" && rows > 0 ? 1.0 / static_cast<double>(rows) : 1.0;
   for_each_block(input, weight, bias, positives, ignore_index, block_rows, grads.any(),
@@ -245,7 +244,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
                    if (g.defined()) grads.add(start, g, x_block, weight, scale);
                  });
   auto [grad_input, grad_weight, grad_bias] = grads.finish(input, weight);
-  Tensor loss = reduction == "mean" ? row_loss.mean()
+  Tensor loss = reduction == "mean"  ? row_loss.mean()
                 : reduction == "sum" ? row_loss.sum()
                                      : row_loss.view(input.sizes().slice(0, input.dim() - 1));
   return {loss, grad_input, grad_weight, grad_bias};
@@ -299,8 +298,8 @@ struct SlicePositives {
   Tensor index, valid;
 };
 
-inline SlicePositives slice_positives(const Tensor& ids, int64_t ignore_index,
-                                      int64_t class_offset, int64_t classes, int64_t num_classes) {
+inline SlicePositives slice_positives(const Tensor& ids, int64_t ignore_index, int64_t class_offset,
+                                      int64_t classes, int64_t num_classes) {
   const Tensor global = ids.to(at::kLong);
   const Tensor padding = global == ignore_index;
   const Tensor bad = padding.logical_not() & ((global < 0) | (global >= num_classes));
@@ -356,8 +355,12 @@ inline SliceArgs slice_args(const char* op, const Tensor& input, const Tensor& w
   check_slice(op, weight, class_offset, num_classes);
   const int64_t rows = leading_rows(input), features = input.size(-1), classes = weight.size(0);
   const int64_t bytes = at::elementSize(at::toOpMathType(input.scalar_type()));
-  return {input.reshape({rows, features}), positives.reshape({rows, positives.size(-1)}), rows,
-          features, classes, rows_per_block(rows, classes + 1, weight, bytes, block_rows)};
+  return {input.reshape({rows, features}),
+          positives.reshape({rows, positives.size(-1)}),
+          rows,
+          features,
+          classes,
+          rows_per_block(rows, classes + 1, weight, bytes, block_rows)};
 }
 
 // [..., 2] in fp32/fp64: per row, log sum_{j negative} e^{s_j} and log sum_{j positive} e^{-s_j}
@@ -374,7 +377,8 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
       slice_positives(a.ids, ignore_index, class_offset, a.classes, num_classes);
   auto out_shape = input.sizes().vec();
   out_shape.back() = 2;
-  Tensor sums = at::empty({a.rows, 2}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+  Tensor sums =
+      at::empty({a.rows, 2}, input.options().dtype(at::toOpMathType(input.scalar_type())));
   const double neg_inf = -std::numeric_limits<double>::infinity();
   for (int64_t start = 0; start < a.rows; start += a.step) {
     const int64_t n = std::min(a.step, a.rows - start);
@@ -386,7 +390,8 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
         at::logsumexp(at::where(kept, at_positives.neg(), neg_inf), at::IntArrayRef{1});
     // Positives leave the negative sum as -inf (exact: nothing is subtracted).
     s.scatter_(1, block_index, neg_inf);
-    sums.narrow(0, start, n).copy_(at::stack({at::logsumexp(s, at::IntArrayRef{1}), positive_sum}, 1));
+    sums.narrow(0, start, n)
+        .copy_(at::stack({at::logsumexp(s, at::IntArrayRef{1}), positive_sum}, 1));
   }
   return sums.view(out_shape);
 }
@@ -397,11 +402,10 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
 inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
     const Tensor& grad_loss, const Tensor& log_z, const Tensor& input, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& positives, int64_t ignore_index,
-    int64_t class_offset, int64_t num_classes, std::array<bool, 3> grad_mask,
-    int64_t block_rows) {
+    int64_t class_offset, int64_t num_classes, std::array<bool, 3> grad_mask, int64_t block_rows) {
   constexpr const char* op = "linear_sparse_zlpr_partials_backward";
-  const auto a = slice_args(op, input, weight, bias, positives, class_offset, num_classes,
-                            block_rows);
+  const auto a =
+      slice_args(op, input, weight, bias, positives, class_offset, num_classes, block_rows);
   const auto opmath = at::toOpMathType(input.scalar_type());
   const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
   check_grad_loss(op, grad_loss, input);
@@ -410,8 +414,9 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
               log_z.device());
   TORCH_CHECK_TYPE(log_z.scalar_type() == opmath, "kxops ", op, ": log_z must be ", opmath,
                    " (the partials' dtype), got ", log_z.scalar_type());
-  TORCH_CHECK_VALUE(log_z.dim() == input.dim() && log_z.sizes().slice(0, input.dim() - 1) ==
-                                                      rows_shape && log_z.size(-1) == 2,
+  TORCH_CHECK_VALUE(log_z.dim() == input.dim() &&
+                        log_z.sizes().slice(0, input.dim() - 1) == rows_shape &&
+                        log_z.size(-1) == 2,
                     "kxops ", op, ": log_z shape ", log_z.sizes(),
                     " must be input.shape[:-1] + (2,) = ", rows_shape, " + (2,)");
   NoAutocast no_autocast;

@@ -126,10 +126,9 @@ struct CpuEpilogue {
             // Results overwrite the row's inputs in place: h <- dh, g <- dg, r <- dr.
             for_each_lane<T>(out, [&](int64_t c, auto lanes) {
               using L = decltype(lanes);
-              const auto grads = gate_backward(L::load(&b.dy[c]), L::load(&b.h[c]),
-                                               L::load(&b.g[c]), L::load(&b.r[c]),
-                                               typename L::type(m), L::load(&b.keep_scale[c]),
-                                               a.residual);
+              const auto grads = gate_backward(
+                  L::load(&b.dy[c]), L::load(&b.h[c]), L::load(&b.g[c]), L::load(&b.r[c]),
+                  typename L::type(m), L::load(&b.keep_scale[c]), a.residual);
               L::store(grads.h, &b.h[c]);
               L::store(grads.g, &b.g[c]);
               L::store(grads.r, &b.r[c]);

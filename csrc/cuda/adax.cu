@@ -190,8 +190,8 @@ Plan plan(const TensorLists& lists) {
       out.chunks += (numel + kChunk - 1) / kChunk;
     }
     TORCH_CHECK(out.chunks - first_chunk <= std::numeric_limits<int>::max(),
-                "kxops.adax_: too many elements (", out.chunks - first_chunk, " chunks of ",
-                kChunk, ") for one launch");
+                "kxops.adax_: too many elements (", out.chunks - first_chunk, " chunks of ", kChunk,
+                ") for one launch");
     out.launches.push_back({type, first_chunk, out.chunks - first_chunk});
   }
   TORCH_CHECK(static_cast<int64_t>(out.args.size()) <= std::numeric_limits<int>::max(),
