@@ -18,6 +18,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -444,6 +445,14 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
     grads.add(start, s.narrow(1, 0, a.classes).to(input.scalar_type()), x_block, weight, 1.0);
   }
   return grads.finish(input, weight);
+}
+
+// The drivers are device-generic: each device registers the same four.
+inline void impl_ops(torch::Library& m) {
+  m.impl("linear_sparse_zlpr", &linear_sparse_zlpr);
+  m.impl("linear_sparse_zlpr_backward", &linear_sparse_zlpr_backward);
+  m.impl("linear_sparse_zlpr_partials", &linear_sparse_zlpr_partials);
+  m.impl("linear_sparse_zlpr_partials_backward", &linear_sparse_zlpr_partials_backward);
 }
 
 }  // namespace kxops::linear_sparse_zlpr

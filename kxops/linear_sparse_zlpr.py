@@ -18,6 +18,15 @@ def _use_kernel(input):
             and input.dtype in _KERNEL_DTYPES and not _ext.functorch_active())
 
 
+def _check_strided(**tensors):
+    """Label parallel takes dense tensors only (one process falls back to the reference,
+    whose F.linear takes a sparse input)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise TypeError(f"linear_sparse_zlpr_loss with a process_group: {name} must be a "
+                            f"dense (strided) tensor, got layout {t.layout}")
+
+
 def _needs_grad(t):
     return t is not None and torch.is_grad_enabled() and t.requires_grad
 
@@ -35,7 +44,7 @@ def _check_block_rows(block_rows):
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1 (or None: chosen from the sizes), got "
                          f"{block_rows}")
-    return block_rows
+    return min(block_rows, 2**62)  # more rows than any tensor holds: one block, in int64
 
 
 def block_rows_for(rows, weight):
@@ -91,7 +100,8 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
                                block_rows, process_group)
     block = _check_block_rows(block_rows)
     ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-    if not _use_kernel(input):
+    if not _use_kernel(input) or any(isinstance(t, torch.Tensor) and t.layout != torch.strided
+                                     for t in (input, weight, bias, positives)):
         return ref.linear_sparse_zlpr_loss(input, weight, positives, bias,
                                            ignore_index=ignore_index, reduction=reduction)
     # "none": the gradients need each row's upstream gradient; backward computes them.
@@ -167,23 +177,24 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
     rank, nothing waits for a rank that raised), then the recompute path over the ranks."""
     import torch.distributed as dist
 
-    error = None
-    try:
+    error, row = None, [0, 0, 0, 0, -1]
+    try:  # whatever fails here (a layout no kernel takes, meta tensors) must reach every rank
         block = _check_block_rows(block_rows)
         ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
-    if error is None:
+        _check_strided(input=input, weight=weight, bias=bias, positives=positives)
         ids = positives.long()[positives.long() != ignore_index]
         shape = [input.dim(), *input.shape[:-1], input.shape[-1], positives.shape[-1]]
-        # What must agree across ranks, reduced to a few integers.
-        key = zlib.crc32(repr((shape, str(input.dtype), ignore_index, reduction)).encode())
+        # What must agree across ranks, reduced to a few integers; whether input needs a
+        # gradient decides whether backward all-reduces it.
+        key = zlib.crc32(repr((shape, str(input.dtype), ignore_index, reduction,
+                               _needs_grad(input))).encode())
         row = [1, weight.shape[0], key, int(ids.min()) if ids.numel() else 0,
                int(ids.max()) if ids.numel() else -1]
-    else:
-        row = [0, 0, 0, 0, -1]
+    except Exception as exc:
+        error = exc
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device = (input.device if isinstance(input, torch.Tensor) and input.device.type != "meta"
+              else torch.device("cpu"))
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -196,7 +207,8 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
                            "invalid arguments (their own error says which)")
     if len({entry[2] for entry in table}) != 1:
         raise ValueError("linear_sparse_zlpr_loss: input, positives (shapes, dtype), "
-                         "ignore_index and reduction must be the same on every rank")
+                         "ignore_index, reduction and whether input requires grad must be the "
+                         "same on every rank")
     sizes = [entry[1] for entry in table]
     offset, num_classes = sum(sizes[:rank]), sum(sizes)
     low, high = min(e[3] for e in table), max(e[4] for e in table)
@@ -250,9 +262,9 @@ if _ext.LOADED:
         return (loss, *_grads_fake(input, weight, bias, grad_mask))
 
     def _check_grad_loss_fake(op, grad_loss, input):
-        if not grad_loss.is_floating_point():
-            raise TypeError(f"kxops.{op}: grad_loss must be floating point, got "
-                            f"{grad_loss.dtype}")
+        if grad_loss.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"kxops.{op}: grad_loss must be a float64, float32, float16 or "
+                            f"bfloat16 tensor, got {grad_loss.dtype}")
         if grad_loss.shape != input.shape[:-1]:
             raise ValueError(f"kxops.{op}: grad_loss must have shape {tuple(input.shape[:-1])}, "
                              f"got {tuple(grad_loss.shape)}")

@@ -232,7 +232,9 @@ class LinearZLPR(nn.Module):
         """Top-``k`` ``(scores, indices)`` per row (each ``[..., k]``) when ``k`` is given, as
         ``logits(input).topk(k)``; otherwise the ``(row..., label)`` index pairs whose score is
         above ``threshold``, ``[M, input.dim()]``, as ``(logits(input) > threshold).nonzero()``.
-        The logits exist one block of rows at a time (the loss's block size)."""
+        The logits exist one block of rows at a time (the loss's block size); a block's GEMM
+        may round differently from one over all rows (BLAS picks its kernel by shape), so a
+        score can differ from ``logits(input)``'s in its last bit."""
         if not isinstance(input, torch.Tensor) or input.dim() < 1:
             raise ValueError("predict: input must be a tensor [..., in_features]")
         if input.shape[-1] != self.in_features:
@@ -244,15 +246,15 @@ class LinearZLPR(nn.Module):
         lead = input.shape[:-1]
         rows = input.reshape(-1, self.in_features)
         step = self.block_rows or block_rows_for(rows.shape[0], self.weight)
+        # Zero rows still make one (empty) block: the scores' dtype is the logits' (autocast).
+        starts = range(0, max(rows.shape[0], 1), step)
         if k is not None:
-            scores = rows.new_empty((rows.shape[0], k), dtype=self.weight.dtype)
-            indices = torch.empty((rows.shape[0], k), dtype=torch.long, device=rows.device)
-            for start in range(0, rows.shape[0], step):
-                top = self.logits(rows[start:start + step]).topk(k, dim=-1)
-                scores[start:start + step], indices[start:start + step] = top
+            tops = [self.logits(rows[start:start + step]).topk(k, dim=-1) for start in starts]
+            scores = torch.cat([top.values for top in tops])
+            indices = torch.cat([top.indices for top in tops])
             return scores.view(*lead, k), indices.view(*lead, k)
-        pairs = [torch.empty((0, 2), dtype=torch.long, device=rows.device)]
-        for start in range(0, rows.shape[0], step):
+        pairs = []
+        for start in starts:
             found = (self.logits(rows[start:start + step]) > threshold).nonzero()
             found[:, 0] += start
             pairs.append(found)

@@ -6,11 +6,6 @@
 
 namespace kxops::linear_sparse_zlpr {
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("linear_sparse_zlpr", &linear_sparse_zlpr);
-  m.impl("linear_sparse_zlpr_backward", &linear_sparse_zlpr_backward);
-  m.impl("linear_sparse_zlpr_partials", &linear_sparse_zlpr_partials);
-  m.impl("linear_sparse_zlpr_partials_backward", &linear_sparse_zlpr_partials_backward);
-}
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_ops(m); }
 
 }  // namespace kxops::linear_sparse_zlpr
