@@ -16,6 +16,7 @@ BLOCK_OPS = {
     "gated_conv": ("gated_conv", "gated_conv_backward"),
     "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
     "adax": ("adax_",),
+    "global_pointer_zlpr": ("global_pointer_zlpr", "sparse_zlpr"),
 }
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
