@@ -93,6 +93,14 @@ TORCH_LIBRARY(kxops, m) {
       "linear_sparse_zlpr_partials_backward(Tensor grad_loss, Tensor log_z, Tensor input, "
       "Tensor weight, Tensor? bias, Tensor positives, int ignore_index, int class_offset, "
       "int num_classes, bool[3] grad_mask, int block_rows) -> (Tensor, Tensor, Tensor)");
+  // GlobalPointer span grid + sparse ZLPR without the grid. Returns (loss per (batch, head) row
+  // in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias): d row_loss / d input of each
+  // row, computed in the forward when compute_grad (empty tensors otherwise, and for a None
+  // bias). block_bytes: budget of the packed logits and their gradient (None: the default).
+  m.def(
+      "global_pointer_zlpr(Tensor q, Tensor k, Tensor positives, Tensor? mask, "
+      "Tensor? start_bias, Tensor? end_bias, bool tril, int ignore_index, bool compute_grad, "
+      "int? block_bytes=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
   m.def(

@@ -9,8 +9,9 @@ from kxops import nn, optim, reference
 from kxops._info import info
 from kxops._version import __version__
 from kxops.gated_conv import dilated_gated_conv1d
+from kxops.global_pointer_zlpr import global_pointer_zlpr_loss
 from kxops.linear_sparse_zlpr import linear_sparse_zlpr_loss
 from kxops.zlpr import sparse_zlpr_loss, zlpr_loss
 
-__all__ = ["__version__", "dilated_gated_conv1d", "info", "linear_sparse_zlpr_loss", "nn", "optim",
-           "reference", "sparse_zlpr_loss", "zlpr_loss"]
+__all__ = ["__version__", "dilated_gated_conv1d", "global_pointer_zlpr_loss", "info",
+           "linear_sparse_zlpr_loss", "nn", "optim", "reference", "sparse_zlpr_loss", "zlpr_loss"]

@@ -40,7 +40,8 @@ def test_info_lists_every_block_on_every_device():
     facts = kxops.info()
     assert facts["kxops"] == kxops.__version__
     assert facts["torch"] == torch.__version__
-    assert set(facts["ops"]) == {"gated_conv", "zlpr", "adax", "linear_sparse_zlpr"}
+    assert set(facts["ops"]) == {"gated_conv", "zlpr", "adax", "linear_sparse_zlpr",
+                                  "global_pointer_zlpr"}
     for row in facts["ops"].values():
         assert set(row) == {"cpu", "cuda"}
         assert row["cpu"] in ("kernel", "reference")

@@ -6,8 +6,9 @@ the optimizer step is ``kxops.reference.adax.adax`` (functional, one tensor at a
 
 from kxops.reference import adax
 from kxops.reference.gated_conv import dilated_gated_conv1d
+from kxops.reference.global_pointer_zlpr import global_pointer_zlpr_loss
 from kxops.reference.linear_sparse_zlpr import linear_sparse_zlpr_loss
 from kxops.reference.zlpr import sparse_zlpr_loss, zlpr_loss
 
-__all__ = ["adax", "dilated_gated_conv1d", "linear_sparse_zlpr_loss", "sparse_zlpr_loss",
-           "zlpr_loss"]
+__all__ = ["adax", "dilated_gated_conv1d", "global_pointer_zlpr_loss", "linear_sparse_zlpr_loss",
+           "sparse_zlpr_loss", "zlpr_loss"]

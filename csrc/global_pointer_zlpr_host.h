@@ -1,0 +1,395 @@
+// Host driver of kxops::global_pointer_zlpr, shared by CPU and CUDA: the sparse ZLPR loss of
+// every (batch, head) row of the GlobalPointer span grid s_ij = q_i . k_j + start_i + end_j
+// without ever holding the [B, heads, L, L] grid.
+//
+// A row's loss only needs its unmasked spans, not their grid positions. Per batch, the valid
+// steps (mask != 0, anywhere in the sequence) are gathered ("compressed", Lv of them); the
+// compressed rows are cut into blocks of rows i in [i0, i1), each against the columns
+// j in [col0, Lv) with col0 = i0 under tril (a trapezoid: the masked half is never computed,
+// only the small triangle inside each diagonal block is set to -inf) and col0 = 0 otherwise.
+// The blocks of one (batch, head) are packed one after the other into one flat row, a few
+// heads at a time within a byte budget, and the existing row kernel kxops::sparse_zlpr runs
+// once on [heads, packed]: exact normalisers in one pass, no online rescaling. The positives
+// are remapped to packed ids (masked spans and i > j under tril to "ignored").
+//
+// The biases ride in the GEMMs: q~ = [q | start | 1], k~ = [k | 1 | end] give
+// q~_i . k~_j = s_ij, so one GEMM per block writes the logits, and the two gradient GEMMs
+// G k~ (grad of q~: grad q and, in the "start" column, the row sums = grad start) and G^T q~
+// (grad of k~: grad k and the column sums = grad end) give the bias gradients too. A row's
+// gradient touches only its own (batch, head) slice of q and k, so the forward computes it when
+// asked (3 GEMMs per block, no recomputation) and the backward only scales each slice.
+//
+// The same per-chunk work runs on every device; a multi-thread CPU splits the (batch, head)
+// rows among its threads, each running that work single-threaded (see the end of forward).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "zlpr_host.h"
+
+namespace kxops::global_pointer_zlpr {
+
+// (loss per row [B, heads] in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias); the
+// gradients are empty tensors when not computed (or when their bias is None).
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Rows per block: a multiple of kRowQuantum giving at most about kMaxBlocks blocks per batch.
+// Few blocks mean few, large GEMMs (each call is a parallel region: on a busy CPU every one
+// can wait for a time slice); under tril the -inf triangles inside the diagonal blocks then
+// cost about 1 / kMaxBlocks of the spans computed.
+constexpr int64_t kRowQuantum = 64;
+constexpr int64_t kMaxBlocks = 8;
+// The default budget of the packed logits and their gradient: a quarter of the materialised
+// grid, at most this many bytes (the grid itself is never allocated).
+constexpr int64_t kMaxDefaultBudget = int64_t(32) << 20;
+// ... and at least this much, so that a small problem runs in one call per batch.
+constexpr int64_t kMinDefaultBudget = int64_t(8) << 20;
+// L * L (the number of span ids) must fit in int64.
+constexpr int64_t kMaxLength = 3037000499;
+
+inline void check_float_like(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.layout() == at::kStrided, "kxops global_pointer_zlpr: ", name,
+              " must be a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK(t.device() == q.device(), "kxops global_pointer_zlpr: ", name, " is on ",
+              t.device(), " but q is on ", q.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "kxops global_pointer_zlpr: ", name,
+                   " has dtype ", t.scalar_type(), " but q has dtype ", q.scalar_type());
+}
+
+inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives,
+                            const std::optional<at::Tensor>& mask,
+                            const std::optional<at::Tensor>& start_bias,
+                            const std::optional<at::Tensor>& end_bias,
+                            std::optional<int64_t> block_bytes) {
+  TORCH_CHECK(q.layout() == at::kStrided,
+              "kxops global_pointer_zlpr: q must be a dense (strided) tensor");
+  TORCH_CHECK_TYPE(zlpr::is_kernel_float(q.scalar_type()),
+                   "kxops global_pointer_zlpr: q must be float64, float32, float16 or bfloat16, "
+                   "got ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 4, "kxops global_pointer_zlpr: q must be [batch, heads, L, D], got ",
+                    q.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
+  TORCH_CHECK_VALUE(length <= kMaxLength, "kxops global_pointer_zlpr: L = ", length,
+                    " is too long (L * L span ids must fit in int64)");
+  check_float_like("k", k, q);
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "kxops global_pointer_zlpr: k shape ", k.sizes(),
+                    " must equal q shape ", q.sizes());
+  auto check_bias = [&](const char* name, const std::optional<at::Tensor>& bias) {
+    if (!bias.has_value()) return;
+    check_float_like(name, *bias, q);
+    TORCH_CHECK_VALUE(bias->dim() == 3 && bias->size(0) == batch && bias->size(1) == heads &&
+                          bias->size(2) == length,
+                      "kxops global_pointer_zlpr: ", name, " must be [batch, heads, L] = [", batch,
+                      ", ", heads, ", ", length, "], got ", bias->sizes());
+  };
+  check_bias("start_bias", start_bias);
+  check_bias("end_bias", end_bias);
+  TORCH_CHECK(positives.layout() == at::kStrided,
+              "kxops global_pointer_zlpr: positives must be a dense (strided) tensor");
+  TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
+                   "kxops global_pointer_zlpr: positives must be an int32 or int64 tensor, got ",
+                   positives.scalar_type());
+  TORCH_CHECK_VALUE(positives.dim() == 3 && positives.size(0) == batch &&
+                        positives.size(1) == heads,
+                    "kxops global_pointer_zlpr: positives must be [batch, heads, P] = [", batch,
+                    ", ", heads, ", P], got ", positives.sizes());
+  TORCH_CHECK(positives.device() == q.device(), "kxops global_pointer_zlpr: positives are on ",
+              positives.device(), " but q is on ", q.device());
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->layout() == at::kStrided,
+                "kxops global_pointer_zlpr: mask must be a dense (strided) tensor");
+    const auto type = mask->scalar_type();
+    TORCH_CHECK_TYPE(at::isIntegralType(type, /*includeBool=*/true) ||
+                         (at::isFloatingType(type) && type != at::kFloat4_e2m1fn_x2),
+                     "kxops global_pointer_zlpr: mask must be a bool, integer or floating-point "
+                     "tensor, got ",
+                     type);
+    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == length,
+                      "kxops global_pointer_zlpr: mask must be [batch, L] = [", batch, ", ",
+                      length, "], got ", mask->sizes());
+    TORCH_CHECK(mask->device() == q.device(), "kxops global_pointer_zlpr: mask is on ",
+                mask->device(), " but q is on ", q.device());
+  }
+  TORCH_CHECK_VALUE(!block_bytes.has_value() || *block_bytes > 0,
+                    "kxops global_pointer_zlpr: block_bytes must be positive, got ",
+                    block_bytes.value_or(0));
+}
+
+// Span ids out of [0, L*L) that are not ignore_index: IndexError on CPU. On CUDA (where a check
+// would synchronise) they are remapped to an out-of-range packed id, for sparse_zlpr's
+// device-side assert.
+inline at::Tensor out_of_range(const at::Tensor& positives, int64_t ignore_index, int64_t spans) {
+  const auto bad = positives.ne(ignore_index).logical_and_(
+      positives.lt(0).logical_or_(positives.ge(spans)));
+  if (positives.is_cpu() && bad.any().item<bool>()) {
+    const int64_t value = positives.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, "kxops global_pointer_zlpr: positives holds span id ", value,
+                      ", out of range for L * L = ", spans, " spans (valid: 0..", spans - 1,
+                      ", or ignore_index=", ignore_index, " for padding)");
+  }
+  return bad;
+}
+
+// The row blocks of one batch with Lv valid steps, packed one after the other.
+struct Packing {
+  int64_t valid, block_rows, packed = 0;
+  bool tril;
+  struct Block {
+    int64_t row0, rows, col0, width, offset;
+  };
+  std::vector<Block> blocks;
+
+  Packing(int64_t valid, bool tril)
+      : valid(valid),
+        block_rows(std::max<int64_t>(1, (valid + kMaxBlocks * kRowQuantum - 1) /
+                                            (kMaxBlocks * kRowQuantum)) *
+                   kRowQuantum),
+        tril(tril) {
+    for (int64_t row0 = 0; row0 < valid; row0 += block_rows) {
+      const int64_t rows = std::min(block_rows, valid - row0);
+      const int64_t col0 = tril ? row0 : 0;
+      blocks.push_back({row0, rows, col0, valid - col0, packed});
+      packed += rows * (valid - col0);
+    }
+  }
+
+  // Packed id of the span (ci, cj) of compressed steps (int64 tensors, ci <= cj under tril):
+  // every block before ci's is a full one, so its offset has a closed form.
+  at::Tensor packed_id(const at::Tensor& ci, const at::Tensor& cj) const {
+    if (!tril) return ci * valid + cj;
+    const auto block = ci.div(block_rows, "floor");
+    const auto row0 = block * block_rows;
+    // sum over earlier blocks t of R (Lv - t R) = R Lv b - R^2 b (b - 1) / 2
+    const auto offset =
+        block * (block_rows * valid) - block * (block - 1) * (block_rows * block_rows / 2);
+    return offset + (ci - row0) * (valid - row0) + (cj - row0);
+  }
+};
+
+inline int64_t byte_budget(std::optional<int64_t> block_bytes, const at::Tensor& q) {
+  if (block_bytes.has_value()) return *block_bytes;
+  const int64_t length = q.size(2);
+  // Saturating: the grid's size may exceed int64 bytes only in theory, but never overflow.
+  const double grid = static_cast<double>(q.size(0)) * q.size(1) * length * length *
+                      q.element_size();
+  return static_cast<int64_t>(
+      std::min<double>(kMaxDefaultBudget, std::max<double>(kMinDefaultBudget, grid / 4)));
+}
+
+// [rows, L, D] of the batch's valid steps (all of them when idx is undefined), with the bias
+// columns appended: q~ = [q | start | 1], k~ = [k | 1 | end] (each pair only for a given bias).
+inline at::Tensor augmented(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& own_bias,
+                            bool start_side, bool has_start, bool has_end) {
+  auto steps = [&](const at::Tensor& t) { return idx.defined() ? t.index_select(1, idx) : t; };
+  if (!has_start && !has_end) return steps(x);
+  std::vector<at::Tensor> parts{steps(x)};
+  const auto ones = [&] {
+    return at::ones({x.size(0), idx.defined() ? idx.size(0) : x.size(1), 1}, x.options());
+  };
+  if (has_start) parts.push_back(start_side ? steps(own_bias).unsqueeze(-1) : ones());
+  if (has_end) parts.push_back(start_side ? ones() : steps(own_bias).unsqueeze(-1));
+  return at::cat(parts, 2);
+}
+
+inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives_in,
+                       const std::optional<at::Tensor>& mask,
+                       const std::optional<at::Tensor>& start_bias,
+                       const std::optional<at::Tensor>& end_bias, bool tril, int64_t ignore_index,
+                       bool compute_grad, std::optional<int64_t> block_bytes) {
+  check_arguments(q, k, positives_in, mask, start_bias, end_bias, block_bytes);
+  const c10::OptionalDeviceGuard guard(q.device());
+  static const auto sparse_zlpr =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kxops::sparse_zlpr", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                    bool)>();
+  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
+  const auto dtype = q.scalar_type();
+  const auto acc_options = q.options().dtype(at::toOpMathType(dtype));
+  const bool has_start = start_bias.has_value(), has_end = end_bias.has_value();
+  const int64_t start_col = dim, end_col = dim + (has_start ? 1 : 0);
+
+  auto row_loss = at::zeros({batch, heads}, acc_options);
+  // Gradients accumulate in fp32 (fp64 for fp64 inputs); zero at padded steps.
+  at::Tensor grad_q, grad_k, grad_start, grad_end;
+  if (compute_grad) {
+    grad_q = at::zeros(q.sizes(), acc_options);
+    grad_k = at::zeros(q.sizes(), acc_options);
+    if (has_start) grad_start = at::zeros({batch, heads, length}, acc_options);
+    if (has_end) grad_end = at::zeros({batch, heads, length}, acc_options);
+  }
+  const auto positives = positives_in.to(at::kLong);
+  const auto bad = out_of_range(positives, ignore_index, length * length);
+
+  if (batch * heads > 0) {
+    // Each batch's valid steps in order (a stable sort puts the kept ones first), and each
+    // step's compressed index (-1 at a padded step).
+    at::Tensor order, compressed;
+    std::vector<int64_t> valid(batch, length);
+    if (mask.has_value()) {
+      const auto keep = mask->ne(0);
+      order = std::get<1>(
+          keep.to(at::kByte).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+      compressed = at::where(keep, keep.cumsum(1, at::kLong) - 1, -1);
+      // The one host synchronisation: the buffer sizes depend on the counts.
+      const auto counts = keep.sum(1).cpu();
+      std::copy_n(counts.const_data_ptr<int64_t>(), batch, valid.begin());
+    }
+    const int64_t budget = byte_budget(block_bytes, q);
+    const auto neg_inf = at::Scalar(-std::numeric_limits<double>::infinity());
+
+    // Per batch: its packing, its valid steps and its positives as packed ids.
+    struct Plan {
+      Packing packing;
+      at::Tensor idx, positives, lower;
+    };
+    std::vector<Plan> plans;
+    plans.reserve(batch);
+    for (int64_t b = 0; b < batch; ++b) {
+      Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor()};
+      const auto& packing = plan.packing;
+      if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
+      if (tril) {
+        plan.lower = at::ones({packing.block_rows, packing.block_rows},
+                              q.options().dtype(at::kBool))
+                         .tril(-1);
+      }
+      // -1 ("ignored") for ignore_index, a masked span or i > j under tril; past the end for
+      // an out-of-range id.
+      const auto pos = positives[b];
+      if (packing.valid == 0) {  // no span at all (and L may be 0)
+        plan.positives = at::full_like(pos, -1).masked_fill_(bad[b], 0);
+      } else {
+        const auto skip = pos.eq(ignore_index).logical_or_(bad[b]);
+        const auto safe = at::where(skip, 0, pos);
+        const auto i = safe.div(length, "floor"), j = safe.remainder(length);
+        at::Tensor ci = i, cj = j;
+        if (mask.has_value()) {
+          ci = compressed[b].index_select(0, i.flatten()).view_as(i);
+          cj = compressed[b].index_select(0, j.flatten()).view_as(j);
+        }
+        auto keep = skip.logical_not().logical_and_(ci.ge(0)).logical_and_(cj.ge(0));
+        if (tril) keep.logical_and_(ci.le(cj));
+        plan.positives =
+            at::where(keep, packing.packed_id(ci.clamp_min(0), cj.clamp_min(0)), -1);
+        plan.positives.masked_fill_(bad[b], packing.packed);
+      }
+      plans.push_back(std::move(plan));
+    }
+    // The row kernel of this device, called below autograd and any Python kernel (the driver
+    // may run on worker threads, which do not inherit the caller's dispatch state).
+    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA
+                                                  : c10::DispatchKey::CPU);
+
+    // Heads [h0, h0 + hc) of batch b, the same on every device: the packed logits (one batched
+    // GEMM per block), the row kernel once, then the gradient GEMMs.
+    auto run_heads = [&](int64_t b, int64_t h0, int64_t hc) {
+      const auto& plan = plans[b];
+      const auto& packing = plan.packing;
+      const auto& idx = plan.idx;
+      auto slice = [&](const at::Tensor& t) { return t[b].narrow(0, h0, hc); };
+      const auto qa = augmented(slice(q), idx, has_start ? slice(*start_bias) : at::Tensor(),
+                                true, has_start, has_end);
+      const auto ka = augmented(slice(k), idx, has_end ? slice(*end_bias) : at::Tensor(), false,
+                                has_start, has_end);
+      auto logits = at::empty({hc, packing.packed}, q.options());
+      for (const auto& blk : packing.blocks) {
+        auto out = logits.narrow(1, blk.offset, blk.rows * blk.width)
+                       .view({hc, blk.rows, blk.width});
+        at::bmm_out(out, qa.narrow(1, blk.row0, blk.rows),
+                    ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
+        if (tril) {
+          out.narrow(2, 0, blk.rows)
+              .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
+        }
+      }
+      auto [loss, grad] = sparse_zlpr.redispatch(
+          backend, logits, plan.positives.narrow(0, h0, hc), -1, compute_grad);
+      row_loss[b].narrow(0, h0, hc).copy_(loss);
+      if (!compute_grad) return;
+      logits.reset();
+
+      auto grad_qa = at::empty(qa.sizes(), acc_options);
+      auto grad_ka = at::zeros(ka.sizes(), acc_options);
+      for (const auto& blk : packing.blocks) {
+        const auto g =
+            grad.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
+        const auto q_rows = qa.narrow(1, blk.row0, blk.rows);
+        const auto k_cols = ka.narrow(1, blk.col0, blk.width);
+        // Every span of row i lies in i's block: grad q~ is written once per block; grad k~
+        // gathers every block that reaches its columns. fp16/bf16 products go through a
+        // temporary into the fp32 accumulators.
+        auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
+        auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
+        if (at::toOpMathType(dtype) == dtype) {
+          at::bmm_out(grad_rows, g, k_cols);
+          grad_cols.baddbmm_(g.transpose(1, 2), q_rows);
+        } else {
+          grad_rows.copy_(at::bmm(g, k_cols));
+          grad_cols.add_(at::bmm(g.transpose(1, 2), q_rows));
+        }
+      }
+      auto scatter = [&](const at::Tensor& dst, const at::Tensor& src) {
+        auto rows = dst[b].narrow(0, h0, hc);
+        if (idx.defined()) {
+          rows.index_copy_(1, idx, src);
+        } else {
+          rows.copy_(src);
+        }
+      };
+      scatter(grad_q, grad_qa.narrow(2, 0, dim));
+      scatter(grad_k, grad_ka.narrow(2, 0, dim));
+      if (has_start) scatter(grad_start, grad_qa.select(2, start_col));
+      if (has_end) scatter(grad_end, grad_ka.select(2, end_col));
+    };
+
+    // Heads per call: the packed logits and their gradient of one batch within a budget.
+    auto heads_within = [&](int64_t b, int64_t bytes) {
+      const int64_t row_bytes = std::max<int64_t>(
+          1, plans[b].packing.packed * q.element_size() * (compute_grad ? 2 : 1));
+      return std::clamp<int64_t>(bytes / row_bytes, 1, heads);
+    };
+    const int64_t rows = batch * heads;
+    const int64_t threads = q.is_cpu() ? at::get_num_threads() : 1;
+    if (threads > 1 && rows >= threads) {
+      // CPU: the (batch, head) rows split among the threads, each running the same work on
+      // its rows single-threaded within its share of the budget: one parallel region per call
+      // instead of one per GEMM, which on a busy CPU each wait for a time slice (measured: a
+      // step 4-15x slower at L 2048 under load with two threads than with one).
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        for (int64_t row = begin; row < end;) {
+          const int64_t b = row / heads, h0 = row % heads;
+          const int64_t hc = std::min({heads_within(b, budget / threads), heads - h0, end - row});
+          run_heads(b, h0, hc);
+          row += hc;
+        }
+      });
+    } else {
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t chunk = heads_within(b, budget);
+        for (int64_t h0 = 0; h0 < heads; h0 += chunk) run_heads(b, h0, std::min(chunk, heads - h0));
+      }
+    }
+  }
+  // Distinct empty tensors: outputs must not alias each other.
+  auto none = [&] { return at::empty({0}, q.options()); };
+  if (!compute_grad) return {row_loss, none(), none(), none(), none()};
+  return {row_loss, grad_q.to(dtype), grad_k.to(dtype),
+          has_start ? grad_start.to(dtype) : none(), has_end ? grad_end.to(dtype) : none()};
+}
+
+}  // namespace kxops::global_pointer_zlpr

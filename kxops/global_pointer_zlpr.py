@@ -1,0 +1,160 @@
+"""GlobalPointer span grid + sparse ZLPR without the grid: the public function, fake kernel and
+autograd of kxops::global_pointer_zlpr."""
+
+import operator
+
+import torch
+
+from kxops import _ext
+from kxops.reference import global_pointer_zlpr as ref
+from kxops.reference.zlpr import opmath_dtype, reduce_loss
+
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_kernel(q):
+    return (_ext.has_kernel("global_pointer_zlpr", q.device) and q.dtype in _KERNEL_DTYPES
+            and not _ext.functorch_active())
+
+
+def _autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (meta, ...).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _check_block_bytes(block_bytes):
+    if block_bytes is None:
+        return None
+    if isinstance(block_bytes, bool):
+        raise TypeError("block_bytes must be an int or None, got bool")
+    try:
+        block_bytes = operator.index(block_bytes)
+    except TypeError:
+        raise TypeError(f"block_bytes must be an int or None, got "
+                        f"{type(block_bytes).__name__}") from None
+    if not 0 < block_bytes < 2**63:
+        raise ValueError(f"block_bytes must be a positive int64, got {block_bytes}")
+    return block_bytes
+
+
+def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor,
+                             mask=None, *, start_bias=None, end_bias=None, tril: bool = True,
+                             ignore_index: int = -1, reduction: str = "mean", block_bytes=None):
+    """Sparse ZLPR loss of GlobalPointer's span grid, without building the grid.
+
+    Equals ``kxops.sparse_zlpr_loss`` on each ``(batch, head)`` row of the grid
+    ``s_ij = q_i . k_j + start_bias_i + end_bias_j`` (``[B, heads, L, L]`` flattened to
+    ``L*L`` classes), with ``-inf`` at spans whose ``i`` or ``j`` is a padded step and below the
+    diagonal (``i > j``) when ``tril``; and its gradients of ``q``, ``k``, ``start_bias`` and
+    ``end_bias``.
+
+    ``q``, ``k``: ``[B, heads, L, D]``, RoPE and the ``1/sqrt(D)`` scale already applied;
+    ``start_bias``, ``end_bias``: ``[B, heads, L]`` or None; ``positives``: int32/int64
+    ``[B, heads, P]`` of span ids ``i*L + j``, padded with ``ignore_index`` (duplicates count
+    once; a positive at a masked span is ignored; an id outside ``[0, L*L)`` raises
+    ``IndexError`` on CPU, a device-side assert on CUDA); ``mask``: ``[B, L]`` bool or 0/1
+    integer or float, nonzero = keep (None: all kept). Padded steps take no part: their values,
+    even NaN, reach neither the loss nor a gradient (zero there). NaN/inf at a valid step
+    propagate as in the materialised path, to its own (batch, head) row only; there the
+    materialised backward may give NaN at more places (it multiplies the zero gradient of a
+    masked span by an infinite q or k: 0 * inf), the fused op never computing those spans.
+    ``reduction`` over the ``(batch, head)`` rows: ``none`` gives ``[B, heads]``. The logits
+    are produced in the inputs' dtype (as the grid's GEMM would be), the ZLPR math is fp32
+    (fp64 for fp64 inputs), gradients are accumulated in fp32 and returned in the inputs'
+    dtype. Under autocast, q, k
+    and the biases run in the autocast dtype, as a matmul would (float64 is left alone).
+
+    Memory: the compiled op never holds the grid. Per batch it gathers the valid steps and
+    scores, a few heads at a time, only the unmasked spans (under ``tril`` the upper trapezoid
+    of row blocks: the masked half is never computed). The packed logits of those heads and
+    their gradient stay within ``block_bytes`` (default: a quarter of the materialised grid's
+    bytes, within [8 MiB, 32 MiB]), or, if that is larger, one ``(batch, head)``'s spans
+    (about ``L*L/2`` under ``tril``) and their gradient per CPU thread (the CPU splits the
+    ``(batch, head)`` rows among its threads); beyond that it holds those heads' gathered q, k
+    and their gradients (fp32). The gradients are computed in the forward when an input
+    requires grad (three GEMMs per block, no recomputation); the backward scales them per row.
+    Second derivatives are not supported (use ``kxops.reference.global_pointer_zlpr_loss``).
+    Without a compiled kernel for the device (or under a ``torch.func`` transform) the
+    materialised reference runs.
+    """
+    if (isinstance(q, torch.Tensor) and _autocast_enabled(q.device.type)
+            and q.is_floating_point() and q.dtype != torch.float64):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, start_bias, end_bias = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (q, k, start_bias, end_bias))
+    ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+                                    ignore_index, reduction)
+    block_bytes = _check_block_bytes(block_bytes)
+    if not _use_kernel(q):
+        return ref.global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start_bias,
+                                            end_bias=end_bias, tril=tril,
+                                            ignore_index=ignore_index, reduction=reduction)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, start_bias, end_bias))
+    row_loss = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias, end_bias,
+                                                   tril, ignore_index, needs_grad,
+                                                   block_bytes)[0]
+    return reduce_loss(row_loss, reduction, q.dtype)
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("kxops::global_pointer_zlpr")
+    def _global_pointer_zlpr_fake(q, k, positives, mask, start_bias, end_bias, tril,
+                                  ignore_index, compute_grad, block_bytes=None):
+        _ext.check_devices("global_pointer_zlpr", "q", q, k=k, positives=positives, mask=mask,
+                           start_bias=start_bias, end_bias=end_bias)
+        ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+                                        ignore_index, "none")
+        if q.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"kxops.global_pointer_zlpr: q must be float64, float32, float16 or "
+                            f"bfloat16, got {q.dtype}")
+        _check_block_bytes(block_bytes)
+        row_loss = q.new_empty(q.shape[:2], dtype=opmath_dtype(q.dtype))
+        if not compute_grad:
+            return (row_loss, *(q.new_empty(0) for _ in range(4)))
+        # The kernel returns contiguous gradients.
+        return (row_loss, q.new_empty(q.shape), q.new_empty(q.shape),
+                *(q.new_empty(q.shape[:3] if bias is not None else (0,))
+                  for bias in (start_bias, end_bias)))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, positives, mask, start_bias, end_bias, tril, ignore_index, compute_grad, block = (
+            inputs)
+        ctx.grad_computed = compute_grad
+        ctx.config = (tril, ignore_index, True, block)
+        ctx.has_bias = (start_bias is not None, end_bias is not None)
+        if compute_grad:
+            ctx.save_for_backward(*output[1:])
+        else:  # a direct call without the gradients: the backward computes them
+            ctx.save_for_backward(q, k, positives, mask, start_bias, end_bias)
+        # The gradient outputs are internal: no gradient flows into them (and no zeros are
+        # materialised for them on every backward).
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    def _scaled(grad, scale):
+        return (grad * scale).to(grad.dtype)
+
+    def _backward(ctx, grad_loss, *_):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "kxops.global_pointer_zlpr_loss does not support double backward (second-order "
+                "gradients); use kxops.reference.global_pointer_zlpr_loss for them")
+        if grad_loss is None:
+            return (None,) * 10
+        if ctx.grad_computed:
+            grads = ctx.saved_tensors
+        else:
+            grads = torch.ops.kxops.global_pointer_zlpr(*ctx.saved_tensors, *ctx.config)[1:]
+        # Each row's gradient touches only its own (batch, head) slice: scale it by the row's
+        # upstream gradient.
+        scale = grad_loss[..., None]
+        grad_q, grad_k = (_scaled(g, scale[..., None]) for g in grads[:2])
+        grad_start, grad_end = (_scaled(g, scale) if has else None
+                                for g, has in zip(grads[2:], ctx.has_bias))
+        return grad_q, grad_k, None, None, grad_start, grad_end, None, None, None, None
+
+    torch.library.register_autograd("kxops::global_pointer_zlpr", _backward,
+                                    setup_context=_setup_context)
