@@ -126,7 +126,7 @@ if _ext.LOADED:
         ctx.config = (tril, ignore_index, True, block)
         ctx.has_bias = (start_bias is not None, end_bias is not None)
         if compute_grad:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(mask, *output[1:])
         else:  # a direct call without the gradients: the backward computes them
             ctx.save_for_backward(q, k, positives, mask, start_bias, end_bias)
         # The gradient outputs are internal: no gradient flows into them (and no zeros are
@@ -134,8 +134,11 @@ if _ext.LOADED:
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
 
-    def _scaled(grad, scale):
-        return (grad * scale).to(grad.dtype)
+    def _scaled(grad, scale, padded):
+        """The row's gradient times its upstream gradient; 0 at padded steps even for an
+        infinite or NaN upstream gradient (padded steps take no part, as in the reference)."""
+        scaled = (grad * scale).to(grad.dtype)
+        return scaled if padded is None else scaled.masked_fill_(padded, 0)
 
     def _backward(ctx, grad_loss, *_):
         if torch.is_grad_enabled():
@@ -145,14 +148,17 @@ if _ext.LOADED:
         if grad_loss is None:
             return (None,) * 10
         if ctx.grad_computed:
-            grads = ctx.saved_tensors
+            mask, *grads = ctx.saved_tensors
         else:
+            mask = ctx.saved_tensors[3]
             grads = torch.ops.kxops.global_pointer_zlpr(*ctx.saved_tensors, *ctx.config)[1:]
         # Each row's gradient touches only its own (batch, head) slice: scale it by the row's
         # upstream gradient.
         scale = grad_loss[..., None]
-        grad_q, grad_k = (_scaled(g, scale[..., None]) for g in grads[:2])
-        grad_start, grad_end = (_scaled(g, scale) if has else None
+        padded = None if mask is None else (mask == 0)[:, None, :]  # [B, 1, L]
+        padded_rows = None if padded is None else padded[..., None]
+        grad_q, grad_k = (_scaled(g, scale[..., None], padded_rows) for g in grads[:2])
+        grad_start, grad_end = (_scaled(g, scale, padded) if has else None
                                 for g, has in zip(grads[2:], ctx.has_bias))
         return grad_q, grad_k, None, None, grad_start, grad_end, None, None, None, None
 

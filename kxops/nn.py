@@ -325,7 +325,9 @@ class _GlobalPointerBase(nn.Module):
     def decode(self, hidden, mask=None, threshold=0.0):
         """The spans scored above ``threshold`` as a LongTensor ``[n, 4]`` of
         ``(batch, head, start, end)``, sorted; masked spans never count. Scores are computed a
-        block of start rows at a time (at most ``2**22`` scores at once), never the grid."""
+        block of start rows at a time (at most ``2**22`` scores at once), never the grid; a
+        block's GEMM may round differently from ``forward``'s (BLAS picks its kernel by shape),
+        so a score exactly at the threshold can fall on the other side of it."""
         q, k, start, end = self._projections(hidden)
         batch, heads, length, _ = q.shape
         steps = torch.arange(length, device=q.device)

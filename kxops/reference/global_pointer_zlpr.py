@@ -30,6 +30,11 @@ def _check_like_q(name, t, q):
 def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                 ignore_index, reduction):
     """The contract the compiled op shares: types (TypeError), shapes and values (ValueError)."""
+    for name, t in (("q", q), ("k", k), ("positives", positives), ("mask", mask),
+                    ("start_bias", start_bias), ("end_bias", end_bias)):
+        if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_quantized):
+            raise TypeError(f"{name} must be a dense (strided, unquantized) tensor, got "
+                            f"{'a quantized tensor' if t.is_quantized else t.layout}")
     zlpr.check_logits(q, "q")
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, heads, L, D], got shape {tuple(q.shape)}")
