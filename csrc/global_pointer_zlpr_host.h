@@ -26,8 +26,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
@@ -62,8 +62,8 @@ constexpr int64_t kMaxLength = 3037000499;
 inline void check_float_like(const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.layout() == at::kStrided, "kxops global_pointer_zlpr: ", name,
               " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device() == q.device(), "kxops global_pointer_zlpr: ", name, " is on ",
-              t.device(), " but q is on ", q.device());
+  TORCH_CHECK(t.device() == q.device(), "kxops global_pointer_zlpr: ", name, " is on ", t.device(),
+              " but q is on ", q.device());
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "kxops global_pointer_zlpr: ", name,
                    " has dtype ", t.scalar_type(), " but q has dtype ", q.scalar_type());
 }
@@ -102,10 +102,10 @@ inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
                    "kxops global_pointer_zlpr: positives must be an int32 or int64 tensor, got ",
                    positives.scalar_type());
-  TORCH_CHECK_VALUE(positives.dim() == 3 && positives.size(0) == batch &&
-                        positives.size(1) == heads,
-                    "kxops global_pointer_zlpr: positives must be [batch, heads, P] = [", batch,
-                    ", ", heads, ", P], got ", positives.sizes());
+  TORCH_CHECK_VALUE(
+      positives.dim() == 3 && positives.size(0) == batch && positives.size(1) == heads,
+      "kxops global_pointer_zlpr: positives must be [batch, heads, P] = [", batch, ", ", heads,
+      ", P], got ", positives.sizes());
   TORCH_CHECK(positives.device() == q.device(), "kxops global_pointer_zlpr: positives are on ",
               positives.device(), " but q is on ", q.device());
   if (mask.has_value()) {
@@ -118,8 +118,8 @@ inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::
                      "tensor, got ",
                      type);
     TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == length,
-                      "kxops global_pointer_zlpr: mask must be [batch, L] = [", batch, ", ",
-                      length, "], got ", mask->sizes());
+                      "kxops global_pointer_zlpr: mask must be [batch, L] = [", batch, ", ", length,
+                      "], got ", mask->sizes());
     TORCH_CHECK(mask->device() == q.device(), "kxops global_pointer_zlpr: mask is on ",
                 mask->device(), " but q is on ", q.device());
   }
@@ -132,8 +132,8 @@ inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::
 // would synchronise) they are remapped to an out-of-range packed id, for sparse_zlpr's
 // device-side assert.
 inline at::Tensor out_of_range(const at::Tensor& positives, int64_t ignore_index, int64_t spans) {
-  const auto bad = positives.ne(ignore_index).logical_and_(
-      positives.lt(0).logical_or_(positives.ge(spans)));
+  const auto bad =
+      positives.ne(ignore_index).logical_and_(positives.lt(0).logical_or_(positives.ge(spans)));
   if (positives.is_cpu() && bad.any().item<bool>()) {
     const int64_t value = positives.masked_select(bad)[0].item<int64_t>();
     TORCH_CHECK_INDEX(false, "kxops global_pointer_zlpr: positives holds span id ", value,
@@ -154,8 +154,8 @@ struct Packing {
 
   Packing(int64_t valid, bool tril)
       : valid(valid),
-        block_rows(std::max<int64_t>(1, (valid + kMaxBlocks * kRowQuantum - 1) /
-                                            (kMaxBlocks * kRowQuantum)) *
+        block_rows(std::max<int64_t>(
+                       1, (valid + kMaxBlocks * kRowQuantum - 1) / (kMaxBlocks * kRowQuantum)) *
                    kRowQuantum),
         tril(tril) {
     for (int64_t row0 = 0; row0 < valid; row0 += block_rows) {
@@ -183,8 +183,8 @@ inline int64_t byte_budget(std::optional<int64_t> block_bytes, const at::Tensor&
   if (block_bytes.has_value()) return *block_bytes;
   const int64_t length = q.size(2);
   // Saturating: the grid's size may exceed int64 bytes only in theory, but never overflow.
-  const double grid = static_cast<double>(q.size(0)) * q.size(1) * length * length *
-                      q.element_size();
+  const double grid =
+      static_cast<double>(q.size(0)) * q.size(1) * length * length * q.element_size();
   return static_cast<int64_t>(
       std::min<double>(kMaxDefaultBudget, std::max<double>(kMinDefaultBudget, grid / 4)));
 }
@@ -211,11 +211,10 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        bool compute_grad, std::optional<int64_t> block_bytes) {
   check_arguments(q, k, positives_in, mask, start_bias, end_bias, block_bytes);
   const c10::OptionalDeviceGuard guard(q.device());
-  static const auto sparse_zlpr =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kxops::sparse_zlpr", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
-                                                    bool)>();
+  static const auto sparse_zlpr = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("kxops::sparse_zlpr", "")
+                                      .typed<std::tuple<at::Tensor, at::Tensor>(
+                                          const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
   const auto dtype = q.scalar_type();
   const auto acc_options = q.options().dtype(at::toOpMathType(dtype));
@@ -241,8 +240,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     std::vector<int64_t> valid(batch, length);
     if (mask.has_value()) {
       const auto keep = mask->ne(0);
-      order = std::get<1>(
-          keep.to(at::kByte).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+      order = std::get<1>(keep.to(at::kByte).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
       compressed = at::where(keep, keep.cumsum(1, at::kLong) - 1, -1);
       // The one host synchronisation: the buffer sizes depend on the counts.
       const auto counts = keep.sum(1).cpu();
@@ -263,9 +261,9 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const auto& packing = plan.packing;
       if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
       if (tril) {
-        plan.lower = at::ones({packing.block_rows, packing.block_rows},
-                              q.options().dtype(at::kBool))
-                         .tril(-1);
+        plan.lower =
+            at::ones({packing.block_rows, packing.block_rows}, q.options().dtype(at::kBool))
+                .tril(-1);
       }
       // -1 ("ignored") for ignore_index, a masked span or i > j under tril; past the end for
       // an out-of-range id.
@@ -283,16 +281,14 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         }
         auto keep = skip.logical_not().logical_and_(ci.ge(0)).logical_and_(cj.ge(0));
         if (tril) keep.logical_and_(ci.le(cj));
-        plan.positives =
-            at::where(keep, packing.packed_id(ci.clamp_min(0), cj.clamp_min(0)), -1);
+        plan.positives = at::where(keep, packing.packed_id(ci.clamp_min(0), cj.clamp_min(0)), -1);
         plan.positives.masked_fill_(bad[b], packing.packed);
       }
       plans.push_back(std::move(plan));
     }
     // The row kernel of this device, called below autograd and any Python kernel (the driver
     // may run on worker threads, which do not inherit the caller's dispatch state).
-    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA
-                                                  : c10::DispatchKey::CPU);
+    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
 
     // Heads [h0, h0 + hc) of batch b, the same on every device: the packed logits (one batched
     // GEMM per block), the row kernel once, then the gradient GEMMs.
@@ -301,14 +297,14 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const auto& packing = plan.packing;
       const auto& idx = plan.idx;
       auto slice = [&](const at::Tensor& t) { return t[b].narrow(0, h0, hc); };
-      const auto qa = augmented(slice(q), idx, has_start ? slice(*start_bias) : at::Tensor(),
-                                true, has_start, has_end);
+      const auto qa = augmented(slice(q), idx, has_start ? slice(*start_bias) : at::Tensor(), true,
+                                has_start, has_end);
       const auto ka = augmented(slice(k), idx, has_end ? slice(*end_bias) : at::Tensor(), false,
                                 has_start, has_end);
       auto logits = at::empty({hc, packing.packed}, q.options());
       for (const auto& blk : packing.blocks) {
-        auto out = logits.narrow(1, blk.offset, blk.rows * blk.width)
-                       .view({hc, blk.rows, blk.width});
+        auto out =
+            logits.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
         at::bmm_out(out, qa.narrow(1, blk.row0, blk.rows),
                     ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
         if (tril) {
@@ -316,8 +312,8 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
         }
       }
-      auto [loss, grad] = sparse_zlpr.redispatch(
-          backend, logits, plan.positives.narrow(0, h0, hc), -1, compute_grad);
+      auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc),
+                                                 -1, compute_grad);
       row_loss[b].narrow(0, h0, hc).copy_(loss);
       if (!compute_grad) return;
       logits.reset();
@@ -358,8 +354,8 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
     // Heads per call: the packed logits and their gradient of one batch within a budget.
     auto heads_within = [&](int64_t b, int64_t bytes) {
-      const int64_t row_bytes = std::max<int64_t>(
-          1, plans[b].packing.packed * q.element_size() * (compute_grad ? 2 : 1));
+      const int64_t row_bytes =
+          std::max<int64_t>(1, plans[b].packing.packed * q.element_size() * (compute_grad ? 2 : 1));
       return std::clamp<int64_t>(bytes / row_bytes, 1, heads);
     };
     const int64_t rows = batch * heads;
@@ -388,8 +384,8 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   // Distinct empty tensors: outputs must not alias each other.
   auto none = [&] { return at::empty({0}, q.options()); };
   if (!compute_grad) return {row_loss, none(), none(), none(), none()};
-  return {row_loss, grad_q.to(dtype), grad_k.to(dtype),
-          has_start ? grad_start.to(dtype) : none(), has_end ? grad_end.to(dtype) : none()};
+  return {row_loss, grad_q.to(dtype), grad_k.to(dtype), has_start ? grad_start.to(dtype) : none(),
+          has_end ? grad_end.to(dtype) : none()};
 }
 
 }  // namespace kxops::global_pointer_zlpr
