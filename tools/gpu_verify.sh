@@ -9,7 +9,8 @@
 #   test      every test marked cuda
 #   sanitize  compute-sanitizer: memcheck over the smoke test, racecheck and synccheck over the
 #             smoke tests of the kernels with shared memory and barriers (ZLPR, AdaX)
-#   bench     benchmarks/run.py on CUDA, one op at a time (zlpr, adax, gated_conv)
+#   bench     benchmarks/run.py on CUDA, one op at a time (zlpr, adax, gated_conv, then the
+#             two fused heads)
 #   profile   tools/profile_cuda.py (torch.profiler table of each op's kernels) and Nsight
 #             Compute's speed-of-light and memory sections of kxops's own kernels
 #
@@ -99,8 +100,9 @@ stage_bench() {
   local op
   # One op per run: a deadline then loses only the ops not yet measured; run.py --out merges
   # each op's rows into the same CSV.
-  for op in zlpr adax gated_conv; do
-    step "bench_$op" 60 240 "$PY" benchmarks/run.py --out "$LOGS/bench" -k "cuda and $op"
+  # -k on the file name: "zlpr" alone would also select the two heads' files.
+  for op in zlpr adax gated_conv linear_sparse_zlpr global_pointer_zlpr; do
+    step "bench_$op" 60 240 "$PY" benchmarks/run.py --out "$LOGS/bench" -k "cuda and bench_$op"
   done
 }
 
