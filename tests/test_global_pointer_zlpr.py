@@ -14,7 +14,13 @@ import torch
 import kxops
 from benchmarks.harness import peak_rss_growth_bytes
 from kxops.reference import global_pointer_zlpr as ref
-from tests.utils import assert_close, assert_error_rule, needs_kernel, run_isolated
+from tests.utils import (
+    assert_close,
+    assert_error_rule,
+    direct_call_outcomes,
+    needs_kernel,
+    run_isolated,
+)
 
 OP = torch.ops.kxops.global_pointer_zlpr
 
@@ -454,22 +460,13 @@ def test_direct_op_rejects_bad_arguments():
     type for every bad argument, never a crash (one subprocess runs them all; a crash shows as
     the case it stopped at)."""
     needs_kernel("global_pointer_zlpr", "cpu")
-    cases = {name: args for name, (args, _, _) in DIRECT_BAD_CALLS.items()}
-    result = run_isolated(f"""
-        import torch, kxops
-        q = torch.randn(2, 3, 4, 5)
-        pos = torch.zeros(2, 3, 1, dtype=torch.long)
-        for name, args in {cases!r}.items():
-            print("CASE", name, flush=True)
-            try:
-                eval("torch.ops.kxops.global_pointer_zlpr(" + args + ")")
-                print("RESULT no error", flush=True)
-            except Exception as exc:
-                print("RESULT", type(exc).__name__, str(exc).splitlines()[0], flush=True)
-    """)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("CASE", "RESULT"))]
-    assert result.returncode == 0, (lines[-1:], result.stderr[-2000:])
-    outcomes = dict(zip((line[5:] for line in lines[0::2]), (line[7:] for line in lines[1::2])))
+    outcomes = direct_call_outcomes(
+        {name: f"torch.ops.kxops.global_pointer_zlpr({args})"
+         for name, (args, _, _) in DIRECT_BAD_CALLS.items()},
+        prelude="""
+            q = torch.randn(2, 3, 4, 5)
+            pos = torch.zeros(2, 3, 1, dtype=torch.long)
+        """)
     for name, (_, error, pattern) in DIRECT_BAD_CALLS.items():
         assert outcomes[name].startswith(error + " "), (name, outcomes[name])
         assert pattern in outcomes[name], (name, outcomes[name])

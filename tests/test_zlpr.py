@@ -12,8 +12,8 @@ from tests.utils import (
     assert_close,
     assert_error_rule,
     cuda_with_memory,
+    direct_call_outcomes,
     needs_kernel,
-    run_isolated,
 )
 
 
@@ -630,20 +630,8 @@ def test_direct_ops_reject_bad_arguments():
     """torch.ops.kxops.* called directly (as torch.compile and opcheck do): a clear error of
     the wrapper's type for every bad argument, never a crash. One subprocess runs them all
     and reports each: a crash shows as the case it stopped at."""
-    cases = {name: call for name, (call, _, _) in DIRECT_BAD_CALLS.items()}
-    result = run_isolated(f"""
-        import torch, kxops
-        for name, call in {cases!r}.items():
-            print("CASE", name, flush=True)
-            try:
-                eval("torch.ops.kxops." + call)
-                print("RESULT no error", flush=True)
-            except Exception as exc:
-                print("RESULT", type(exc).__name__, str(exc).splitlines()[0], flush=True)
-    """)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("CASE", "RESULT"))]
-    assert result.returncode == 0, (lines[-1:], result.stderr[-2000:])
-    outcomes = dict(zip((line[5:] for line in lines[0::2]), (line[7:] for line in lines[1::2])))
+    outcomes = direct_call_outcomes(
+        {name: "torch.ops.kxops." + call for name, (call, _, _) in DIRECT_BAD_CALLS.items()})
     for name, (_, error, pattern) in DIRECT_BAD_CALLS.items():
         assert outcomes[name].startswith(error + " "), (name, outcomes[name])
         assert pattern in outcomes[name], (name, outcomes[name])

@@ -28,6 +28,26 @@ def run_isolated(code, timeout=120, env=None):
                           text=True, timeout=timeout, cwd=ROOT, env=environ)
 
 
+def direct_call_outcomes(calls, prelude=""):
+    """Evaluates each expression of ``calls`` ({case: "torch.ops.kxops.<op>(...)"}) in one
+    fresh process (after ``prelude``) and returns {case: "ErrorType first line of message"}, or
+    "no error": a crash fails here, naming the case it stopped at."""
+    result = run_isolated(f"""
+        import torch, kxops
+        {textwrap.indent(textwrap.dedent(prelude), " " * 8).strip()}
+        for name, call in {calls!r}.items():
+            print("CASE", name, flush=True)
+            try:
+                eval(call)
+                print("RESULT no error", flush=True)
+            except Exception as exc:
+                print("RESULT", type(exc).__name__, str(exc).splitlines()[0], flush=True)
+    """)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("CASE", "RESULT"))]
+    assert result.returncode == 0, (lines[-1:], result.stderr[-2000:])
+    return dict(zip((line[5:] for line in lines[0::2]), (line[7:] for line in lines[1::2])))
+
+
 # Tolerances per dtype (atol, rtol) for comparing an op against kxops.reference.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),

@@ -13,20 +13,6 @@ import torch
 from kxops.reference import zlpr
 
 
-def _check_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-
-
-def _check_like_q(name, t, q):
-    _check_tensor(name, t)
-    if t.dtype != q.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; put all inputs on "
-                         "the same device")
-
-
 def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                 ignore_index, reduction):
     """The contract the compiled op shares: types (TypeError), shapes and values (ValueError)."""
@@ -39,17 +25,17 @@ def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tri
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, heads, L, D], got shape {tuple(q.shape)}")
     batch, heads, length, _ = q.shape
-    _check_like_q("k", k, q)
+    zlpr.check_like("k", k, "q", q)
     if k.shape != q.shape:
         raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
     for name, bias in (("start_bias", start_bias), ("end_bias", end_bias)):
         if bias is None:
             continue
-        _check_like_q(name, bias, q)
+        zlpr.check_like(name, bias, "q", q)
         if bias.shape != (batch, heads, length):
             raise ValueError(f"{name} must be [batch, heads, L] = {(batch, heads, length)}, got "
                              f"{tuple(bias.shape)}")
-    _check_tensor("positives", positives)
+    zlpr.check_tensor("positives", positives)
     if positives.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positives must be an int32 or int64 tensor of span ids, got "
                         f"{positives.dtype}")
@@ -60,15 +46,13 @@ def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tri
         raise ValueError(f"positives are on {positives.device} but q is on {q.device}; put all "
                          "inputs on the same device")
     if mask is not None:
-        _check_tensor("mask", mask)
+        zlpr.check_tensor("mask", mask)
         if mask.is_complex() or mask.dtype == torch.float4_e2m1fn_x2:
             raise TypeError(f"mask must be bool, integer or floating point, got {mask.dtype}")
         if mask.shape != (batch, length):
             raise ValueError(f"mask must be [batch, L] = {(batch, length)}, got "
                              f"{tuple(mask.shape)}")
-        if mask.device != q.device:
-            raise ValueError(f"mask is on {mask.device} but q is on {q.device}; put all inputs "
-                             "on the same device")
+        zlpr.check_on_device("mask", mask, "q", q)
     if not isinstance(tril, bool):
         raise TypeError(f"tril must be a bool, got {type(tril).__name__}")
     if length * length >= 2**63:

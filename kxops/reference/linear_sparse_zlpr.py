@@ -14,31 +14,20 @@ from kxops.reference import zlpr
 def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction):
     """The arguments' contract, shared by the compiled ops' fake kernels."""
     zlpr.check_logits(input, "input")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight has dtype {weight.dtype} but input has dtype {input.dtype}")
+    zlpr.check_like("weight", weight, "input", input)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise ValueError(f"weight must be [num_classes, in_features={input.shape[-1]}], got "
                          f"{tuple(weight.shape)}")
-    if weight.device != input.device:
-        raise ValueError(f"weight is on {weight.device} but input is on {input.device}; put "
-                         "all inputs on the same device")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {input.dtype}")
+        zlpr.check_like("bias", bias, "input", input)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be [num_classes={weight.shape[0]}], got "
                              f"{tuple(bias.shape)}")
-        if bias.device != input.device:
-            raise ValueError(f"bias is on {bias.device} but input is on {input.device}; put "
-                             "all inputs on the same device")
     # The positives' rules are the sparse ZLPR loss's, against the logits' shape (on meta:
     # free); the device check is then against input's.
-    if not isinstance(positives, torch.Tensor):
-        raise TypeError(f"positives must be a Tensor, got {type(positives).__name__}")
+    zlpr.check_tensor("positives", positives)
     logits = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device="meta")
     zlpr.check_sparse_zlpr_inputs(logits, positives.to("meta"), ignore_index, reduction)
     if positives.device != input.device:

@@ -36,12 +36,30 @@ def check_logits(logits, name="logits"):
         raise ValueError(f"{name} must have at least 1 dim (the class dim), got a 0-dim tensor")
 
 
+def check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+
+
+def check_on_device(name, t, anchor_name, anchor):
+    if t.device != anchor.device:
+        raise ValueError(f"{name} is on {t.device} but {anchor_name} is on {anchor.device}; put "
+                         "all inputs on the same device")
+
+
+def check_like(name, t, anchor_name, anchor):
+    """A tensor argument of the anchor's dtype, on its device (the fused heads' operands)."""
+    check_tensor(name, t)
+    if t.dtype != anchor.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {anchor_name} has dtype {anchor.dtype}")
+    check_on_device(name, t, anchor_name, anchor)
+
+
 def _check_loss_inputs(logits, reduction, name, targets):
     """The checks both losses share: logits, reduction, and that ``targets`` is a tensor."""
     check_logits(logits)
     check_reduction(reduction)
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(targets).__name__}")
+    check_tensor(name, targets)
 
 
 def _check_same_device(name, targets, logits):
