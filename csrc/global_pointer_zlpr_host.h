@@ -211,10 +211,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        bool compute_grad, std::optional<int64_t> block_bytes) {
   check_arguments(q, k, positives_in, mask, start_bias, end_bias, block_bytes);
   const c10::OptionalDeviceGuard guard(q.device());
-  static const auto sparse_zlpr = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow("kxops::sparse_zlpr", "")
-                                      .typed<std::tuple<at::Tensor, at::Tensor>(
-                                          const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  const auto sparse_zlpr = zlpr::sparse_zlpr_op();
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
   const auto dtype = q.scalar_type();
   const auto acc_options = q.options().dtype(at::toOpMathType(dtype));
@@ -313,7 +310,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         }
       }
       auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc),
-                                                 -1, compute_grad);
+                                                 -1, compute_grad, /*grad_of_mean=*/false);
       row_loss[b].narrow(0, h0, hc).copy_(loss);
       if (!compute_grad) return;
       logits.reset();

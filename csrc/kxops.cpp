@@ -60,11 +60,14 @@ TORCH_LIBRARY(kxops, m) {
       "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ZLPR loss. Returns (loss per row in fp32/fp64, d loss_row / d logits or an empty tensor
-  // when compute_grad is false): the gradient comes out of the same pass as the loss.
-  m.def("zlpr(Tensor logits, Tensor labels, bool compute_grad) -> (Tensor, Tensor)");
+  // when compute_grad is false): the gradient comes out of the same pass as the loss. With
+  // grad_of_mean it is the gradient of the rows' mean loss (divided by the row count).
   m.def(
-      "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad) "
+      "zlpr(Tensor logits, Tensor labels, bool compute_grad, bool grad_of_mean=False) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad, "
+      "bool grad_of_mean=False) -> (Tensor, Tensor)");
   // Scales the saved per-row gradient by grad_loss (shape logits.shape[:-1]).
   m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");
 

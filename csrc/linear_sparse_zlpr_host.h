@@ -26,6 +26,8 @@
 #include <optional>
 #include <tuple>
 
+#include "zlpr_host.h"
+
 namespace kxops::linear_sparse_zlpr {
 
 using at::Tensor;
@@ -162,16 +164,6 @@ struct WeightGrads {
   }
 };
 
-using SparseZlprFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, bool);
-
-inline auto sparse_zlpr_op() {
-  // Through the dispatcher, so that the same driver reaches the CPU or the CUDA row kernel.
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("kxops::sparse_zlpr", "")
-                       .typed<SparseZlprFn>();
-  return op;
-}
-
 // ---- one process: blocks of rows through the row kernel ----
 
 // The three gradient products of each block: grad_input rows = scale g W, and the parameters'
@@ -216,8 +208,9 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t n = std::min(step, rows - start);
     const Tensor x_block = x.narrow(0, start, n);
-    auto [row_loss, g] = sparse_zlpr_op().call(block_logits(x_block, weight, bias),
-                                               ids.narrow(0, start, n), ignore_index, want_grad);
+    auto [row_loss, g] =
+        zlpr::sparse_zlpr_op().call(block_logits(x_block, weight, bias), ids.narrow(0, start, n),
+                                    ignore_index, want_grad, /*grad_of_mean=*/false);
     block(start, x_block, row_loss, want_grad ? g : Tensor());
   }
 }

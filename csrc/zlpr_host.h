@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -90,19 +92,40 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& log
   return {row_loss, grad};
 }
 
+// The factor of the gradient output: 1 / rows for the gradient of the mean of the row losses
+// (grad_of_mean), else 1. Divided in acc_t, as torch's mean backward divides an fp32/fp64 1 by
+// the row count, so that a mean's backward finds exactly this factor in its grad_loss and can
+// hand the saved gradient on as it is (kxops/zlpr.py).
+template <typename acc_t>
+acc_t grad_scale(const at::Tensor& logits, bool grad_of_mean) {
+  const int64_t rows = c10::multiply_integers(logits.sizes().slice(0, logits.dim() - 1));
+  return grad_of_mean && rows > 0 ? acc_t(1) / static_cast<acc_t>(rows) : acc_t(1);
+}
+
 // Registers one device's kernels of the two forward ops behind the argument checks, so that
 // every device checks every argument before its kernel touches memory.
 template <auto dense_kernel, auto sparse_kernel>
 void impl_forward_ops(torch::Library& m) {
-  m.impl("zlpr", [](const at::Tensor& logits, const at::Tensor& labels, bool compute_grad) {
+  m.impl("zlpr", [](const at::Tensor& logits, const at::Tensor& labels, bool compute_grad,
+                    bool grad_of_mean) {
     check_dense(logits, labels);
-    return dense_kernel(logits, labels, compute_grad);
+    return dense_kernel(logits, labels, compute_grad, grad_of_mean);
   });
   m.impl("sparse_zlpr", [](const at::Tensor& logits, const at::Tensor& positives,
-                           int64_t ignore_index, bool compute_grad) {
+                           int64_t ignore_index, bool compute_grad, bool grad_of_mean) {
     check_sparse(logits, positives);
-    return sparse_kernel(logits, positives, ignore_index, compute_grad);
+    return sparse_kernel(logits, positives, ignore_index, compute_grad, grad_of_mean);
   });
+}
+
+// kxops::sparse_zlpr through the dispatcher, for the fused heads' host drivers: the same driver
+// then reaches the CPU or the CUDA row kernel.
+inline auto sparse_zlpr_op() {
+  using Signature =
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, bool, bool);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("kxops::sparse_zlpr", "").typed<Signature>();
+  return op;
 }
 
 }  // namespace kxops::zlpr

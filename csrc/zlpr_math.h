@@ -126,16 +126,17 @@ KXOPS_HOST_DEVICE RowSums<acc_t> merge(const RowSums<acc_t>& a, const RowSums<ac
 }
 
 // The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} /
-// Z_pos, each part only for a class in that sum (elsewhere 0, even when the other sum is NaN).
+// Z_pos, each part only for a class in that sum (elsewhere 0, even when the other sum is NaN),
+// times scale (1, or 1 / rows for the gradient of the mean loss: see grad_scale).
 template <typename acc_t>
 struct RowGrad {
   acc_t max_neg, inv_neg, max_pos, inv_pos;
 
-  KXOPS_HOST_DEVICE explicit RowGrad(const RowSums<acc_t>& sums)
+  KXOPS_HOST_DEVICE RowGrad(const RowSums<acc_t>& sums, acc_t scale)
       : max_neg(sums.neg.max),
-        inv_neg(inv_total(sums.neg)),
+        inv_neg(inv_total(sums.neg) * scale),
         max_pos(sums.pos.max),
-        inv_pos(inv_total(sums.pos)) {}
+        inv_pos(inv_total(sums.pos) * scale) {}
 
   KXOPS_HOST_DEVICE acc_t operator()(acc_t s, acc_t t) const {
     return negative_term(s, t, max_neg, inv_neg) - positive_term(s, t, max_pos, inv_pos);

@@ -1,5 +1,7 @@
 """ZLPR loss: public functions, fake kernels and autograd of kxops::zlpr / sparse_zlpr."""
 
+import weakref
+
 import torch
 
 from kxops import _ext
@@ -37,7 +39,8 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     ref.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
     if _use_kernel("zlpr", logits):
-        row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits))
+        row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits),
+                                           reduction == "mean")
     else:
         row_loss = ref.zlpr_row_loss(logits, labels)
     return ref.reduce_loss(row_loss, reduction, logits.dtype)
@@ -56,7 +59,7 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
     if _use_kernel("sparse_zlpr", logits):
         row_loss, _ = torch.ops.kxops.sparse_zlpr(logits, positives, ignore_index,
-                                                  _needs_grad(logits))
+                                                  _needs_grad(logits), reduction == "mean")
         return ref.reduce_loss(row_loss, reduction, logits.dtype)
     return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
                                 reduction=reduction)
@@ -70,36 +73,92 @@ def _fake_forward(logits, compute_grad):
 
 
 def _save_grad(ctx, inputs, output):
-    """Saves the inputs (for a recomputation or a second derivative; no copies) and the
-    gradient the forward computed, if it did (a direct call may pass compute_grad=False)."""
-    *args, compute_grad = inputs
-    ctx.grad_computed = compute_grad
+    """Saves the inputs (for a recomputation or a second derivative; no copies) and keeps the
+    gradient the forward computed, if it did (a direct call may pass compute_grad=False), for
+    the first backward that can take it (see _forward_grad)."""
+    *args, compute_grad, grad_of_mean = inputs
     ctx.op = torch.ops.kxops.zlpr if len(args) == 2 else torch.ops.kxops.sparse_zlpr
     ctx.ignore_index = args[2:]
-    ctx.save_for_backward(*args[:2], output[1] if compute_grad else None)
+    ctx.grad_of_mean = grad_of_mean
+    ctx.save_for_backward(*args[:2])
+    # Outside save_for_backward, so that a backward can take it over (a saved tensor can
+    # only be read, and its storage stays with the graph); detached, so that ctx holds no
+    # reference back to the graph. The weak reference tells whether the caller still holds
+    # the op's own gradient output.
+    ctx.forward_grad = [output[1].detach()] if compute_grad else []
+    ctx.grad_output = weakref.ref(output[1])
     # The gradient output is internal: no logits-sized zeros for its "gradient" per backward.
     ctx.set_materialize_grads(False)
 
 
+def _grad_scale(ctx, grad_loss):
+    """The factor of the kernel's gradient output (grad_of_mean): 1 / rows, divided as torch's
+    mean backward divides its 1 (so that a mean's grad_loss holds exactly this value), or 1;
+    0-dim, in grad_loss's dtype."""
+    one = grad_loss.new_ones(())
+    return one.div(grad_loss.numel()) if ctx.grad_of_mean and grad_loss.numel() else one
+
+
+def _recomputed_grad(ctx, logits, targets):
+    return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.grad_of_mean)[1]
+
+
+def _forward_grad(ctx, logits, targets, take):
+    """(the forward's gradient output, whether the caller owns it). With take, the forward's
+    own tensor is taken out of ctx, unless its caller still holds it: the backward can then
+    return it as the logits' gradient (autograd may write into that, e.g. accumulate later
+    gradients), and a later backward of a retained graph recomputes it. A recomputed gradient
+    is owned too."""
+    if not ctx.forward_grad:
+        return _recomputed_grad(ctx, logits, targets), True
+    if take and ctx.grad_output() is None:
+        return ctx.forward_grad.pop(), True
+    return ctx.forward_grad[0], False
+
+
+def _is_everywhere(grad_loss, scale):
+    """Whether grad_loss equals scale at every row, asked only where the answer costs no
+    synchronisation and values exist: a plain CPU tensor (not CUDA, not a tracer's fake)."""
+    return (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu"
+            and bool(torch.all(grad_loss == scale)))
+
+
+def _loss_grad(ctx, logits, targets, grad_loss):
+    """grad_loss times d row_loss / d logits, from the forward's gradient output (that times
+    the scale, see _grad_scale). A mean or sum reduction's backward passes the scale at every
+    row: the gradient output is then the answer, handed on as it is (no logits-sized pass)."""
+    scale = _grad_scale(ctx, grad_loss)
+    if torch.is_grad_enabled():
+        # create_graph: the product must carry the graph of the gradient output, so that
+        # recomputed from the saved logits (rare: the second derivative's own cost dominates).
+        grad = _recomputed_grad(ctx, logits, targets)
+    else:
+        as_is = _is_everywhere(grad_loss, scale)
+        grad, owned = _forward_grad(ctx, logits, targets, take=as_is)
+        if as_is and owned:
+            return grad
+    return torch.ops.kxops.zlpr_backward(grad_loss / scale if ctx.grad_of_mean else grad_loss,
+                                         grad)
+
+
 def _row_grad_of_reference(ctx, logits, targets):
-    """d row_loss / d logits by the reference, differentiable (for second derivatives)."""
+    """The forward's gradient output by the reference, differentiable (for second
+    derivatives)."""
     if ctx.op is torch.ops.kxops.sparse_zlpr:  # the forward checked the ids' range
         targets = ref.positives_to_dense(targets, ctx.ignore_index[0], logits.shape[-1])
     row_loss = ref.zlpr_row_loss(logits, targets)
-    return torch.autograd.grad(row_loss.sum(), logits, create_graph=True)[0]
+    grad = torch.autograd.grad(row_loss.sum(), logits, create_graph=True)[0]
+    return grad * _grad_scale(ctx, row_loss.detach()) if ctx.grad_of_mean else grad
 
 
 def _logits_grad(ctx, grad_loss, grad_of_grad):
-    """The logits' gradient: grad_loss times the saved per-row gradient (recomputed by the
-    kernel if the forward did not compute it), plus, when the forward's gradient output was
-    itself differentiated (double backward), the Hessian-vector product with that gradient,
-    through the reference's autograd."""
-    logits, targets, grad = ctx.saved_tensors
+    """The logits' gradient: from grad_loss (see _loss_grad) plus, when the forward's gradient
+    output was itself differentiated (double backward), the Hessian-vector product with that
+    gradient, through the reference's autograd."""
+    logits, targets = ctx.saved_tensors
     total = None
     if grad_loss is not None:
-        if grad is None:
-            grad = ctx.op(logits, targets, *ctx.ignore_index, True)[1]
-        total = torch.ops.kxops.zlpr_backward(grad_loss, grad)
+        total = _loss_grad(ctx, logits, targets, grad_loss)
     if grad_of_grad is not None:
         with torch.enable_grad():
             leaf = logits.detach().requires_grad_(True)
@@ -119,14 +178,14 @@ if _ext.LOADED:
     # The fake kernels check what the C++ kernels check: they also run for a direct call with
     # a meta tensor among real ones.
     @torch.library.register_fake("kxops::zlpr")
-    def _zlpr_fake(logits, labels, compute_grad):
+    def _zlpr_fake(logits, labels, compute_grad, grad_of_mean=False):
         _ext.check_devices("zlpr", "logits", logits, labels=labels)
         ref.check_zlpr_inputs(logits, labels, "none")
         _check_kernel_logits("zlpr", logits)
         return _fake_forward(logits, compute_grad)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
-    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad):
+    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, grad_of_mean=False):
         _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
         ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
         _check_kernel_logits("sparse_zlpr", logits)
@@ -144,10 +203,10 @@ if _ext.LOADED:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def _zlpr_backward(ctx, grad_loss, grad_of_grad):
-        return _logits_grad(ctx, grad_loss, grad_of_grad), None, None
+        return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None
 
     def _sparse_zlpr_backward(ctx, grad_loss, grad_of_grad):
-        return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None
+        return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None, None
 
     def _save_scaling(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

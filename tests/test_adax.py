@@ -12,7 +12,13 @@ import kxops
 from kxops import _ext
 from kxops.adax import adax, resolve_path
 from kxops.reference import adax as ref
-from tests.utils import assert_close, cuda_with_memory, needs_kernel, run_isolated
+from tests.utils import (
+    assert_close,
+    cuda_with_memory,
+    dispatched_ops,
+    needs_kernel,
+    run_isolated,
+)
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=1e-4, weight_decay=0.05, eps=1e-8)
 
@@ -1011,22 +1017,7 @@ def test_compiled_foreach_step_with_low_precision_params(capturable):
 
 def _multi_tensor_ops(step):
     """The torch._foreach_* calls of one call of step(), in order."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name.startswith("_foreach_"):
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
-
-    with Record() as record:
-        step()
-    return record.ops
+    return [name for name in dispatched_ops(step) if name.startswith("_foreach_")]
 
 
 @pytest.mark.parametrize("cls, torch_cls", [(kxops.optim.AdaXW, torch.optim.AdamW),

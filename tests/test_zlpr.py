@@ -13,6 +13,7 @@ from tests.utils import (
     assert_error_rule,
     cuda_with_memory,
     direct_call_outcomes,
+    dispatched_ops,
     needs_kernel,
 )
 
@@ -224,8 +225,11 @@ def test_opcheck(device):
         s = logits.clone().requires_grad_(compute_grad)
         torch.library.opcheck(torch.ops.kxops.zlpr, (s, labels, compute_grad))
     positives = torch.tensor([[0, 4], [16, -1], [-1, -1]], device=device)
-    torch.library.opcheck(torch.ops.kxops.sparse_zlpr,
-                          (logits.clone().requires_grad_(True), positives, -1, True))
+    for grad_of_mean in (False, True):
+        torch.library.opcheck(torch.ops.kxops.sparse_zlpr, (logits.clone().requires_grad_(True),
+                                                            positives, -1, True, grad_of_mean))
+    torch.library.opcheck(torch.ops.kxops.zlpr,
+                          (logits.clone().requires_grad_(True), labels, True, True))
     strided = logits.t().contiguous().t().requires_grad_(True)
     torch.library.opcheck(torch.ops.kxops.zlpr, (strided, labels, True))
     torch.library.opcheck(torch.ops.kxops.zlpr_backward,
@@ -724,6 +728,106 @@ def test_direct_op_without_computed_gradient_still_differentiates():
     torch.ops.kxops.zlpr(leaf, labels, False)[0].sum().backward()
     assert_close(leaf.grad, torch.func.grad(lambda s: ref.zlpr_loss(s, labels,
                                                                     reduction="sum"))(logits))
+
+
+# --- the backward hands on the forward's gradient --------------------------------------------
+
+
+def dense_and_sparse_losses(shape, dtype=torch.float32, device="cpu"):
+    """(kxops loss, reference loss) pairs, dense and sparse, over random targets of shape."""
+    logits, labels = random_problem(shape, soft=True, dtype=dtype, device=device)
+    positives = torch.randint(0, shape[-1], (*shape[:-1], 3), device=device)
+    return logits, [
+        (lambda s, r: kxops.zlpr_loss(s, labels, reduction=r),
+         lambda s, r: ref.zlpr_loss(s, labels, reduction=r)),
+        (lambda s, r: kxops.sparse_zlpr_loss(s, positives, reduction=r),
+         lambda s, r: ref.sparse_zlpr_loss(s, positives, reduction=r)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 7, 1000, 4097])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_backward_returns_the_forward_gradient_as_is(dtype, rows, reduction):
+    """On CPU the backward of a mean or sum makes no logits-sized pass: the forward's gradient
+    (scaled by 1 / rows for a mean, grad_of_mean) is the answer, checked exactly."""
+    needs_kernel("zlpr", "cpu")
+    logits, losses = dense_and_sparse_losses((rows, 9), dtype)
+    for ours, theirs in losses:
+        leaf = logits.detach().requires_grad_(True)
+        loss = ours(leaf, reduction)
+        assert "zlpr_backward" not in dispatched_ops(loss.backward)
+        expected = logits.detach().requires_grad_(True)
+        theirs(expected, reduction).backward()
+        assert_close(leaf.grad, expected.grad)
+
+
+def test_retained_graph_recomputes_what_a_backward_took(device):
+    """A backward takes the forward's gradient over (autograd may then write into it): each
+    later backward of a retained graph recomputes it, whatever happened to the first result."""
+    needs_kernel("zlpr", device)
+    logits, losses = dense_and_sparse_losses((4, 9), torch.float64, device)
+    for ours, theirs in losses:
+        leaf = logits.detach().requires_grad_(True)
+        loss = ours(leaf, "mean")
+        reference = logits.detach().requires_grad_(True)
+        theirs(reference, "mean").backward()
+        loss.backward(retain_graph=True)
+        assert_close(leaf.grad, reference.grad)
+        leaf.grad.mul_(-7)  # what clip_grad_norm_ or a hook might do in place
+        leaf.grad = None
+        loss.backward(retain_graph=True)
+        loss.backward()
+        assert_close(leaf.grad, 2 * reference.grad)
+
+
+def test_a_held_gradient_output_is_not_handed_on(device):
+    """A direct caller who keeps the op's gradient output keeps it to themselves: the logits'
+    gradient is then a tensor of its own."""
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((4, 9), soft=True, dtype=torch.float64, device=device)
+    leaf = logits.detach().requires_grad_(True)
+    row_loss, grad = torch.ops.kxops.zlpr(leaf, labels, True, True)
+    kept = grad.clone()
+    row_loss.mean().backward()
+    leaf.grad.mul_(3)
+    assert torch.equal(grad, kept)
+    assert_close(leaf.grad, 3 * kept)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (0, 5), (3, 0)])
+def test_grad_of_mean_divides_the_gradient_output_by_the_rows(device, shape):
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem(shape, soft=True, dtype=torch.float64, device=device)
+    # Class 0, or padding where there is no class.
+    positives = torch.full((*shape[:-1], 1), min(0, shape[-1] - 1), device=device)
+    rows = max(math.prod(shape[:-1]), 1)
+    for call in (lambda mean: torch.ops.kxops.zlpr(logits, labels, True, mean),
+                 lambda mean: torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, mean)):
+        (loss, grad), (mean_loss, mean_grad) = call(False), call(True)
+        assert torch.equal(mean_loss, loss)
+        assert_close(mean_grad, grad / rows)
+
+
+def test_uneven_upstream_gradient_scales_the_forward_gradient(device):
+    """grad_loss that is not the reduction's (a weighted mean; loss.backward(2.0)) goes
+    through zlpr_backward; create_graph recomputes a differentiable gradient."""
+    needs_kernel("zlpr", device)
+    logits, losses = dense_and_sparse_losses((4, 9), torch.float64, device)
+    weights = torch.rand(4, dtype=torch.float64, device=device)
+    for ours, theirs in losses:
+        results = []
+        for loss_fn in (ours, theirs):
+            leaf = logits.detach().requires_grad_(True)
+            (weighted,) = torch.autograd.grad((loss_fn(leaf, "none") * weights).sum(), leaf)
+            (doubled,) = torch.autograd.grad(loss_fn(leaf, "mean"), leaf,
+                                             torch.tensor(2.0, dtype=torch.float64,
+                                                          device=device))
+            (penalty,) = torch.autograd.grad(loss_fn(leaf, "mean"), leaf, create_graph=True)
+            results.append((weighted, doubled, torch.autograd.grad(penalty.square().sum(),
+                                                                   leaf)[0]))
+        for a, e in zip(*results):
+            assert_close(a, e)
 
 
 def test_torch_func_grad_and_vmap():

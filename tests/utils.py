@@ -48,6 +48,25 @@ def direct_call_outcomes(calls, prelude=""):
     return dict(zip((line[5:] for line in lines[0::2]), (line[7:] for line in lines[1::2])))
 
 
+def dispatched_ops(fn):
+    """The names of the ATen and custom ops that one call of fn() dispatches, in order (as
+    "_foreach_mul_", "zlpr_backward"): what a fused path claims to run, checked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.ops
+
+
 # Tolerances per dtype (atol, rtol) for comparing an op against kxops.reference.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),

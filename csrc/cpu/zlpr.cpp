@@ -94,13 +94,14 @@ RowSums<acc_t> exact_sums(const acc_t* s, int64_t n, Target target) {
 }
 
 // The dense row through the shared math: s and t hold the row's logits and targets (opmath);
-// s may be the gradient row itself.
+// s may be the gradient row itself; grad_scale as RowGrad's scale.
 template <typename acc_t, typename scalar_t>
-void exact_row(const acc_t* s, const acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
+void exact_row(const acc_t* s, const acc_t* t, int64_t n, acc_t grad_scale, acc_t* loss,
+               scalar_t* grad) {
   const RowSums<acc_t> sums = exact_sums(s, n, [&](int64_t j) { return t[j]; });
   *loss = sums.loss();
   if (grad == nullptr) return;
-  const RowGrad<acc_t> finish(sums);
+  const RowGrad<acc_t> finish(sums, grad_scale);
   for (int64_t j = 0; j < n; ++j) grad[j] = static_cast<scalar_t>(finish(s[j], t[j]));
 }
 
@@ -141,9 +142,9 @@ RowSums<acc_t> weighted_terms(acc_t* s, acc_t* t, int64_t n, acc_t max_neg, acc_
 // One row whose logits are in s and targets in t (both opmath, length n). Returns false, with
 // s and t overwritten and nothing written, when the row's sums are not finite: the caller then
 // reloads the row into exact_row. Otherwise writes the loss and, when grad is not null,
-// d loss / d logits.
+// d loss / d logits times grad_scale.
 template <typename acc_t, typename scalar_t>
-bool zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
+bool zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t grad_scale, acc_t* loss, scalar_t* grad) {
   using Vec = Vectorized<acc_t>;
   const auto [max_neg, max_pos] = term_maxima(s, t, n);
   const RowSums<acc_t> sums = weighted_terms(s, t, n, max_neg, max_pos);
@@ -152,7 +153,7 @@ bool zlpr_row(acc_t* s, acc_t* t, int64_t n, acc_t* loss, scalar_t* grad) {
   if (grad == nullptr) return true;
   // Finite sums: every stored term is finite and 0 outside its sum, so the products below
   // follow the membership rule without testing it again.
-  const RowGrad<acc_t> finish(sums);
+  const RowGrad<acc_t> finish(sums, grad_scale);
   const Vec inv_neg(finish.inv_neg), inv_pos(finish.inv_pos);
   at::vec::map2([&](Vec e_neg, Vec e_pos) { return e_neg * inv_neg - e_pos * inv_pos; }, s, s, t,
                 n);
@@ -232,8 +233,8 @@ ExpSum<acc_t> negative_terms(acc_t* s, int64_t n, acc_t max) {
 // not finite: the caller then reloads the row into exact_sparse_row. Otherwise as zlpr_row.
 template <typename acc_t, typename scalar_t, typename index_t>
 bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* positives,
-                     int64_t per_row, int64_t ignore_index, Positives<acc_t>& kept, acc_t* loss,
-                     scalar_t* grad) {
+                     int64_t per_row, int64_t ignore_index, Positives<acc_t>& kept,
+                     acc_t grad_scale, acc_t* loss, scalar_t* grad) {
   using Vec = Vectorized<acc_t>;
   take_positives(s, n, positives, per_row, ignore_index, kept);
   // The negatives' maximum is the row's unless a positive reaches it (or it is NaN).
@@ -247,7 +248,7 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* posit
   for (const auto& [index, logit] : kept) push(sums.pos, -logit, acc_t(1));
   *loss = sums.loss();
   if (grad == nullptr) return true;
-  const RowGrad<acc_t> finish(sums);
+  const RowGrad<acc_t> finish(sums, grad_scale);
   const Vec inv_neg(finish.inv_neg);
   at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);
   for (const auto& [index, logit] : kept) s[index] = finish(logit, acc_t(1));
@@ -258,13 +259,13 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* posit
 // The sparse row through the shared math: s holds the row's logits with its positives (kept,
 // from take_positives) at -inf, so every other class is a negative (target 0).
 template <typename acc_t, typename scalar_t>
-void exact_sparse_row(const acc_t* s, int64_t n, const Positives<acc_t>& kept, acc_t* loss,
-                      scalar_t* grad) {
+void exact_sparse_row(const acc_t* s, int64_t n, const Positives<acc_t>& kept, acc_t grad_scale,
+                      acc_t* loss, scalar_t* grad) {
   RowSums<acc_t> sums = exact_sums(s, n, [](int64_t) { return acc_t(0); });
   for (const auto& [index, logit] : kept) sums.add(logit, acc_t(1));
   *loss = sums.loss();
   if (grad == nullptr) return;
-  const RowGrad<acc_t> finish(sums);
+  const RowGrad<acc_t> finish(sums, grad_scale);
   for (int64_t j = 0; j < n; ++j) grad[j] = static_cast<scalar_t>(finish(s[j], acc_t(0)));
   for (const auto& [index, logit] : kept) {
     grad[index] = static_cast<scalar_t>(finish(logit, acc_t(1)));
@@ -320,11 +321,12 @@ std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool co
 }
 
 std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
-                                            bool compute_grad) {
+                                            bool compute_grad, bool grad_of_mean) {
   const auto labels = readable_labels(labels_in, logits.scalar_type());
   return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
     using logit_t = decltype(logit);
     using acc_t = at::opmath_type<logit_t>;
+    const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
     AT_DISPATCH_ALL_TYPES_AND3(
         at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
           const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
@@ -334,10 +336,10 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::
             const scalar_t* labels_row = label_data + row * n;
             at::vec::convert(logits_row, s, n);
             at::vec::convert(labels_row, t.data(), n);
-            if (zlpr_row(s, t.data(), n, loss, g)) return;
+            if (zlpr_row(s, t.data(), n, scale, loss, g)) return;
             at::vec::convert(logits_row, s, n);
             at::vec::convert(labels_row, t.data(), n);
-            exact_row(s, t.data(), n, loss, g);
+            exact_row(s, t.data(), n, scale, loss, g);
           });
         });
   });
@@ -345,24 +347,26 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::
 
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                                                    const at::Tensor& positives_in,
-                                                   int64_t ignore_index, bool compute_grad) {
+                                                   int64_t ignore_index, bool compute_grad,
+                                                   bool grad_of_mean) {
   const auto positives = positives_in.contiguous();
   const int64_t per_row = positives.size(-1);
   return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
     using logit_t = decltype(logit);
     using acc_t = at::opmath_type<logit_t>;
+    const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
       const index_t* index_data = positives.const_data_ptr<index_t>();
       run([&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
         thread_local Positives<acc_t> kept;
         const acc_t logits_max = copy_with_max(logits_row, s, n);
         if (sparse_zlpr_row(s, n, logits_max, index_data + row * per_row, per_row, ignore_index,
-                            kept, loss, g)) {
+                            kept, scale, loss, g)) {
           return;
         }
         at::vec::convert(logits_row, s, n);
         for (const auto& [index, logit] : kept) s[index] = kNegInf<acc_t>;
-        exact_sparse_row(s, n, kept, loss, g);
+        exact_sparse_row(s, n, kept, scale, loss, g);
       });
     });
   });
