@@ -71,8 +71,9 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad) 
                    "kxops ZLPR backward: grad must be a float64, float32, float16 or bfloat16 "
                    "tensor, got ",
                    grad.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_loss.scalar_type()),
-                   "kxops ZLPR backward: grad_loss must be a floating-point tensor, got ",
+  TORCH_CHECK_TYPE(is_kernel_float(grad_loss.scalar_type()),
+                   "kxops ZLPR backward: grad_loss must be a float64, float32, float16 or "
+                   "bfloat16 tensor, got ",
                    grad_loss.scalar_type());
   TORCH_CHECK_VALUE(grad.dim() >= 1 && grad_loss.sizes() == grad.sizes().slice(0, grad.dim() - 1),
                     "kxops ZLPR backward: grad_loss shape ", grad_loss.sizes(),

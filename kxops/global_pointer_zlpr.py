@@ -9,13 +9,6 @@ from kxops import _ext
 from kxops.reference import global_pointer_zlpr as ref
 from kxops.reference.zlpr import opmath_dtype, reduce_loss
 
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def _use_kernel(q):
-    return (_ext.has_kernel("global_pointer_zlpr", q.device) and q.dtype in _KERNEL_DTYPES
-            and not _ext.functorch_active())
-
 
 def _autocast_enabled(device_type):
     # is_autocast_enabled raises for device types without autocast (meta, ...).
@@ -86,7 +79,7 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
     ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                     ignore_index, reduction)
     block_bytes = _check_block_bytes(block_bytes)
-    if not _use_kernel(q):
+    if not _ext.runs_compiled("global_pointer_zlpr", q):
         return ref.global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start_bias,
                                             end_bias=end_bias, tril=tril,
                                             ignore_index=ignore_index, reduction=reduction)
@@ -107,9 +100,7 @@ if _ext.LOADED:
                            start_bias=start_bias, end_bias=end_bias)
         ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                         ignore_index, "none")
-        if q.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"kxops.global_pointer_zlpr: q must be float64, float32, float16 or "
-                            f"bfloat16, got {q.dtype}")
+        _ext.check_kernel_dtype("global_pointer_zlpr", "q", q)
         _check_block_bytes(block_bytes)
         row_loss = q.new_empty(q.shape[:2], dtype=opmath_dtype(q.dtype))
         if not compute_grad:

@@ -9,13 +9,7 @@ from kxops import _ext
 from kxops.reference import linear_sparse_zlpr as ref
 from kxops.reference import zlpr as zlpr_ref
 
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = zlpr_ref.REDUCTIONS
-
-
-def _use_kernel(input):
-    return (_ext.block_has_kernels("linear_sparse_zlpr", input.device.type)
-            and input.dtype in _KERNEL_DTYPES and not _ext.functorch_active())
 
 
 def _check_strided(**tensors):
@@ -100,8 +94,9 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
                                block_rows, process_group)
     block = _check_block_rows(block_rows)
     ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-    if not _use_kernel(input) or any(isinstance(t, torch.Tensor) and t.layout != torch.strided
-                                     for t in (input, weight, bias, positives)):
+    if not _ext.runs_compiled("linear_sparse_zlpr", input) or any(
+            isinstance(t, torch.Tensor) and t.layout != torch.strided
+            for t in (input, weight, bias, positives)):
         return ref.linear_sparse_zlpr_loss(input, weight, positives, bias,
                                            ignore_index=ignore_index, reduction=reduction)
     # "none": the gradients need each row's upstream gradient; backward computes them.
@@ -114,7 +109,7 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
 # ---- label parallel: per-row sums of each rank's class slice, merged over the ranks ----
 
 def _slice_ops(input):
-    if _use_kernel(input):
+    if _ext.runs_compiled("linear_sparse_zlpr", input):
         return (torch.ops.kxops.linear_sparse_zlpr_partials,
                 torch.ops.kxops.linear_sparse_zlpr_partials_backward)
 
@@ -239,9 +234,7 @@ if _ext.LOADED:
         _ext.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
                            **others)
         ref.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
-        if input.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"kxops.{op}: input must be float64, float32, float16 or bfloat16, "
-                            f"got {input.dtype}")
+        _ext.check_kernel_dtype(op, "input", input)
         if block_rows < 0:
             raise ValueError(f"kxops.{op}: block_rows must be >= 0, got {block_rows}")
 
@@ -261,21 +254,13 @@ if _ext.LOADED:
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
         return (loss, *_grads_fake(input, weight, bias, grad_mask))
 
-    def _check_grad_loss_fake(op, grad_loss, input):
-        if grad_loss.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"kxops.{op}: grad_loss must be a float64, float32, float16 or "
-                            f"bfloat16 tensor, got {grad_loss.dtype}")
-        if grad_loss.shape != input.shape[:-1]:
-            raise ValueError(f"kxops.{op}: grad_loss must have shape {tuple(input.shape[:-1])}, "
-                             f"got {tuple(grad_loss.shape)}")
-
     @torch.library.register_fake("kxops::linear_sparse_zlpr_backward")
     def _backward_fake(grad_loss, input, weight, bias, positives, ignore_index, grad_mask,
                        block_rows):
         op = "linear_sparse_zlpr_backward"
         _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
                     grad_loss=grad_loss)
-        _check_grad_loss_fake(op, grad_loss, input)
+        _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         return _grads_fake(input, weight, bias, grad_mask)
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_partials")
@@ -294,7 +279,7 @@ if _ext.LOADED:
         _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
                     grad_loss=grad_loss, log_z=log_z)
         _check_slice_fake(op, weight, class_offset, num_classes)
-        _check_grad_loss_fake(op, grad_loss, input)
+        _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         if log_z.dtype != zlpr_ref.opmath_dtype(input.dtype):
             raise TypeError(f"kxops.{op}: log_z must be {zlpr_ref.opmath_dtype(input.dtype)}, "
                             f"got {log_z.dtype}")

@@ -196,13 +196,17 @@ class LinearZLPR(nn.Module):
                  reduction="mean", process_group=None, block_rows=None, device=None,
                  dtype=None):
         super().__init__()
-        factory = dict(device=device, dtype=dtype)
-        self.in_features, self.num_labels = in_features, num_labels
-        self.ignore_index, self.reduction = ignore_index, reduction
-        self.process_group, self.block_rows = process_group, block_rows
-        self.weight = nn.Parameter(torch.empty(num_labels, in_features, **factory))
-        self.register_parameter(
-            "bias", nn.Parameter(torch.empty(num_labels, **factory)) if bias else None)
+        self.in_features = in_features
+        self.num_labels = num_labels
+        # The loss's options, kept as torch's loss modules keep theirs.
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.process_group = process_group
+        self.block_rows = block_rows
+        self.weight = nn.Parameter(torch.empty(num_labels, in_features, device=device,
+                                               dtype=dtype))
+        self.register_parameter("bias", nn.Parameter(torch.empty(
+            num_labels, device=device, dtype=dtype)) if bias else None)
         self.reset_parameters()
 
     reset_parameters = nn.Linear.reset_parameters

@@ -7,14 +7,6 @@ import torch
 from kxops import _ext
 from kxops.reference import zlpr as ref
 
-# The logits dtypes the compiled kernels take; any other floating type runs the reference.
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def _use_kernel(op, logits):
-    return (_ext.has_kernel(op, logits.device) and logits.dtype in _KERNEL_DTYPES
-            and not _ext.functorch_active())
-
 
 def _needs_grad(logits):
     return torch.is_grad_enabled() and logits.requires_grad
@@ -38,7 +30,7 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     """
     ref.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
-    if _use_kernel("zlpr", logits):
+    if _ext.runs_compiled("zlpr", logits):
         row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits),
                                            reduction == "mean")
     else:
@@ -57,7 +49,7 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     positives cannot hold marks no entry as padding. NaN and inf as in ``zlpr_loss``.
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
-    if _use_kernel("sparse_zlpr", logits):
+    if _ext.runs_compiled("zlpr", logits):
         row_loss, _ = torch.ops.kxops.sparse_zlpr(logits, positives, ignore_index,
                                                   _needs_grad(logits), reduction == "mean")
         return ref.reduce_loss(row_loss, reduction, logits.dtype)
@@ -170,36 +162,30 @@ def _logits_grad(ctx, grad_loss, grad_of_grad):
 
 if _ext.LOADED:
 
-    def _check_kernel_logits(op, logits):
-        if logits.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"kxops.{op}: logits must be float64, float32, float16 or bfloat16, "
-                            f"got {logits.dtype}")
-
     # The fake kernels check what the C++ kernels check: they also run for a direct call with
     # a meta tensor among real ones.
     @torch.library.register_fake("kxops::zlpr")
     def _zlpr_fake(logits, labels, compute_grad, grad_of_mean=False):
         _ext.check_devices("zlpr", "logits", logits, labels=labels)
         ref.check_zlpr_inputs(logits, labels, "none")
-        _check_kernel_logits("zlpr", logits)
+        _ext.check_kernel_dtype("zlpr", "logits", logits)
         return _fake_forward(logits, compute_grad)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
     def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, grad_of_mean=False):
         _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
         ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
-        _check_kernel_logits("sparse_zlpr", logits)
+        _ext.check_kernel_dtype("sparse_zlpr", "logits", logits)
         return _fake_forward(logits, compute_grad)
 
     @torch.library.register_fake("kxops::zlpr_backward")
     def _zlpr_backward_fake(grad_loss, grad):
         _ext.check_devices("zlpr_backward", "grad", grad, grad_loss=grad_loss)
-        if not (grad.is_floating_point() and grad_loss.is_floating_point()):
-            raise TypeError(f"kxops.zlpr_backward: grad_loss and grad must be floating point, "
-                            f"got {grad_loss.dtype} and {grad.dtype}")
-        if grad_loss.shape != grad.shape[:-1]:
-            raise ValueError(f"kxops.zlpr_backward: grad_loss must have shape "
-                             f"{tuple(grad.shape[:-1])}, got {tuple(grad_loss.shape)}")
+        _ext.check_kernel_dtype("zlpr_backward", "grad", grad)
+        if grad.dim() == 0:
+            raise ValueError("kxops.zlpr_backward: grad must have at least 1 dim (the class "
+                             "dim), got a 0-dim tensor")
+        _ext.check_grad_loss("zlpr_backward", grad_loss, grad.shape[:-1], "grad.shape[:-1]")
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def _zlpr_backward(ctx, grad_loss, grad_of_grad):

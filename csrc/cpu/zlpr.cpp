@@ -305,15 +305,16 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
 }
 
 // Both ops, their inputs checked: makes the logits contiguous, allocates the outputs and runs
-// the rows: with_row_fn(logit_t{}, n, run) calls run(row_fn) with the op's row function for
-// rows of n logit_t logits (see for_each_row).
+// the rows: with_row_fn(n, grad_scale, run) calls run(row_fn) with the op's row function for
+// rows of n logits (see for_each_row); grad_scale is an opmath value.
 template <typename WithRowFn>
 std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool compute_grad,
-                                            WithRowFn with_row_fn) {
+                                            bool grad_of_mean, WithRowFn with_row_fn) {
   const auto logits = logits_in.contiguous();
   auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cpu", [&] {
-    with_row_fn(scalar_t{}, logits.size(-1), [&](auto row_fn) {
+    const auto scale = grad_scale<at::opmath_type<scalar_t>>(logits, grad_of_mean);
+    with_row_fn(logits.size(-1), scale, [&](auto row_fn) {
       for_each_row<scalar_t>(logits, row_loss, grad, compute_grad, row_fn);
     });
   });
@@ -323,15 +324,12 @@ std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool co
 std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
                                             bool compute_grad, bool grad_of_mean) {
   const auto labels = readable_labels(labels_in, logits.scalar_type());
-  return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
-    using logit_t = decltype(logit);
-    using acc_t = at::opmath_type<logit_t>;
-    const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
+  return run_rows(logits, compute_grad, grad_of_mean, [&](int64_t n, auto scale, auto run) {
     AT_DISPATCH_ALL_TYPES_AND3(
         at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
           const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
-          run([&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
-            thread_local std::vector<acc_t> t;
+          run([&](int64_t row, const auto* logits_row, auto* s, auto* loss, auto* g) {
+            thread_local std::vector<decltype(scale)> t;
             t.resize(n);
             const scalar_t* labels_row = label_data + row * n;
             at::vec::convert(logits_row, s, n);
@@ -351,13 +349,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                                                    bool grad_of_mean) {
   const auto positives = positives_in.contiguous();
   const int64_t per_row = positives.size(-1);
-  return run_rows(logits, compute_grad, [&](auto logit, int64_t n, auto run) {
-    using logit_t = decltype(logit);
-    using acc_t = at::opmath_type<logit_t>;
-    const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
+  return run_rows(logits, compute_grad, grad_of_mean, [&](int64_t n, auto scale, auto run) {
+    using acc_t = decltype(scale);
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
       const index_t* index_data = positives.const_data_ptr<index_t>();
-      run([&](int64_t row, const logit_t* logits_row, acc_t* s, acc_t* loss, logit_t* g) {
+      run([&](int64_t row, const auto* logits_row, acc_t* s, acc_t* loss, auto* g) {
         thread_local Positives<acc_t> kept;
         const acc_t logits_max = copy_with_max(logits_row, s, n);
         if (sparse_zlpr_row(s, n, logits_max, index_data + row * per_row, per_row, ignore_index,

@@ -57,11 +57,7 @@ def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tri
         raise TypeError(f"tril must be a bool, got {type(tril).__name__}")
     if length * length >= 2**63:
         raise ValueError(f"L = {length} is too long (L * L span ids must fit in int64)")
-    # ignore_index and reduction as sparse_zlpr_loss checks them.
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    zlpr.check_ignore_index(ignore_index)
     zlpr.check_reduction(reduction)
 
 

@@ -79,15 +79,20 @@ def check_zlpr_inputs(logits, labels, reduction):
     _check_same_device("labels", labels, logits)
 
 
+def check_ignore_index(ignore_index):
+    """ignore_index is any int64 (compared with the ids as int64)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
 def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
     _check_loss_inputs(logits, reduction, "positives", positives)
     if positives.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positives must be an int32 or int64 tensor of class indices, got "
                         f"{positives.dtype}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    check_ignore_index(ignore_index)
     if positives.dim() != logits.dim() or positives.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"positives shape {tuple(positives.shape)} must be logits.shape[:-1] + (P,) = "
