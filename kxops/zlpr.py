@@ -1,6 +1,6 @@
 """ZLPR loss: public functions, fake kernels and autograd of kxops::zlpr / sparse_zlpr."""
 
-import weakref
+import threading
 
 import torch
 
@@ -10,6 +10,29 @@ from kxops.reference import zlpr as ref
 
 def _needs_grad(logits):
     return torch.is_grad_enabled() and logits.requires_grad
+
+
+class _PublicCall(threading.local):
+    """Set while a public wrapper calls an op: the op's gradient output is then seen by no one
+    else (the wrapper drops it), so that its backward may return it as the logits' gradient
+    (see _save_grad). A direct caller of torch.ops.kxops.* keeps their output to themselves."""
+    active = False
+
+
+_public_call = _PublicCall()
+
+
+def _row_loss(op, *args):
+    """The row losses of a public wrapper's op call. Not marked under torch.compile, whose
+    traced backward has no values to decide with (and whose tracer would not take the
+    thread-local)."""
+    if torch.compiler.is_compiling():
+        return op(*args)[0]
+    _public_call.active = True
+    try:
+        return op(*args)[0]
+    finally:
+        _public_call.active = False
 
 
 def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
@@ -31,8 +54,8 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     ref.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
     if _ext.runs_compiled("zlpr", logits):
-        row_loss, _ = torch.ops.kxops.zlpr(logits, labels, _needs_grad(logits),
-                                           reduction == "mean")
+        row_loss = _row_loss(torch.ops.kxops.zlpr, logits, labels, _needs_grad(logits),
+                             reduction == "mean")
     else:
         row_loss = ref.zlpr_row_loss(logits, labels)
     return ref.reduce_loss(row_loss, reduction, logits.dtype)
@@ -50,8 +73,8 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
     if _ext.runs_compiled("zlpr", logits):
-        row_loss, _ = torch.ops.kxops.sparse_zlpr(logits, positives, ignore_index,
-                                                  _needs_grad(logits), reduction == "mean")
+        row_loss = _row_loss(torch.ops.kxops.sparse_zlpr, logits, positives, ignore_index,
+                             _needs_grad(logits), reduction == "mean")
         return ref.reduce_loss(row_loss, reduction, logits.dtype)
     return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
                                 reduction=reduction)
@@ -65,22 +88,33 @@ def _fake_forward(logits, compute_grad):
 
 
 def _save_grad(ctx, inputs, output):
-    """Saves the inputs (for a recomputation or a second derivative; no copies) and keeps the
-    gradient the forward computed, if it did (a direct call may pass compute_grad=False), for
-    the first backward that can take it (see _forward_grad)."""
+    """Saves the inputs (for a recomputation or a second derivative; no copies) and the
+    gradient the forward computed, if it did (a direct call may pass compute_grad=False).
+
+    A public wrapper's gradient on CPU is kept outside save_for_backward, for the backward to
+    take over (a saved tensor can only be read, and its storage stays with the graph), and
+    detached, so that ctx holds no reference back to the graph: see _loss_grad. Elsewhere the
+    check that allows the hand-on would synchronise (CUDA), a direct caller still sees the
+    tensor, and saved-tensor hooks must see it."""
     *args, compute_grad, grad_of_mean = inputs
     ctx.op = torch.ops.kxops.zlpr if len(args) == 2 else torch.ops.kxops.sparse_zlpr
     ctx.ignore_index = args[2:]
     ctx.grad_of_mean = grad_of_mean
-    ctx.save_for_backward(*args[:2])
-    # Outside save_for_backward, so that a backward can take it over (a saved tensor can
-    # only be read, and its storage stays with the graph); detached, so that ctx holds no
-    # reference back to the graph. The weak reference tells whether the caller still holds
-    # the op's own gradient output.
-    ctx.forward_grad = [output[1].detach()] if compute_grad else []
-    ctx.grad_output = weakref.ref(output[1])
+    grad = output[1] if compute_grad else None
+    hand_on = (compute_grad and _public_call.active and grad.device.type == "cpu"
+               and not _saved_tensors_hooks_active())
+    ctx.forward_grad = [grad.detach()] if hand_on else []
+    ctx.save_for_backward(*args[:2], None if hand_on else grad)
     # The gradient output is internal: no logits-sized zeros for its "gradient" per backward.
     ctx.set_materialize_grads(False)
+
+
+def _saved_tensors_hooks_active():
+    """Whether saved-tensor hooks are active (activation checkpointing, save_on_cpu): they must
+    see every tensor the graph keeps, to drop or move it. torch has no public query (its
+    checkpoint asks this private one); without it, assume they are."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _grad_scale(ctx, grad_loss):
@@ -95,17 +129,15 @@ def _recomputed_grad(ctx, logits, targets):
     return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.grad_of_mean)[1]
 
 
-def _forward_grad(ctx, logits, targets, take):
-    """(the forward's gradient output, whether the caller owns it). With take, the forward's
-    own tensor is taken out of ctx, unless its caller still holds it: the backward can then
-    return it as the logits' gradient (autograd may write into that, e.g. accumulate later
-    gradients), and a later backward of a retained graph recomputes it. A recomputed gradient
-    is owned too."""
-    if not ctx.forward_grad:
-        return _recomputed_grad(ctx, logits, targets), True
-    if take and ctx.grad_output() is None:
-        return ctx.forward_grad.pop(), True
-    return ctx.forward_grad[0], False
+def _take_forward_grad(ctx):
+    """The gradient the forward left for a backward to take (see _save_grad), or None. Every
+    backward takes it, so that one backward at most returns it, and a loss kept alive after
+    its backward does not keep it; list.pop is atomic, for backwards of one retained graph
+    running in several threads."""
+    try:
+        return ctx.forward_grad.pop()
+    except IndexError:
+        return None
 
 
 def _is_everywhere(grad_loss, scale):
@@ -115,20 +147,24 @@ def _is_everywhere(grad_loss, scale):
             and bool(torch.all(grad_loss == scale)))
 
 
-def _loss_grad(ctx, logits, targets, grad_loss):
+def _loss_grad(ctx, logits, targets, saved_grad, grad_loss):
     """grad_loss times d row_loss / d logits, from the forward's gradient output (that times
     the scale, see _grad_scale). A mean or sum reduction's backward passes the scale at every
-    row: the gradient output is then the answer, handed on as it is (no logits-sized pass)."""
+    row: a gradient no one else sees (taken from ctx, or recomputed) is then the answer,
+    returned as it is, without a logits-sized pass; autograd may write into it (accumulate a
+    later gradient). A later backward of a retained graph recomputes it."""
     scale = _grad_scale(ctx, grad_loss)
+    owned = _take_forward_grad(ctx)
     if torch.is_grad_enabled():
-        # create_graph: the product must carry the graph of the gradient output, so that
+        # create_graph: the product must carry the graph of the gradient output, so that is
         # recomputed from the saved logits (rare: the second derivative's own cost dominates).
         grad = _recomputed_grad(ctx, logits, targets)
     else:
-        as_is = _is_everywhere(grad_loss, scale)
-        grad, owned = _forward_grad(ctx, logits, targets, take=as_is)
-        if as_is and owned:
-            return grad
+        if owned is None and saved_grad is None:
+            owned = _recomputed_grad(ctx, logits, targets)
+        if owned is not None and _is_everywhere(grad_loss, scale):
+            return owned
+        grad = saved_grad if owned is None else owned
     return torch.ops.kxops.zlpr_backward(grad_loss / scale if ctx.grad_of_mean else grad_loss,
                                          grad)
 
@@ -146,16 +182,17 @@ def _row_grad_of_reference(ctx, logits, targets):
 def _logits_grad(ctx, grad_loss, grad_of_grad):
     """The logits' gradient: from grad_loss (see _loss_grad) plus, when the forward's gradient
     output was itself differentiated (double backward), the Hessian-vector product with that
-    gradient, through the reference's autograd."""
-    logits, targets = ctx.saved_tensors
+    gradient, through the reference's autograd (differentiable again under create_graph)."""
+    logits, targets, saved_grad = ctx.saved_tensors
     total = None
     if grad_loss is not None:
-        total = _loss_grad(ctx, logits, targets, grad_loss)
+        total = _loss_grad(ctx, logits, targets, saved_grad, grad_loss)
     if grad_of_grad is not None:
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaf = logits.detach().requires_grad_(True)
-            hvp = torch.autograd.grad(_row_grad_of_reference(ctx, leaf, targets), leaf,
-                                      grad_of_grad)[0]
+            at = logits if create_graph else logits.detach().requires_grad_(True)
+            hvp = torch.autograd.grad(_row_grad_of_reference(ctx, at, targets), at,
+                                      grad_of_grad, create_graph=create_graph)[0]
         total = hvp if total is None else total + hvp
     return total
 

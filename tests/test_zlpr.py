@@ -15,6 +15,7 @@ from tests.utils import (
     direct_call_outcomes,
     dispatched_ops,
     needs_kernel,
+    run_isolated,
 )
 
 
@@ -781,18 +782,90 @@ def test_retained_graph_recomputes_what_a_backward_took(device):
         assert_close(leaf.grad, 2 * reference.grad)
 
 
-def test_a_held_gradient_output_is_not_handed_on(device):
-    """A direct caller who keeps the op's gradient output keeps it to themselves: the logits'
-    gradient is then a tensor of its own."""
+@pytest.mark.parametrize("keep", ["itself", "detached", "data", "view"])
+def test_a_direct_callers_gradient_output_stays_theirs(device, keep):
+    """A direct caller of the op sees its gradient output (in any form: detached, .data, a
+    view): the logits' gradient is then a tensor of its own, and writing into either leaves
+    the other alone."""
     needs_kernel("zlpr", device)
     logits, labels = random_problem((4, 9), soft=True, dtype=torch.float64, device=device)
     leaf = logits.detach().requires_grad_(True)
     row_loss, grad = torch.ops.kxops.zlpr(leaf, labels, True, True)
+    grad = {"itself": grad, "detached": grad.detach(), "data": grad.data,
+            "view": grad.view(-1)}[keep]
     kept = grad.clone()
     row_loss.mean().backward()
     leaf.grad.mul_(3)
     assert torch.equal(grad, kept)
-    assert_close(leaf.grad, 3 * kept)
+    assert_close(leaf.grad.reshape(-1), 3 * kept.reshape(-1))
+
+
+def test_kept_losses_do_not_keep_the_forward_gradient():
+    """Every backward releases the forward's gradient, also when it scales it (a scaled loss,
+    as under a GradScaler): a training loop that keeps its loss tensors (a history for
+    logging) does not grow by a logits-sized tensor per step."""
+    needs_kernel("zlpr", "cpu")
+    result = run_isolated("""
+        import torch, kxops
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        x = torch.randn(256, 4096, requires_grad=True)
+        labels = torch.rand(256, 4096) < 0.1
+        positives = torch.randint(0, 4096, (256, 4))
+        history = []
+        for step in range(40):
+            for loss in (kxops.zlpr_loss(x, labels), kxops.sparse_zlpr_loss(x, positives)):
+                (loss * 0.5).backward()
+                history.append(loss)
+                x.grad = None
+            if step == 9:
+                start = rss()
+        print("GROWTH", (rss() - start) / x.nbytes)
+    """, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    growth = float(result.stdout.split("GROWTH")[-1])
+    # Kept gradients would add 60 logits-sized tensors.
+    assert growth < 5, (growth, result.stderr[-2000:])
+
+
+def test_saved_tensor_hooks_see_the_forward_gradient():
+    """Under saved-tensor hooks (activation checkpointing, save_on_cpu) the forward's gradient
+    is saved through them like any saved tensor (so that checkpointing drops it), and the
+    backward stays right."""
+    needs_kernel("zlpr", "cpu")
+    logits, losses = dense_and_sparse_losses((4, 9), torch.float64)
+    for ours, theirs in losses:
+        packed = []
+
+        def pack(t, packed=packed):
+            packed.append(t.shape)
+            return t
+
+        leaf = logits.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = ours(leaf, "mean")
+        assert logits.shape in packed[1:]  # the targets' shape aside: the gradient
+        loss.backward()
+        reference = logits.detach().requires_grad_(True)
+        theirs(reference, "mean").backward()
+        assert_close(leaf.grad, reference.grad)
+        checkpointed = logits.detach().requires_grad_(True)
+        torch.utils.checkpoint.checkpoint(lambda s, ours=ours: ours(s * 1.0, "mean"),
+                                          checkpointed, use_reentrant=False).backward()
+        assert_close(checkpointed.grad, reference.grad)
+
+
+def test_third_derivatives_through_the_gradient_output(device):
+    """The op's gradient output differentiated twice (gradgradcheck of the direct ops): the
+    Hessian-vector product of a double backward is itself differentiable."""
+    needs_kernel("zlpr", device)
+    logits, labels = random_problem((3, 5), soft=True, dtype=torch.float64, device=device)
+    positives = torch.tensor([[0, 3], [1, -1], [-1, -1]], device=device)
+    for mean in (False, True):
+        for call in (lambda s, mean=mean: torch.ops.kxops.zlpr(s, labels, True, mean),
+                     lambda s, mean=mean: torch.ops.kxops.sparse_zlpr(s, positives, -1, True,
+                                                                      mean)):
+            assert torch.autograd.gradgradcheck(call, (logits.clone().requires_grad_(True),))
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (0, 5), (3, 0)])
