@@ -53,6 +53,17 @@ def materialised(x, w, positives, b=None, *, reduction="mean", ignore_index=-1):
                                   reduction=reduction)
 
 
+def assert_matches_materialised(x, w, b, positives, reduction, **kw):
+    """The fused loss and its gradients (under a random upstream gradient) equal the
+    materialised path's."""
+    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                           reduction, **kw)
+    want, want_grads, _ = loss_and_grads(materialised, x, w, b, positives, reduction, grad_out)
+    assert_close(loss, want)
+    for got, ref in zip(grads, want_grads):
+        assert_close(got, ref)
+
+
 def plain_float64(x, w, positives, b=None, *, reduction="mean", ignore_index=-1):
     """The loss formula written out in float64 (small logits: no stabilisation needed)."""
     s = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -202,12 +213,7 @@ def test_autocast_matches_materialised_under_autocast():
                                    dict(per_row=0), dict(rows=(3, 0))])
 def test_empty(reduction, shape):
     x, w, b, positives = make(**shape)
-    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
-                                           reduction)
-    want, want_grads, _ = loss_and_grads(materialised, x, w, b, positives, reduction, grad_out)
-    assert_close(loss, want)
-    for got, ref in zip(grads, want_grads):
-        assert_close(got, ref)
+    assert_matches_materialised(x, w, b, positives, reduction)
 
 
 def test_non_contiguous_inputs():
@@ -217,12 +223,7 @@ def test_non_contiguous_inputs():
     bt = torch.randn(11, 2, dtype=torch.float64)[:, 0].requires_grad_()
     pt = torch.randint(0, 11, (4, 6)).t()
     for reduction in REDUCTIONS:
-        loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, xt, wt, bt, pt,
-                                               reduction, block_rows=4)
-        want, want_grads, _ = loss_and_grads(materialised, xt, wt, bt, pt, reduction, grad_out)
-        assert_close(loss, want)
-        for got, ref in zip(grads, want_grads):
-            assert_close(got, ref)
+        assert_matches_materialised(xt, wt, bt, pt, reduction, block_rows=4)
 
 
 @pytest.mark.parametrize("where", ["input", "weight", "bias"])
@@ -232,12 +233,7 @@ def test_nan_and_inf_follow_the_materialised_path(where, value, reduction):
     x, w, b, positives = make((5,), d=3, classes=8)
     with torch.no_grad():
         {"input": x, "weight": w, "bias": b}[where].view(-1)[1] = value
-    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
-                                           reduction, block_rows=2)
-    want, want_grads, _ = loss_and_grads(materialised, x, w, b, positives, reduction, grad_out)
-    assert_close(loss, want)
-    for got, ref in zip(grads, want_grads):
-        assert_close(got, ref)
+    assert_matches_materialised(x, w, b, positives, reduction, block_rows=2)
 
 
 def test_inputs_not_mutated():
@@ -375,12 +371,7 @@ def test_every_device_matches_materialised(device, reduction):
     needs_kernel("linear_sparse_zlpr", device.type)
     # float64: no TF32 GEMMs on CUDA, a difference is ours.
     x, w, b, positives = make((2, 5), d=7, classes=300, dtype=torch.float64, device=device)
-    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
-                                           reduction, block_rows=3)
-    want, want_grads, _ = loss_and_grads(materialised, x, w, b, positives, reduction, grad_out)
-    assert_close(loss, want)
-    for got, ref in zip(grads, want_grads):
-        assert_close(got, ref)
+    assert_matches_materialised(x, w, b, positives, reduction, block_rows=3)
     if device.type != "cuda":
         return
     x = torch.randn(512, 64, device=device, requires_grad=True)
