@@ -584,6 +584,12 @@ def test_nan_logit_row_gradient_only_where_its_sum_reaches():
 
 DIRECT_BAD_CALLS = {
     # name: (call on torch.ops.kxops, Python error type, message pattern)
+    # grad_of_mean is a schema bool: torch's argument parser refuses anything else by name.
+    "zlpr string grad_of_mean": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, 'mean')",
+                                 "RuntimeError", "grad_of_mean"),
+    "sparse string grad_of_mean": ("sparse_zlpr(torch.randn(2, 3), "
+                                   "torch.zeros(2, 1, dtype=torch.long), -1, True, 'mean')",
+                                   "RuntimeError", "grad_of_mean"),
     "zlpr int logits": ("zlpr(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), True)",
                         "TypeError", "logits"),
     "zlpr float8 logits": ("zlpr(torch.ones(2, 3).to(torch.float8_e4m3fn), torch.ones(2, 3), "
