@@ -310,7 +310,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         }
       }
       auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc),
-                                                 -1, compute_grad, /*grad_of_mean=*/false);
+                                                 -1, compute_grad, /*reduction=*/"none");
       row_loss[b].narrow(0, h0, hc).copy_(loss);
       if (!compute_grad) return;
       logits.reset();

@@ -59,16 +59,16 @@ TORCH_LIBRARY(kxops, m) {
       "Tensor? gate_keep, Tensor? residual_weight, Tensor? residual_bias, bool has_bias, "
       "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ZLPR loss. Returns (loss per row in fp32/fp64, d loss_row / d logits or an empty tensor
-  // when compute_grad is false): the gradient comes out of the same pass as the loss. With
-  // grad_of_mean it is the gradient of the rows' mean loss (divided by the row count).
+  // ZLPR loss. Returns (the loss in fp32/fp64: per row for reduction "none", else 0-dim, the
+  // rows' mean or sum; d loss / d logits, or an empty tensor when compute_grad is false): the
+  // gradient comes out of the same pass as the loss.
   m.def(
-      "zlpr(Tensor logits, Tensor labels, bool compute_grad, bool grad_of_mean=False) "
+      "zlpr(Tensor logits, Tensor labels, bool compute_grad, str reduction='none') "
       "-> (Tensor, Tensor)");
   m.def(
       "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad, "
-      "bool grad_of_mean=False) -> (Tensor, Tensor)");
-  // Scales the saved per-row gradient by grad_loss (shape logits.shape[:-1]).
+      "str reduction='none') -> (Tensor, Tensor)");
+  // Scales a per-row gradient by grad_loss (shape logits.shape[:-1]).
   m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");
 
   // Fused linear + sparse ZLPR head: the loss of sparse_zlpr(input @ weight.T + bias) without

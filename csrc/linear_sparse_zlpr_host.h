@@ -34,10 +34,6 @@ using at::Tensor;
 
 // ---- argument checks (every op checks every argument before touching memory) ----
 
-inline bool is_kernel_float(at::ScalarType type) {
-  return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
-}
-
 inline void check_like_input(const char* op, const char* name, const Tensor& t,
                              const Tensor& input) {
   TORCH_CHECK(t.layout() == at::kStrided, "kxops ", op, ": ", name,
@@ -54,7 +50,7 @@ inline void check_arguments(const char* op, const Tensor& input, const Tensor& w
                             int64_t block_rows) {
   TORCH_CHECK(input.layout() == at::kStrided, "kxops ", op,
               ": input must be a dense (strided) tensor, got layout ", input.layout());
-  TORCH_CHECK_TYPE(is_kernel_float(input.scalar_type()), "kxops ", op,
+  TORCH_CHECK_TYPE(zlpr::is_kernel_float(input.scalar_type()), "kxops ", op,
                    ": input must be float64, float32, float16 or bfloat16, got ",
                    input.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1, "kxops ", op,
@@ -210,7 +206,7 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
     const Tensor x_block = x.narrow(0, start, n);
     auto [row_loss, g] =
         zlpr::sparse_zlpr_op().call(block_logits(x_block, weight, bias), ids.narrow(0, start, n),
-                                    ignore_index, want_grad, /*grad_of_mean=*/false);
+                                    ignore_index, want_grad, /*reduction=*/"none");
     block(start, x_block, row_loss, want_grad ? g : Tensor());
   }
 }
@@ -225,8 +221,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
     std::array<bool, 3> grad_mask, int64_t block_rows) {
   constexpr const char* op = "linear_sparse_zlpr";
   check_arguments(op, input, weight, bias, positives, block_rows);
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops ", op,
-                    ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+  zlpr::check_reduction(op, reduction);
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   Tensor row_loss = at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
@@ -238,9 +233,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
                    if (g.defined()) grads.add(start, g, x_block, weight, scale);
                  });
   auto [grad_input, grad_weight, grad_bias] = grads.finish(input, weight);
-  Tensor loss = reduction == "mean"  ? row_loss.mean()
-                : reduction == "sum" ? row_loss.sum()
-                                     : row_loss.view(input.sizes().slice(0, input.dim() - 1));
+  Tensor loss =
+      zlpr::reduce_rows(row_loss.view(input.sizes().slice(0, input.dim() - 1)), reduction);
   return {loss, grad_input, grad_weight, grad_bias};
 }
 
@@ -250,7 +244,7 @@ inline void check_grad_loss(const char* op, const Tensor& grad_loss, const Tenso
               ": grad_loss must be a dense (strided) tensor");
   TORCH_CHECK(grad_loss.device() == input.device(), "kxops ", op, ": grad_loss is on ",
               grad_loss.device(), " but input is on ", input.device());
-  TORCH_CHECK_TYPE(is_kernel_float(grad_loss.scalar_type()), "kxops ", op,
+  TORCH_CHECK_TYPE(zlpr::is_kernel_float(grad_loss.scalar_type()), "kxops ", op,
                    ": grad_loss must be a float64, float32, float16 or bfloat16 tensor, got ",
                    grad_loss.scalar_type());
   TORCH_CHECK_VALUE(grad_loss.sizes() == rows_shape, "kxops ", op, ": grad_loss shape ",

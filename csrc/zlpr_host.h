@@ -93,10 +93,18 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& log
   return {row_loss, grad};
 }
 
-// The factor of the gradient output: 1 / rows for the gradient of the mean of the row losses
-// (grad_of_mean), else 1. Divided in acc_t, as torch's mean backward divides an fp32/fp64 1 by
-// the row count, so that a mean's backward finds exactly this factor in its grad_loss and can
-// hand the saved gradient on as it is (kxops/zlpr.py).
+inline void check_reduction(const char* op, c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops ", op,
+                    ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+}
+
+// The row losses reduced by `reduction` (checked): 0-dim for "mean" and "sum", else row_loss.
+inline at::Tensor reduce_rows(const at::Tensor& row_loss, c10::string_view reduction) {
+  return reduction == "mean" ? row_loss.mean() : reduction == "sum" ? row_loss.sum() : row_loss;
+}
+
+// The factor of the gradient output: 1 / rows for the gradient of the rows' mean loss
+// (grad_of_mean), else 1; divided in acc_t, as torch's mean divides.
 template <typename acc_t>
 acc_t grad_scale(const at::Tensor& logits, bool grad_of_mean) {
   const int64_t rows = c10::multiply_integers(logits.sizes().slice(0, logits.dim() - 1));
@@ -104,26 +112,33 @@ acc_t grad_scale(const at::Tensor& logits, bool grad_of_mean) {
 }
 
 // Registers one device's kernels of the two forward ops behind the argument checks, so that
-// every device checks every argument before its kernel touches memory.
+// every device checks every argument before its kernel touches memory. The kernels return the
+// row losses and the gradient of the reduced loss (of the mean: grad_of_mean); the reduction of
+// the rows is the device's own at:: op.
 template <auto dense_kernel, auto sparse_kernel>
 void impl_forward_ops(torch::Library& m) {
   m.impl("zlpr", [](const at::Tensor& logits, const at::Tensor& labels, bool compute_grad,
-                    bool grad_of_mean) {
+                    c10::string_view reduction) {
     check_dense(logits, labels);
-    return dense_kernel(logits, labels, compute_grad, grad_of_mean);
+    check_reduction("zlpr", reduction);
+    auto [row_loss, grad] = dense_kernel(logits, labels, compute_grad, reduction == "mean");
+    return std::make_tuple(reduce_rows(row_loss, reduction), grad);
   });
   m.impl("sparse_zlpr", [](const at::Tensor& logits, const at::Tensor& positives,
-                           int64_t ignore_index, bool compute_grad, bool grad_of_mean) {
+                           int64_t ignore_index, bool compute_grad, c10::string_view reduction) {
     check_sparse(logits, positives);
-    return sparse_kernel(logits, positives, ignore_index, compute_grad, grad_of_mean);
+    check_reduction("sparse_zlpr", reduction);
+    auto [row_loss, grad] =
+        sparse_kernel(logits, positives, ignore_index, compute_grad, reduction == "mean");
+    return std::make_tuple(reduce_rows(row_loss, reduction), grad);
   });
 }
 
 // kxops::sparse_zlpr through the dispatcher, for the fused heads' host drivers: the same driver
 // then reaches the CPU or the CUDA row kernel.
 inline auto sparse_zlpr_op() {
-  using Signature =
-      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, bool, bool);
+  using Signature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                       int64_t, bool, c10::string_view);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("kxops::sparse_zlpr", "").typed<Signature>();
   return op;

@@ -1,7 +1,5 @@
 """ZLPR loss: public functions, fake kernels and autograd of kxops::zlpr / sparse_zlpr."""
 
-import threading
-
 import torch
 
 from kxops import _ext
@@ -12,27 +10,31 @@ def _needs_grad(logits):
     return torch.is_grad_enabled() and logits.requires_grad
 
 
-class _PublicCall(threading.local):
-    """Set while a public wrapper calls an op: the op's gradient output is then seen by no one
-    else (the wrapper drops it), so that its backward may return it as the logits' gradient
-    (see _save_grad). A direct caller of torch.ops.kxops.* keeps their output to themselves."""
-    active = False
+class _PublicLoss(torch.autograd.Function):
+    """The public wrappers' eager autograd: the op's registered setup and backward (below),
+    without torch.library's per-call wrapping, which cost about a tenth of a [64, 16384] step
+    on the 2-core CPU. Its caller drops the op's gradient output, which no one else then sees,
+    so its backward may return that tensor as the logits' gradient (see _save_grad); a direct
+    caller of torch.ops.kxops.* keeps their output to themselves."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        output = op(*args)  # grad mode is off here: the op runs below autograd
+        _save_grad(ctx, args, output, public=True)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return None, _logits_grad(ctx, grad_loss, None), *[None] * (ctx.num_args - 1)
 
 
-_public_call = _PublicCall()
-
-
-def _row_loss(op, *args):
-    """The row losses of a public wrapper's op call. Not marked under torch.compile, whose
-    traced backward has no values to decide with (and whose tracer would not take the
-    thread-local)."""
-    if torch.compiler.is_compiling():
-        return op(*args)[0]
-    _public_call.active = True
-    try:
-        return op(*args)[0]
-    finally:
-        _public_call.active = False
+def _op_loss(op, *args):
+    """The loss of a public wrapper's op call, args ending in (compute_grad, reduction). Under
+    torch.compile the op's registered autograd runs: its traced backward has no values to
+    decide a hand-on with."""
+    if args[-2] and not torch.compiler.is_compiling():
+        return _PublicLoss.apply(op, *args)
+    return op(*args)[0]
 
 
 def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
@@ -54,11 +56,9 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     ref.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
     if _ext.runs_compiled("zlpr", logits):
-        row_loss = _row_loss(torch.ops.kxops.zlpr, logits, labels, _needs_grad(logits),
-                             reduction == "mean")
-    else:
-        row_loss = ref.zlpr_row_loss(logits, labels)
-    return ref.reduce_loss(row_loss, reduction, logits.dtype)
+        loss = _op_loss(torch.ops.kxops.zlpr, logits, labels, _needs_grad(logits), reduction)
+        return ref.in_dtype(loss, logits.dtype)
+    return ref.reduce_loss(ref.zlpr_row_loss(logits, labels), reduction, logits.dtype)
 
 
 def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_index: int = -1,
@@ -73,21 +73,23 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
     if _ext.runs_compiled("zlpr", logits):
-        row_loss = _row_loss(torch.ops.kxops.sparse_zlpr, logits, positives, ignore_index,
-                             _needs_grad(logits), reduction == "mean")
-        return ref.reduce_loss(row_loss, reduction, logits.dtype)
+        loss = _op_loss(torch.ops.kxops.sparse_zlpr, logits, positives, ignore_index,
+                        _needs_grad(logits), reduction)
+        return ref.in_dtype(loss, logits.dtype)
     return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
                                 reduction=reduction)
 
 
-def _fake_forward(logits, compute_grad):
-    row_loss = logits.new_empty(logits.shape[:-1], dtype=ref.opmath_dtype(logits.dtype))
+def _fake_forward(logits, compute_grad, reduction):
+    ref.check_reduction(reduction)
+    loss = logits.new_empty(logits.shape[:-1] if reduction == "none" else (),
+                            dtype=ref.opmath_dtype(logits.dtype))
     # The kernels return a contiguous gradient whatever the logits' strides.
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-    return row_loss, grad
+    return loss, grad
 
 
-def _save_grad(ctx, inputs, output):
+def _save_grad(ctx, inputs, output, public=False):
     """Saves the inputs (for a recomputation or a second derivative; no copies) and the
     gradient the forward computed, if it did (a direct call may pass compute_grad=False).
 
@@ -96,12 +98,13 @@ def _save_grad(ctx, inputs, output):
     detached, so that ctx holds no reference back to the graph: see _loss_grad. Elsewhere the
     check that allows the hand-on would synchronise (CUDA), a direct caller still sees the
     tensor, and saved-tensor hooks must see it."""
-    *args, compute_grad, grad_of_mean = inputs
+    *args, compute_grad, reduction = inputs
     ctx.op = torch.ops.kxops.zlpr if len(args) == 2 else torch.ops.kxops.sparse_zlpr
+    ctx.num_args = len(inputs)
     ctx.ignore_index = args[2:]
-    ctx.grad_of_mean = grad_of_mean
+    ctx.reduction = reduction
     grad = output[1] if compute_grad else None
-    hand_on = (compute_grad and _public_call.active and grad.device.type == "cpu"
+    hand_on = (compute_grad and public and grad.device.type == "cpu"
                and not _saved_tensors_hooks_active())
     ctx.forward_grad = [grad.detach()] if hand_on else []
     ctx.save_for_backward(*args[:2], None if hand_on else grad)
@@ -117,16 +120,8 @@ def _saved_tensors_hooks_active():
     return top is None or top(False) is not None
 
 
-def _grad_scale(ctx, grad_loss):
-    """The factor of the kernel's gradient output (grad_of_mean): 1 / rows, divided as torch's
-    mean backward divides its 1 (so that a mean's grad_loss holds exactly this value), or 1;
-    0-dim, in grad_loss's dtype."""
-    one = grad_loss.new_ones(())
-    return one.div(grad_loss.numel()) if ctx.grad_of_mean and grad_loss.numel() else one
-
-
 def _recomputed_grad(ctx, logits, targets):
-    return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.grad_of_mean)[1]
+    return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.reduction)[1]
 
 
 def _take_forward_grad(ctx):
@@ -140,20 +135,20 @@ def _take_forward_grad(ctx):
         return None
 
 
-def _is_everywhere(grad_loss, scale):
-    """Whether grad_loss equals scale at every row, asked only where the answer costs no
-    synchronisation and values exist: a plain CPU tensor (not CUDA, not a tracer's fake)."""
-    return (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu"
-            and bool(torch.all(grad_loss == scale)))
+def _is_one(grad_loss):
+    """Whether grad_loss is 1 everywhere, asked only where the answer costs no synchronisation
+    and values exist: a plain CPU tensor (not CUDA, not a tracer's fake)."""
+    if type(grad_loss) is not torch.Tensor or grad_loss.device.type != "cpu":
+        return False
+    return grad_loss.item() == 1 if grad_loss.dim() == 0 else bool(torch.all(grad_loss == 1))
 
 
 def _loss_grad(ctx, logits, targets, saved_grad, grad_loss):
-    """grad_loss times d row_loss / d logits, from the forward's gradient output (that times
-    the scale, see _grad_scale). A mean or sum reduction's backward passes the scale at every
-    row: a gradient no one else sees (taken from ctx, or recomputed) is then the answer,
-    returned as it is, without a logits-sized pass; autograd may write into it (accumulate a
-    later gradient). A later backward of a retained graph recomputes it."""
-    scale = _grad_scale(ctx, grad_loss)
+    """grad_loss times the forward's gradient output (d loss / d logits). A backward that
+    starts at the loss (loss.backward()) passes 1: a gradient no one else sees (taken from ctx,
+    or recomputed) is then the answer, returned as it is, without a logits-sized pass; autograd
+    may write into it (accumulate a later gradient). A later backward of a retained graph
+    recomputes it."""
     owned = _take_forward_grad(ctx)
     if torch.is_grad_enabled():
         # create_graph: the product must carry the graph of the gradient output, so that is
@@ -162,11 +157,11 @@ def _loss_grad(ctx, logits, targets, saved_grad, grad_loss):
     else:
         if owned is None and saved_grad is None:
             owned = _recomputed_grad(ctx, logits, targets)
-        if owned is not None and _is_everywhere(grad_loss, scale):
+        if owned is not None and _is_one(grad_loss):
             return owned
         grad = saved_grad if owned is None else owned
-    return torch.ops.kxops.zlpr_backward(grad_loss / scale if ctx.grad_of_mean else grad_loss,
-                                         grad)
+    # A reduced loss's 0-dim grad_loss reaches every row.
+    return torch.ops.kxops.zlpr_backward(grad_loss.expand(grad.shape[:-1]), grad)
 
 
 def _row_grad_of_reference(ctx, logits, targets):
@@ -174,9 +169,11 @@ def _row_grad_of_reference(ctx, logits, targets):
     derivatives)."""
     if ctx.op is torch.ops.kxops.sparse_zlpr:  # the forward checked the ids' range
         targets = ref.positives_to_dense(targets, ctx.ignore_index[0], logits.shape[-1])
+    # The rows are independent: the gradient of their sum holds each row's own gradient.
+    reduction = "sum" if ctx.reduction == "none" else ctx.reduction
     row_loss = ref.zlpr_row_loss(logits, targets)
-    grad = torch.autograd.grad(row_loss.sum(), logits, create_graph=True)[0]
-    return grad * _grad_scale(ctx, row_loss.detach()) if ctx.grad_of_mean else grad
+    loss = ref.reduce_loss(row_loss, reduction, row_loss.dtype)
+    return torch.autograd.grad(loss, logits, create_graph=True)[0]
 
 
 def _logits_grad(ctx, grad_loss, grad_of_grad):
@@ -202,18 +199,18 @@ if _ext.LOADED:
     # The fake kernels check what the C++ kernels check: they also run for a direct call with
     # a meta tensor among real ones.
     @torch.library.register_fake("kxops::zlpr")
-    def _zlpr_fake(logits, labels, compute_grad, grad_of_mean=False):
+    def _zlpr_fake(logits, labels, compute_grad, reduction="none"):
         _ext.check_devices("zlpr", "logits", logits, labels=labels)
         ref.check_zlpr_inputs(logits, labels, "none")
         _ext.check_kernel_dtype("zlpr", "logits", logits)
-        return _fake_forward(logits, compute_grad)
+        return _fake_forward(logits, compute_grad, reduction)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
-    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, grad_of_mean=False):
+    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, reduction="none"):
         _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
         ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
         _ext.check_kernel_dtype("sparse_zlpr", "logits", logits)
-        return _fake_forward(logits, compute_grad)
+        return _fake_forward(logits, compute_grad, reduction)
 
     @torch.library.register_fake("kxops::zlpr_backward")
     def _zlpr_backward_fake(grad_loss, grad):

@@ -226,11 +226,11 @@ def test_opcheck(device):
         s = logits.clone().requires_grad_(compute_grad)
         torch.library.opcheck(torch.ops.kxops.zlpr, (s, labels, compute_grad))
     positives = torch.tensor([[0, 4], [16, -1], [-1, -1]], device=device)
-    for grad_of_mean in (False, True):
+    for reduction in ("none", "mean", "sum"):
         torch.library.opcheck(torch.ops.kxops.sparse_zlpr, (logits.clone().requires_grad_(True),
-                                                            positives, -1, True, grad_of_mean))
-    torch.library.opcheck(torch.ops.kxops.zlpr,
-                          (logits.clone().requires_grad_(True), labels, True, True))
+                                                            positives, -1, True, reduction))
+        torch.library.opcheck(torch.ops.kxops.zlpr,
+                              (logits.clone().requires_grad_(True), labels, True, reduction))
     strided = logits.t().contiguous().t().requires_grad_(True)
     torch.library.opcheck(torch.ops.kxops.zlpr, (strided, labels, True))
     torch.library.opcheck(torch.ops.kxops.zlpr_backward,
@@ -584,12 +584,17 @@ def test_nan_logit_row_gradient_only_where_its_sum_reaches():
 
 DIRECT_BAD_CALLS = {
     # name: (call on torch.ops.kxops, Python error type, message pattern)
-    # grad_of_mean is a schema bool: torch's argument parser refuses anything else by name.
-    "zlpr string grad_of_mean": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, 'mean')",
-                                 "RuntimeError", "grad_of_mean"),
-    "sparse string grad_of_mean": ("sparse_zlpr(torch.randn(2, 3), "
-                                   "torch.zeros(2, 1, dtype=torch.long), -1, True, 'mean')",
-                                   "RuntimeError", "grad_of_mean"),
+    # reduction is a schema str: torch's argument parser refuses anything else by name.
+    "zlpr bool reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, True)",
+                            "RuntimeError", "reduction"),
+    "sparse bool reduction": ("sparse_zlpr(torch.randn(2, 3), "
+                              "torch.zeros(2, 1, dtype=torch.long), -1, True, True)",
+                              "RuntimeError", "reduction"),
+    "zlpr unknown reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, 'avg')",
+                               "ValueError", "reduction must be 'mean', 'sum' or 'none'"),
+    "sparse unknown reduction": ("sparse_zlpr(torch.randn(2, 3), "
+                                 "torch.zeros(2, 1, dtype=torch.long), -1, True, 'Mean')",
+                                 "ValueError", "got 'Mean'"),
     "zlpr int logits": ("zlpr(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), True)",
                         "TypeError", "logits"),
     "zlpr float8 logits": ("zlpr(torch.ones(2, 3).to(torch.float8_e4m3fn), torch.ones(2, 3), "
@@ -757,7 +762,7 @@ def dense_and_sparse_losses(shape, dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_reduced_backward_returns_the_forward_gradient_as_is(dtype, rows, reduction):
     """On CPU the backward of a mean or sum makes no logits-sized pass: the forward's gradient
-    (scaled by 1 / rows for a mean, grad_of_mean) is the answer, checked exactly."""
+    (of the op's reduced loss) is the answer, checked exactly."""
     needs_kernel("zlpr", "cpu")
     logits, losses = dense_and_sparse_losses((rows, 9), dtype)
     for ours, theirs in losses:
@@ -796,11 +801,11 @@ def test_a_direct_callers_gradient_output_stays_theirs(device, keep):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((4, 9), soft=True, dtype=torch.float64, device=device)
     leaf = logits.detach().requires_grad_(True)
-    row_loss, grad = torch.ops.kxops.zlpr(leaf, labels, True, True)
+    loss, grad = torch.ops.kxops.zlpr(leaf, labels, True, "mean")
     grad = {"itself": grad, "detached": grad.detach(), "data": grad.data,
             "view": grad.view(-1)}[keep]
     kept = grad.clone()
-    row_loss.mean().backward()
+    loss.backward()
     leaf.grad.mul_(3)
     assert torch.equal(grad, kept)
     assert_close(leaf.grad.reshape(-1), 3 * kept.reshape(-1))
@@ -867,25 +872,31 @@ def test_third_derivatives_through_the_gradient_output(device):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((3, 5), soft=True, dtype=torch.float64, device=device)
     positives = torch.tensor([[0, 3], [1, -1], [-1, -1]], device=device)
-    for mean in (False, True):
-        for call in (lambda s, mean=mean: torch.ops.kxops.zlpr(s, labels, True, mean),
-                     lambda s, mean=mean: torch.ops.kxops.sparse_zlpr(s, positives, -1, True,
-                                                                      mean)):
+    for reduction in ("none", "mean", "sum"):
+        for call in (lambda s, r=reduction: torch.ops.kxops.zlpr(s, labels, True, r),
+                     lambda s, r=reduction: torch.ops.kxops.sparse_zlpr(s, positives, -1, True,
+                                                                        r)):
             assert torch.autograd.gradgradcheck(call, (logits.clone().requires_grad_(True),))
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (0, 5), (3, 0)])
-def test_grad_of_mean_divides_the_gradient_output_by_the_rows(device, shape):
+def test_reduction_reduces_the_row_losses_and_their_gradient(device, shape):
+    """The op's mean and sum are torch's of its row losses, and its gradient output is theirs:
+    the rows' gradients, divided by the row count for a mean."""
     needs_kernel("zlpr", device)
     logits, labels = random_problem(shape, soft=True, dtype=torch.float64, device=device)
     # Class 0, or padding where there is no class.
     positives = torch.full((*shape[:-1], 1), min(0, shape[-1] - 1), device=device)
     rows = max(math.prod(shape[:-1]), 1)
-    for call in (lambda mean: torch.ops.kxops.zlpr(logits, labels, True, mean),
-                 lambda mean: torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, mean)):
-        (loss, grad), (mean_loss, mean_grad) = call(False), call(True)
-        assert torch.equal(mean_loss, loss)
-        assert_close(mean_grad, grad / rows)
+    for call in (lambda r: torch.ops.kxops.zlpr(logits, labels, True, r),
+                 lambda r: torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, r)):
+        row_loss, grad = call("none")
+        assert row_loss.shape == shape[:-1]
+        for reduction, scale in (("mean", 1 / rows), ("sum", 1)):
+            loss, reduced_grad = call(reduction)
+            torch.testing.assert_close(loss, getattr(row_loss, reduction)(), rtol=0, atol=0,
+                                       equal_nan=True)
+            assert_close(reduced_grad, grad * scale)
 
 
 def test_uneven_upstream_gradient_scales_the_forward_gradient(device):
