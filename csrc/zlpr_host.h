@@ -16,7 +16,18 @@ inline bool is_kernel_float(at::ScalarType type) {
   return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
+// A tensor argument at all (None reaches a Tensor argument as an undefined tensor), dense:
+// zlpr_backward is device-generic, so a sparse or nested tensor would reach ATen's internals.
+inline void check_dense_tensor(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), "kxops ZLPR: ", name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(!t.is_nested(), "kxops ZLPR: ", name,
+                   " must be a dense (strided) tensor, got a nested tensor");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, "kxops ZLPR: ", name,
+                   " must be a dense (strided) tensor, got layout ", t.layout());
+}
+
 inline void check_logits(const at::Tensor& logits) {
+  check_dense_tensor("logits", logits);
   TORCH_CHECK_TYPE(is_kernel_float(logits.scalar_type()),
                    "kxops ZLPR: logits must be a float64, float32, float16 or bfloat16 tensor, "
                    "got ",
@@ -28,6 +39,7 @@ inline void check_logits(const at::Tensor& logits) {
 
 inline void check_dense(const at::Tensor& logits, const at::Tensor& labels) {
   check_logits(logits);
+  check_dense_tensor("labels", labels);
   const auto type = labels.scalar_type();
   // (float4_e2m1fn_x2 packs two values per element: not a label per class.)
   TORCH_CHECK_TYPE(at::isIntegralType(type, /*includeBool=*/true) ||
@@ -54,6 +66,7 @@ inline at::Tensor readable_labels(const at::Tensor& labels, at::ScalarType logit
 // dtype's range matches no entry, so nothing wraps.
 inline void check_sparse(const at::Tensor& logits, const at::Tensor& positives) {
   check_logits(logits);
+  check_dense_tensor("positives", positives);
   TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
                    "kxops ZLPR: positives must be an int32 or int64 tensor, got ",
                    positives.scalar_type());
@@ -67,6 +80,8 @@ inline void check_sparse(const at::Tensor& logits, const at::Tensor& positives) 
 }
 
 inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad) {
+  check_dense_tensor("grad", grad);
+  check_dense_tensor("grad_loss", grad_loss);
   TORCH_CHECK_TYPE(is_kernel_float(grad.scalar_type()),
                    "kxops ZLPR backward: grad must be a float64, float32, float16 or bfloat16 "
                    "tensor, got ",

@@ -117,10 +117,13 @@ def block_has_kernels(block: str, device_type: str) -> bool:
     return all((op, device_type) in KERNELS for op in BLOCK_OPS[block])
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, ...) is active: the autograd that
-    torch.library gives the ops cannot run under them, so the wrappers run the references."""
-    return torch._C._are_functorch_transforms_active()
+def transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) or a forward-mode AD dual level
+    (torch.autograd.forward_ad) is active: the ops have a backward formula only (torch.library
+    gives custom ops no forward-mode rule, and their tangents would be lost), so the wrappers
+    run the references."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 # The floating dtypes the compiled loss kernels take; for any other the wrappers run the
@@ -130,10 +133,10 @@ KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def runs_compiled(block: str, tensor: torch.Tensor) -> bool:
     """Whether a wrapper runs the block's compiled ops on inputs like ``tensor``: every op of
-    the block has a kernel for its device, the kernels take its dtype, and no torch.func
-    transform is active."""
+    the block has a kernel for its device, the kernels take its dtype, and no transform is
+    active (see transform_active)."""
     return (block_has_kernels(block, tensor.device.type) and tensor.dtype in KERNEL_DTYPES
-            and not functorch_active())
+            and not transform_active())
 
 
 def check_kernel_dtype(op: str, name: str, tensor: torch.Tensor) -> None:

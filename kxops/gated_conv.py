@@ -35,7 +35,7 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
             residual)
     mask_needs_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
     if (not _ext.has_kernel("gated_conv", x.device) or mask_needs_grad
-            or _ext.functorch_active()):
+            or _ext.transform_active()):
         return ref.gated_conv_from_keep(*args)
     if mask is not None:
         mask = mask.to(x.dtype)

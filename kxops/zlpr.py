@@ -150,18 +150,24 @@ def _loss_grad(ctx, logits, targets, saved_grad, grad_loss):
     may write into it (accumulate a later gradient). A later backward of a retained graph
     recomputes it."""
     owned = _take_forward_grad(ctx)
-    if torch.is_grad_enabled():
-        # create_graph: the product must carry the graph of the gradient output, so that is
-        # recomputed from the saved logits (rare: the second derivative's own cost dominates).
-        grad = _recomputed_grad(ctx, logits, targets)
-    else:
-        if owned is None and saved_grad is None:
+    half = logits.dtype == torch.float16
+    if not torch.is_grad_enabled():
+        if owned is None and saved_grad is None and not half:
             owned = _recomputed_grad(ctx, logits, targets)
         if owned is not None and _is_one(grad_loss):
             return owned
+    if torch.is_grad_enabled() or half:
+        # create_graph: the product must carry the graph of the gradient output, so that is
+        # recomputed from the saved logits (rare: the second derivative's own cost dominates).
+        # fp16: its five exponent bits flush the small gradients that a grad_loss such as a
+        # loss scale would lift, so the product comes from an fp32 gradient, rounded once as
+        # the reference rounds it.
+        grad = _recomputed_grad(ctx, logits.float() if half else logits, targets)
+    else:
         grad = saved_grad if owned is None else owned
     # A reduced loss's 0-dim grad_loss reaches every row.
-    return torch.ops.kxops.zlpr_backward(grad_loss.expand(grad.shape[:-1]), grad)
+    product = torch.ops.kxops.zlpr_backward(grad_loss.expand(grad.shape[:-1]), grad)
+    return ref.in_dtype(product, logits.dtype)
 
 
 def _row_grad_of_reference(ctx, logits, targets):

@@ -186,6 +186,14 @@ def test_compile_fullgraph():
      "out of range"),
     (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [1]]),
                                     ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3).to_sparse(), torch.ones(2, 3)), TypeError,
+     "logits must be a dense"),
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3), torch.ones(2, 3).to_sparse()), TypeError,
+     "labels must be a dense"),
+    (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [1]]).to_sparse()),
+     TypeError, "positives must be a dense"),
+    (lambda: kxops.zlpr_loss(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8)),
+     TypeError, "labels must be bool, integer or floating point"),
 ])
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
@@ -639,6 +647,17 @@ DIRECT_BAD_CALLS = {
                           "TypeError", "grad must"),
     "backward int grad_loss": ("zlpr_backward(torch.ones(2, dtype=torch.long), "
                                "torch.ones(2, 3))", "TypeError", "grad_loss must"),
+    # zlpr_backward is device-generic: a sparse tensor would reach ATen's internals.
+    "backward sparse grad_loss": ("zlpr_backward(torch.ones(2).to_sparse(), torch.ones(2, 3))",
+                                  "TypeError", "grad_loss must be a dense (strided) tensor"),
+    "backward CSR grad": ("zlpr_backward(torch.ones(2), torch.ones(2, 3).to_sparse_csr())",
+                          "TypeError", "grad must be a dense (strided) tensor"),
+    "zlpr None logits": ("zlpr(None, torch.ones(2, 3), True)", "TypeError",
+                         "logits must be a tensor, got None"),
+    "sparse None positives": ("sparse_zlpr(torch.randn(2, 3), None, -1, True)", "TypeError",
+                              "positives must be a tensor, got None"),
+    "zlpr bits8 labels": ("zlpr(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8), True)",
+                          "TypeError", "labels must be a bool, integer or floating-point"),
 }
 
 
@@ -930,6 +949,56 @@ def test_torch_func_grad_and_vmap():
         assert_close(torch.func.grad(loss_fn)(logits), torch.func.grad(ref_fn)(logits))
     per_row = torch.func.vmap(lambda s, t: kxops.zlpr_loss(s, t, reduction="sum"))
     assert_close(per_row(logits, labels), ref.zlpr_loss(logits, labels, reduction="none"))
+    sparse_per_row = torch.func.vmap(lambda s, p: kxops.sparse_zlpr_loss(s, p, reduction="sum"))
+    assert_close(sparse_per_row(logits, positives),
+                 ref.sparse_zlpr_loss(logits, positives, reduction="none"))
+
+
+# torch's forward AD scripts a helper on first use (torch's own deprecation warning).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_forward_mode_ad_runs_the_reference():
+    """The ops have no forward-mode rule: under a forward-AD dual level the wrappers run the
+    reference, whose tangent is the directional derivative."""
+    import torch.autograd.forward_ad as fwAD
+
+    logits, losses = dense_and_sparse_losses((3, 7), torch.float64)
+    direction = torch.randn_like(logits)
+    for ours, theirs in losses:
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ours(fwAD.make_dual(logits, direction), "mean")).tangent
+        leaf = logits.clone().requires_grad_(True)
+        assert_close(tangent, (torch.autograd.grad(theirs(leaf, "mean"), leaf)[0] *
+                               direction).sum())
+
+
+@pytest.mark.parametrize("reduction, upstream", [("mean", 32768.0), ("sum", 1024.0),
+                                                 ("none", 1024.0)])
+def test_fp16_gradient_times_a_loss_scale_is_rounded_once(reduction, upstream):
+    """fp16 (five exponent bits) flushes the small gradients that a loss scale lifts: a
+    backward with grad_loss other than 1 takes the product from an fp32 gradient and rounds it
+    once, as the reference does, instead of scaling an fp16 gradient (which lost a quarter of
+    a [256, 4096] mean's classes to 0 at a loss scale of 32768)."""
+    needs_kernel("zlpr", "cpu")
+    logits, losses = dense_and_sparse_losses((64, 2048), torch.float16)
+    for ours, theirs in losses:
+        grads = []
+        for fn, leaf in ((ours, logits.clone().requires_grad_(True)),
+                         (theirs, logits.double().requires_grad_(True))):
+            loss = fn(leaf, reduction)
+            loss.backward(torch.full_like(loss, upstream))
+            grads.append(leaf.grad.double())
+        ours_grad, exact = grads
+        torch.testing.assert_close(ours_grad, exact.half().double(), rtol=2e-3, atol=1e-7)
+
+
+def test_meta_and_cpu_kernels_refuse_the_same_label_dtypes():
+    """The fake kernel checks what the C++ kernels check: sub-byte and bit dtypes hold no
+    label per element."""
+    for dtype in (torch.bits8, torch.bits16, torch.uint1, torch.int4):
+        for device in ("cpu", "meta"):
+            with pytest.raises(TypeError, match="labels must be"):
+                torch.ops.kxops.zlpr(torch.randn(3, 5, device=device),
+                                     torch.empty(3, 5, dtype=dtype, device=device), True)
 
 
 def test_ops_with_one_meta_tensor_are_refused():

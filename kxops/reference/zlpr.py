@@ -27,9 +27,23 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+# The integer label dtypes (the C++ kernels' isIntegralType with bool): not the bit or
+# sub-byte types, which hold no label per element.
+INTEGER_LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                        torch.int64, torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_dense(name, t):
+    """A dense (strided) tensor: sparse, nested and mkldnn tensors are refused by name."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
+
+
 def check_logits(logits, name="logits"):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(logits).__name__}")
+    check_dense(name, logits)
     if not logits.is_floating_point() or logits.dtype == torch.float4_e2m1fn_x2:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() < 1:
@@ -56,10 +70,12 @@ def check_like(name, t, anchor_name, anchor):
 
 
 def _check_loss_inputs(logits, reduction, name, targets):
-    """The checks both losses share: logits, reduction, and that ``targets`` is a tensor."""
+    """The checks both losses share: logits, reduction, and that ``targets`` is a dense
+    tensor."""
     check_logits(logits)
     check_reduction(reduction)
     check_tensor(name, targets)
+    check_dense(name, targets)
 
 
 def _check_same_device(name, targets, logits):
@@ -70,7 +86,8 @@ def _check_same_device(name, targets, logits):
 
 def check_zlpr_inputs(logits, labels, reduction):
     _check_loss_inputs(logits, reduction, "labels", labels)
-    if labels.is_complex() or labels.is_quantized or labels.dtype == torch.float4_e2m1fn_x2:
+    floating = labels.is_floating_point() and labels.dtype != torch.float4_e2m1fn_x2
+    if not floating and labels.dtype not in INTEGER_LABEL_DTYPES:
         raise TypeError(f"labels must be bool, integer or floating point, got {labels.dtype}")
     if labels.shape != logits.shape:
         raise ValueError(
@@ -102,7 +119,11 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction):
 
 
 def check_positives_in_range(positives, ignore_index, num_classes):
-    """Every index that is not ignore_index must lie in [0, num_classes). Syncs on CUDA."""
+    """Every index that is not ignore_index must lie in [0, num_classes). Syncs on CUDA. Under
+    a torch.func transform (vmap: no branching on values) the scatter's own bounds check
+    stands in."""
+    if torch._C._are_functorch_transforms_active():
+        return
     positives = positives.long()  # as in positives_to_dense
     bad = (positives != ignore_index) & ((positives < 0) | (positives >= num_classes))
     if bool(bad.any()):
@@ -172,8 +193,8 @@ def positives_to_dense(positives, ignore_index, num_classes):
     index = torch.where(index == ignore_index, num_classes, index)
     dense = torch.zeros((*positives.shape[:-1], num_classes + 1), dtype=torch.bool,
                         device=positives.device)
-    dense.scatter_(-1, index, True)
-    return dense[..., :num_classes]
+    # Out of place: under vmap the zeros are not batched but the indices are.
+    return dense.scatter(-1, index, True)[..., :num_classes]
 
 
 def sparse_zlpr_loss(logits, positives, *, ignore_index=-1, reduction="mean"):
