@@ -232,6 +232,17 @@ ExpSum<acc_t> negative_terms(acc_t* s, int64_t n, acc_t max) {
   return {max, lanes_sum(sum)};
 }
 
+// The positive sum of kept positives whose logits are all finite, as push sums them but with
+// one vector exponential pass instead of a scalar exponential per positive (a fifth of a
+// [1024, 1000] row): terms gets e^{-s - max} of each, in kept's order, for the gradient.
+template <typename acc_t>
+ExpSum<acc_t> finite_positive_terms(const Positives<acc_t>& kept, std::vector<acc_t>& terms) {
+  const int64_t n = static_cast<int64_t>(kept.size());
+  terms.resize(n);
+  for (int64_t k = 0; k < n; ++k) terms[k] = -kept[k].second;
+  return negative_terms(terms.data(), n, row_max(terms.data(), n));
+}
+
 // One sparse row whose logits are in s (opmath, its private copy), row_max of them in
 // logits_max. Returns false, with s overwritten and nothing written, when the negative sum is
 // not finite: the caller then reloads the row into exact_sparse_row. Otherwise as zlpr_row.
@@ -248,14 +259,26 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* posit
   RowSums<acc_t> sums;
   sums.neg = negative_terms(s, n, positive_on_top ? row_max(s, n) : logits_max);
   if (!is_finite(sums.neg)) return false;
-  // The positive sum goes through the shared math as it is, whatever its values.
-  for (const auto& [index, logit] : kept) push(sums.pos, -logit, acc_t(1));
+  // Finite positives in one vector pass; otherwise the shared math, whatever their values.
+  thread_local std::vector<acc_t> terms;
+  const bool finite = std::all_of(kept.begin(), kept.end(), [](const auto& positive) {
+    return std::isfinite(positive.second);
+  });
+  if (finite) {
+    sums.pos = finite_positive_terms(kept, terms);
+  } else {
+    for (const auto& [index, logit] : kept) push(sums.pos, -logit, acc_t(1));
+  }
   *loss = sums.loss();
   if (grad == nullptr) return true;
   const RowGrad<acc_t> finish(sums, grad_scale);
   const Vec inv_neg(finish.inv_neg);
   at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);
-  for (const auto& [index, logit] : kept) s[index] = finish(logit, acc_t(1));
+  // A positive is in the positive sum only (t = 1): finish(logit, 1) = -term * inv_pos.
+  for (size_t k = 0; k < kept.size(); ++k) {
+    const auto& [index, logit] = kept[k];
+    s[index] = finite ? -terms[k] * finish.inv_pos : finish(logit, acc_t(1));
+  }
   store_grad(s, n, grad);
   return true;
 }
