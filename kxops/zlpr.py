@@ -28,11 +28,16 @@ class _PublicLoss(torch.autograd.Function):
         return None, _logits_grad(ctx, grad_loss, None), *[None] * (ctx.num_args - 1)
 
 
-def _op_loss(op, *args):
-    """The loss of a public wrapper's op call, args ending in (compute_grad, reduction). Under
-    torch.compile the op's registered autograd runs: its traced backward has no values to
-    decide a hand-on with."""
-    if args[-2] and not torch.compiler.is_compiling():
+def _op_loss(op, logits, targets, reduction):
+    """The loss of a public wrapper's op call; targets: the op's arguments between logits and
+    compute_grad. Under torch.compile the op's registered autograd runs: its traced backward
+    has no values to decide a hand-on with."""
+    needs_grad = _needs_grad(logits)
+    # An fp16 gradient from the forward serves only the hand-on, which is CPU-only: elsewhere
+    # fp16's backward takes its product from an fp32 recomputation (see _loss_grad).
+    compute_grad = needs_grad and (logits.dtype != torch.float16 or logits.device.type == "cpu")
+    args = (logits, *targets, compute_grad, reduction)
+    if needs_grad and not torch.compiler.is_compiling():
         return _PublicLoss.apply(op, *args)
     return op(*args)[0]
 
@@ -56,7 +61,7 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     ref.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
     if _ext.runs_compiled("zlpr", logits):
-        loss = _op_loss(torch.ops.kxops.zlpr, logits, labels, _needs_grad(logits), reduction)
+        loss = _op_loss(torch.ops.kxops.zlpr, logits, (labels,), reduction)
         return ref.in_dtype(loss, logits.dtype)
     return ref.reduce_loss(ref.zlpr_row_loss(logits, labels), reduction, logits.dtype)
 
@@ -73,8 +78,8 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
     if _ext.runs_compiled("zlpr", logits):
-        loss = _op_loss(torch.ops.kxops.sparse_zlpr, logits, positives, ignore_index,
-                        _needs_grad(logits), reduction)
+        loss = _op_loss(torch.ops.kxops.sparse_zlpr, logits, (positives, ignore_index),
+                        reduction)
         return ref.in_dtype(loss, logits.dtype)
     return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
                                 reduction=reduction)
@@ -107,7 +112,9 @@ def _save_grad(ctx, inputs, output, public=False):
     hand_on = (compute_grad and public and grad.device.type == "cpu"
                and not _saved_tensors_hooks_active())
     ctx.forward_grad = [grad.detach()] if hand_on else []
-    ctx.save_for_backward(*args[:2], None if hand_on else grad)
+    # fp16 products come from an fp32 recomputation (see _loss_grad): no fp16 gradient to keep.
+    kept = None if hand_on or args[0].dtype == torch.float16 else grad
+    ctx.save_for_backward(*args[:2], kept)
     # The gradient output is internal: no logits-sized zeros for its "gradient" per backward.
     ctx.set_materialize_grads(False)
 
