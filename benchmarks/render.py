@@ -168,14 +168,43 @@ def plot(rows, peers, device_label, path_for):
     return paths
 
 
+# The README shows a few headline rows per device; the full tables stay in results/<device>.md.
+# A headline row: each kxops provider of each op in the op's main mode, at the last shape of the
+# op's table that was measured against its peer.
+HEADLINE_MODES = ("full", "step")
+
+
+def headline_rows(rows):
+    """(op, provider, mode, shape, p50, peer, peer_p50) per op and kxops provider."""
+    chosen = {}
+    for r in rows:
+        if (r["metric"] == "time" and r["mode"] in HEADLINE_MODES
+                and r["provider"].startswith("kxops") and r["peer_p50"]):
+            chosen[(r["op"], r["provider"])] = r
+    return list(chosen.values())
+
+
+def headline(md_path):
+    """The device's heading line and its headline table (markdown)."""
+    heading = md_path.read_text().splitlines()[0]
+    lines = [heading, "", "| op | provider | mode | shape | ms | peer | peer ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in headline_rows(read_csv(md_path.with_suffix(".csv"))):
+        lines.append(f"| {r['op']} | {r['provider']} | {r['mode']} | {r['shape']} | "
+                     f"{r['p50']:.3g} | {r['peer']} | {r['peer_p50']:.3g} | "
+                     f"{r['peer_p50'] / r['p50']:.2f}× |")
+    link = f"benchmarks/results/{md_path.name}"
+    return "\n".join(lines) + f"\n\nEvery table and plot: [`{link}`]({link}).\n"
+
+
 def update_readme():
-    """The README section: every device's results/<device>.md, CPU first (a GPU run replaces
-    only its own device's section)."""
+    """The README section: every device's headline rows, CPU first (a GPU run replaces only its
+    own device's rows)."""
     text = README.read_text()
     if START not in text or END not in text:
         return
     sections = sorted(RESULTS.glob("*.md"), key=lambda path: (path.stem != "cpu", path.stem))
-    body = "\n".join(path.read_text() for path in sections)
+    body = "\n".join(headline(path) for path in sections)
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
