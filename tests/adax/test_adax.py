@@ -843,7 +843,7 @@ def test_state_dict_saves_the_requested_flags_and_loads_without_the_kernel(tmp_p
         import torch, kxops
         from kxops import _ext
         assert not _ext.LOADED
-        from tests.test_adax import _model, _train
+        from tests.adax.test_adax import _model, _train
         checkpoint = torch.load({str(tmp_path / "checkpoint.pt")!r})
         model = _model()
         model.load_state_dict(checkpoint["model"])

@@ -554,7 +554,7 @@ def test_label_parallel_bad_argument_raises_on_every_rank(tmp_path):
     world = 2
     done = run_isolated(f"""
         import torch.multiprocessing as mp
-        from tests.test_linear_sparse_zlpr import _label_parallel_worker, _free_port
+        from tests.linear_sparse_zlpr.test_linear_sparse_zlpr import _label_parallel_worker, _free_port
         mp.spawn(_label_parallel_worker,
                  args=({world}, _free_port(), ["bad_rank", "bad_id", "ok"], {str(tmp_path)!r}),
                  nprocs={world}, join=True)
