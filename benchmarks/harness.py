@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from kxops._info import cpu_gemm_engine, cpu_model
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # KXOPS_BENCH_QUICK=1 (`benchmarks/run.py --quick`, run by CI): every op and provider once at its
 # first (smallest) size, in as few rounds as the renderer needs: a check that the whole pipeline
@@ -78,10 +80,16 @@ class Interleaved:
         return self.prepare(), {}
 
 
+def machine():
+    """The CPU model and the fused ops' CPU GEMM engine (csrc/gemm.h) this process runs, which
+    every result row carries."""
+    return {"cpu": cpu_model(), "cpu_gemm": cpu_gemm_engine()["engine"] or "none"}
+
+
 def _label(benchmark, device, provider, nbytes, calls, info):
     benchmark.group = "|".join(str(info[k]) for k in ("op", "mode", "shape", "dtype"))
     benchmark.extra_info.update(provider=provider, device=device.type, bytes=nbytes,
-                                calls_per_round=calls, **info)
+                                calls_per_round=calls, **machine(), **info)
 
 
 def _pedantic(benchmark, call, setup, rounds):

@@ -22,8 +22,10 @@ README = ROOT / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # peer_p50: for time rows, the p50 of the peer's calls made alternately with this provider's
 # (the speed-ups use it: both sides saw the same machine load).
+# cpu: the CPU model; cpu_gemm: the engine of the fused ops' CPU GEMMs (csrc/gemm.h).
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80",
-           "peer_p50", "peer", "device", "torch", "kxops", "git_rev", "timestamp"]
+           "peer_p50", "peer", "device", "cpu", "cpu_gemm", "torch", "kxops", "git_rev",
+           "timestamp"]
 NUMBERS = ("p50", "p20", "p80", "peer_p50")
 
 
@@ -47,10 +49,12 @@ def rows_from(raw):
     import torch
 
     import kxops
+    from benchmarks.harness import machine
 
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     common = dict(torch=torch.__version__, kxops=kxops.__version__, git_rev=git_rev(),
                   timestamp=stamp)
+    here = machine()  # for JSON written before the rows carried it
     for bench in raw["benchmarks"]:
         info = bench["extra_info"]
         # Per call: a CUDA round makes calls_per_round calls (benchmarks/harness.py).
@@ -59,7 +63,8 @@ def rows_from(raw):
         p20, p50, p80 = np.percentile(times, [20, 50, 80])
         base = dict(op=info["op"], provider=info["provider"], mode=info["mode"],
                     shape=info["shape"], dtype=info["dtype"], peer=info["peer"],
-                    device=info["device"], **common)
+                    device=info["device"], cpu=info.get("cpu", here["cpu"]),
+                    cpu_gemm=info.get("cpu_gemm", here["cpu_gemm"]), **common)
         peer_p50 = float(np.median(info["peer_ms"])) / calls if info.get("peer_ms") else None
         yield dict(base, metric="time", unit="ms", p50=p50, p20=p20, p80=p80,
                    peer_p50=peer_p50)
@@ -251,9 +256,12 @@ def write_device_results(raw, results):
                          for op, path in pngs.items())
         first = device_rows[0]
         revs = ", ".join(dict.fromkeys(r["git_rev"] for r in device_rows))
+        cpus = "; ".join(dict.fromkeys(f"{r.get('cpu') or 'unrecorded'}, CPU GEMM engine "
+                                       f"{r.get('cpu_gemm') or 'unrecorded'}"
+                                       for r in device_rows))
         (results / f"{name}.md").write_text(
             f"#### {name} (kxops {first['kxops']}, torch {first['torch']}, git {revs})\n\n"
-            f"{table}\n{images}\n")
+            f"CPU: {cpus}\n\n{table}\n{images}\n")
 
 
 def main():

@@ -29,6 +29,12 @@ def main():
                f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
                "--benchmark-sort=name", *pytest_args]
     env = dict(os.environ, KXOPS_BENCH_PROGRESS="1", KXOPS_BENCH_QUICK=str(int(args.quick)))
+    sys.path.insert(0, str(HERE.parent))
+    from kxops._info import cpu_gemm_engine, cpu_model
+
+    gemm = cpu_gemm_engine()
+    print(f"make bench: CPU {cpu_model()}; CPU GEMM engine {gemm['engine']} ({gemm['reason']})",
+          flush=True)
     code = subprocess.call(command, cwd=HERE.parent, env=env)
     if code == 5:
         print("make bench: no benchmark selected; nothing to render")

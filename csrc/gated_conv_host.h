@@ -2,14 +2,13 @@
 // convolution is k GEMMs over shifted row ranges of one "gapped" copy of x*m (no im2col):
 //   [pad zero rows][x_0: T rows][pad zero rows][x_1] ... [x_{B-1}][pad zero rows][pad spare]
 // so that output row q = b*(T+pad) + t reads input row q + j*dilation for tap j: for every
-// output row at once, tap j's input is one contiguous row slice. The forward writes z [B, T, 2
-// out] through batched GEMMs over those slices seen as sequences (z has no gaps: it is kept for
-// backward); the backward writes dz in the gapped layout, so that the weight gradient of tap j
-// is one GEMM over all rows and the input gradient k GEMMs added into shifted slices.
-// Measured on the 2-core CPU (B16 T256) against oneDNN on the channels-last view: forward
-// equal at C=128 and 1.3x faster at C=512, backward 1.2-1.45x faster.
-// The 1x1 projection is one more GEMM, and everything elementwise is one fused epilogue
-// kernel per direction, supplied by the device file as Epilogue::forward / ::backward.
+// output row at once, tap j's input is one contiguous row slice, and each tap is one plain 2-D
+// GEMM over all output rows (gemm.h routes it to the CPU's faster engine). The forward writes z
+// [B, T + pad, 2 out] in the same layout (its gap rows hold products the epilogues never read;
+// z is kept for backward); the backward writes dz so too, with zero gap rows, so that the
+// weight gradient of tap j is one GEMM over all rows and the input gradient k GEMMs added into
+// shifted slices. The 1x1 projection is one more GEMM, and everything elementwise is one fused
+// epilogue kernel per direction, supplied by the device file as Epilogue::forward / ::backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,18 +21,19 @@
 #include <utility>
 
 #include "gated_conv_math.h"
+#include "gemm.h"
 
 namespace kxops::gated_conv {
 
 struct EpilogueArgs {
-  at::Tensor z;     // [B, T, 2 out] conv output (bias included), contiguous
+  at::Tensor z;     // [B, T + gap, 2 out] conv output (bias included), contiguous
   at::Tensor r;     // [B, T, out] residual branch (x or its projection); undefined if !residual
   at::Tensor mask;  // [B, T] in x's dtype; undefined: all ones
   at::Tensor keep;  // [B, T, out] bool gate-dropout keep mask; undefined: no dropout
   double keep_scale;
   bool residual;
-  int64_t rows, out;     // rows = B * T
-  int64_t time, dz_gap;  // backward: dz row of row b * T + t is gapped_row(row, time, dz_gap)
+  int64_t rows, out;  // rows = B * T
+  int64_t time, gap;  // z's (and dz's) row of row b * T + t is gapped_row(row, time, gap)
 };
 
 // The ops are public (torch.ops.kxops.*), so every argument is checked here before any memory
@@ -158,22 +158,24 @@ inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
   check_residual(residual_weight, residual_bias, residual, x, out);
 }
 
-// The backward's own arguments: the upstream gradient and the forward's z.
+// The backward's own arguments: the upstream gradient [B, T, out] and the forward's z
+// [B, T + gap, 2 out] (gap: Gapped::pad).
 inline void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x,
-                                     const at::Tensor& z, const at::Tensor& weight) {
+                                     const at::Tensor& z, const at::Tensor& weight, int64_t gap) {
   const int64_t batch = x.size(0), time = x.size(1), two_out = weight.size(0);
-  for (const auto& [name, t, channels] :
-       {std::tuple{"grad_y", &grad_y, two_out / 2}, std::tuple{"z", &z, two_out}}) {
+  for (const auto& [name, t, steps, channels] : {std::tuple{"grad_y", &grad_y, time, two_out / 2},
+                                                 std::tuple{"z", &z, time + gap, two_out}}) {
     check_like_x(name, *t, x);
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({batch, time, channels}),
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({batch, steps, channels}),
                       "kxops gated_conv_backward: ", name, " must have shape ",
-                      py({batch, time, channels}), ", got ", py(t->sizes()));
+                      py({batch, steps, channels}), ", got ", py(t->sizes()));
   }
 }
 
 // The row arithmetic of the gapped layout. Only the taps that can reach a real step are
 // applied: a tap with |j - k/2| * dilation >= T reads padding alone (its weight gradient is
-// zero), so any dilation costs at most about twice the memory of x.
+// zero), so any dilation costs at most about twice the memory of x. kxops/gated_conv.py
+// repeats the gap (pad) for z's shape in the fake kernels.
 struct Gapped {
   int64_t batch, time, dilation, first, taps, pad;  // taps [first, first + taps) of the k
   Gapped(const at::Tensor& x, const at::Tensor& weight, int64_t dilation)
@@ -227,13 +229,21 @@ inline at::Tensor taps_first(const at::Tensor& weight, const Gapped& geometry) {
   return weight.narrow(2, geometry.first, geometry.taps).permute({2, 0, 1}).contiguous();
 }
 
+// x [B, T, C] (contiguous) as rows [B T, C]; explicit: a view of -1 rows fails for 0 channels.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  return t.view({t.size(0) * t.size(1), t.size(2)});
+}
+
 // The residual branch r: x itself or its 1x1 projection (one GEMM); undefined without it.
 inline at::Tensor residual_branch(const at::Tensor& x,
                                   const std::optional<at::Tensor>& residual_weight,
                                   const std::optional<at::Tensor>& residual_bias, bool residual) {
   if (!residual) return at::Tensor();
   if (!residual_weight.has_value()) return x;
-  return at::linear(x, residual_weight->squeeze(-1), residual_bias).contiguous();
+  const auto projection = residual_weight->squeeze(-1).t();
+  const auto r = residual_bias.has_value() ? gemm::addmm(*residual_bias, as_rows(x), projection)
+                                           : gemm::mm(as_rows(x), projection);
+  return r.view({x.size(0), x.size(1), r.size(1)});
 }
 
 // The epilogue's arguments, packed (dense) from checked inputs and the residual branch.
@@ -252,24 +262,25 @@ inline EpilogueArgs epilogue_args(const at::Tensor& z, at::Tensor r, const Gappe
   args.rows = geometry.batch * geometry.time;
   args.out = z.size(2) / 2;
   args.time = geometry.time;
-  args.dz_gap = geometry.pad;
+  args.gap = geometry.pad;
   return args;
 }
 
-// z = conv(x * m) + bias [B, T, 2 out]: one batched GEMM per applied tap over its shifted rows.
+// z = conv(x * m) + bias [B, T + pad, 2 out] in the gapped layout: one GEMM per applied tap
+// over all output rows, its input rows shifted.
 inline at::Tensor conv_forward(const at::Tensor& x_gapped, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const Gapped& geometry) {
   const auto w = taps_first(weight, geometry);
-  auto z = x_gapped.new_empty({geometry.batch, geometry.time, weight.size(0)});
+  auto z = x_gapped.new_empty({geometry.batch, geometry.time + geometry.pad, weight.size(0)});
+  auto z_rows = z.view({geometry.out_rows(), weight.size(0)});
   for (int64_t j = 0; j < geometry.taps; ++j) {
-    const auto tap_input = geometry.tap_sequences(x_gapped, j);
-    const auto tap_weight = w[j].t().expand({geometry.batch, -1, -1});  // no copy: batch stride 0
+    const auto tap_input = geometry.tap(x_gapped, j);
     if (j > 0) {
-      z.baddbmm_(tap_input, tap_weight);
+      gemm::addmm_(z_rows, tap_input, w[j].t());
     } else if (bias.has_value()) {
-      at::baddbmm_out(z, bias->expand_as(z), tap_input, tap_weight);
+      gemm::addmm_out(z_rows, *bias, tap_input, w[j].t());
     } else {
-      at::bmm_out(z, tap_input, tap_weight);
+      gemm::mm_out(z_rows, tap_input, w[j].t());
     }
   }
   return z;
@@ -316,7 +327,7 @@ inline at::Tensor conv_weight_grad(const at::Tensor& dz_rows, const at::Tensor& 
   grad_w.narrow(0, geometry.first + geometry.taps, geometry.first).zero_();
   for (int64_t j = 0; j < geometry.taps; ++j) {
     auto grad_w_tap = grad_w[geometry.first + j];
-    at::mm_out(grad_w_tap, dz_rows.t(), geometry.tap(x_gapped, j));
+    gemm::mm_out(grad_w_tap, dz_rows.t(), geometry.tap(x_gapped, j));
   }
   return grad_w.permute({1, 2, 0}).contiguous();
 }
@@ -330,9 +341,11 @@ inline at::Tensor conv_input_grad(const at::Tensor& dz_rows, const at::Tensor& w
   geometry.zero_gaps(grad_gapped);
   const int64_t centre = geometry.centre();
   auto grad_centre = geometry.tap(grad_gapped, centre);
-  at::mm_out(grad_centre, dz_rows, w[centre]);
+  gemm::mm_out(grad_centre, dz_rows, w[centre]);
   for (int64_t j = 0; j < geometry.taps; ++j) {
-    if (j != centre) geometry.tap(grad_gapped, j).addmm_(dz_rows, w[j]);
+    if (j == centre) continue;
+    auto grad_tap = geometry.tap(grad_gapped, j);
+    gemm::addmm_(grad_tap, dz_rows, w[j]);
   }
   return grad_gapped;
 }
@@ -343,10 +356,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_grads(
     const at::Tensor& dr, const at::Tensor& x, const std::optional<at::Tensor>& residual_weight,
     const std::optional<at::Tensor>& residual_bias, const at::Tensor& empty) {
   if (!residual_weight.has_value()) return {dr, empty, empty};  // dr: x itself, or undefined
-  const int64_t rows = x.size(0) * x.size(1);  // explicit: a view of -1 rows fails for 0 channels
-  const auto dr_rows = dr.view({rows, dr.size(2)});
-  return {at::matmul(dr, residual_weight->squeeze(-1)),
-          at::mm(dr_rows.t(), x.view({rows, x.size(2)})).unsqueeze(-1),
+  const auto dr_rows = as_rows(dr);
+  return {gemm::mm(dr_rows, residual_weight->squeeze(-1)).view(x.sizes()),
+          gemm::mm(dr_rows.t(), as_rows(x)).unsqueeze(-1),
           residual_bias.has_value() ? dr_rows.sum(0) : empty};
 }
 
@@ -374,9 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     double drop_gate, bool residual) {
   check_arguments(x_in, weight, std::nullopt, mask, gate_keep, residual_weight, residual_bias,
                   dilation, drop_gate, residual);
-  check_backward_arguments(grad_y, x_in, z, weight);
+  const Gapped geometry(x_in, weight, dilation);
+  check_backward_arguments(grad_y, x_in, z, weight, geometry.pad);
   const auto x = x_in.contiguous();
-  const Gapped geometry(x, weight, dilation);
   const auto args = epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual),
                                   geometry, mask, gate_keep, drop_gate, residual);
   const auto [dz_rows, dr] = gate_grads<Epilogue>(args, grad_y, geometry);

@@ -37,6 +37,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gemm.h"
 #include "zlpr_host.h"
 
 namespace kxops::global_pointer_zlpr {
@@ -302,8 +303,8 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (const auto& blk : packing.blocks) {
         auto out =
             logits.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
-        at::bmm_out(out, qa.narrow(1, blk.row0, blk.rows),
-                    ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
+        gemm::mm_out(out, qa.narrow(1, blk.row0, blk.rows),
+                     ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
         if (tril) {
           out.narrow(2, 0, blk.rows)
               .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
@@ -328,8 +329,8 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
         auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
         if (at::toOpMathType(dtype) == dtype) {
-          at::bmm_out(grad_rows, g, k_cols);
-          grad_cols.baddbmm_(g.transpose(1, 2), q_rows);
+          gemm::mm_out(grad_rows, g, k_cols);
+          gemm::addmm_(grad_cols, g.transpose(1, 2), q_rows);
         } else {
           grad_rows.copy_(at::bmm(g, k_cols));
           grad_cols.add_(at::bmm(g.transpose(1, 2), q_rows));

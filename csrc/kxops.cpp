@@ -6,6 +6,7 @@
 #include <string>
 
 #include "build_info.h"
+#include "gemm.h"
 
 extern "C" {
 // Importing kxops._C runs the static registrations below; the ops need no Python bindings
@@ -45,7 +46,8 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(kxops, m) {
-  // Dilated gated convolution. Returns (y, z): z = conv output [B, T, 2*out] kept for backward.
+  // Dilated gated convolution. Returns (y, z): z = conv output kept for backward, [B, T + gap,
+  // 2*out] in the kernels' gapped layout (csrc/gated_conv_host.h).
   // gate_keep: bool [B, T, out] dropout keep-mask of the gate (None: no dropout).
   m.def(
       "gated_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? gate_keep, "
@@ -119,6 +121,10 @@ TORCH_LIBRARY(kxops, m) {
 
   // How this binary was built ("key=value;..."), for kxops.info().
   m.def("_build_info() -> str", &build_info);
+  // The CPU GEMM engine of the fused ops ("engine;reason", csrc/gemm.h), and its test switch.
+  m.def("_cpu_gemm_engine() -> str", &gemm::describe_engine);
+  m.def("_set_cpu_gemm_engine(str engine) -> ()",
+        [](c10::string_view engine) { gemm::set_engine(std::string(engine)); });
 }
 
 }  // namespace kxops

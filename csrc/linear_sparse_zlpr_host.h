@@ -26,6 +26,7 @@
 #include <optional>
 #include <tuple>
 
+#include "gemm.h"
 #include "zlpr_host.h"
 
 namespace kxops::linear_sparse_zlpr {
@@ -120,7 +121,7 @@ struct NoAutocast {
 
 inline Tensor block_logits(const Tensor& x, const Tensor& weight,
                            const std::optional<Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  return bias.has_value() ? gemm::addmm(*bias, x, weight.t()) : gemm::mm(x, weight.t());
 }
 
 // Gradient accumulators: fp32 (fp64 for fp64) for grad_weight and grad_bias, summed block by
@@ -140,11 +141,11 @@ struct WeightGrads {
   void add(const Tensor& g, const Tensor& x, double scale) {
     if (weight.defined()) {
       if (scratch.defined()) {
-        at::addmm_out(scratch, scratch, g.t(), x, /*beta=*/0, /*alpha=*/scale);
+        gemm::addmm_out(scratch, scratch, g.t(), x, /*beta=*/0, /*alpha=*/scale);
         weight.add_(scratch);
       } else {
         // beta 0 ignores the accumulator's previous content, NaN included.
-        weight.addmm_(g.t(), x, /*beta=*/first ? 0 : 1, /*alpha=*/scale);
+        gemm::addmm_(weight, g.t(), x, /*beta=*/first ? 0 : 1, /*alpha=*/scale);
       }
     }
     if (bias.defined()) bias.add_(at::sum(g, at::IntArrayRef{0}, false, bias.scalar_type()), scale);
@@ -179,7 +180,7 @@ struct BlockGrads {
            double scale) {
     if (want_input) {
       Tensor out = input.narrow(0, start, g.size(0));
-      at::addmm_out(out, out, g, weight, /*beta=*/0, /*alpha=*/scale);
+      gemm::addmm_out(out, out, g, weight, /*beta=*/0, /*alpha=*/scale);
     }
     params.add(g, x_block, scale);
   }
@@ -320,9 +321,9 @@ inline Tensor padded_logits(const Tensor& x, const Tensor& weight,
   Tensor logits = buffer.narrow(1, 0, classes);
   if (opmath == x.scalar_type()) {
     if (bias.has_value()) {
-      at::addmm_out(logits, *bias, x, weight.t());
+      gemm::addmm_out(logits, *bias, x, weight.t());
     } else {
-      at::mm_out(logits, x, weight.t());
+      gemm::mm_out(logits, x, weight.t());
     }
   } else {
     logits.copy_(block_logits(x, weight, bias));  // made in the input dtype, as F.linear would

@@ -1,4 +1,7 @@
-"""kxops.info(): versions, how the extension was built, and which backend each op uses."""
+"""kxops.info(): versions, how the extension was built, the CPU and its GEMM engine, and which
+backend each op uses."""
+
+import platform
 
 import torch
 
@@ -14,6 +17,32 @@ def _backend(block, device_type):
     return "reference"
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor", "AMD EPYC 9R14 96-Core Processor"),
+    from /proc/cpuinfo on Linux, else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Model", "cpu model"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_gemm_engine() -> dict:
+    """The engine of the fused ops' CPU GEMMs (csrc/gemm.h: "mkl" or "onednn", chosen from the
+    CPU's vendor, KXOPS_CPU_GEMM overrides) and why; engine None with the error where the
+    choice fails (a bad KXOPS_CPU_GEMM) or the extension is not loaded."""
+    if not _ext.LOADED:
+        return {"engine": None, "reason": "extension not loaded"}
+    try:
+        engine, reason = torch.ops.kxops._cpu_gemm_engine().split(";", 1)
+    except (ValueError, RuntimeError) as e:
+        return {"engine": None, "reason": str(e)}
+    return {"engine": engine, "reason": reason}
+
+
 def info() -> dict:
     """Versions, build facts and the backend (kernel/reference/unavailable) of each op."""
     gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -23,6 +52,8 @@ def info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "gpus": gpus,
+        "cpu": cpu_model(),
+        "cpu_gemm": cpu_gemm_engine(),
         "extension": _ext.LOAD_STATUS,
         "build": _ext.build_info(),
         "ops": {block: {dev: _backend(block, dev) for dev in _ext.DEVICE_KEYS}
@@ -43,6 +74,9 @@ def format_info(facts: dict) -> str:
         if build
         else "built: (extension not loaded)",
         f"GPUs visible: {', '.join(facts['gpus']) or 'none'}",
+        f"CPU: {facts['cpu']}",
+        f"CPU GEMM engine: {facts['cpu_gemm']['engine'] or 'none'} "
+        f"({facts['cpu_gemm']['reason']})",
         "",
     ]
     rows = [("op", "cpu", "cuda")] + [(op, r["cpu"], r["cuda"]) for op, r in facts["ops"].items()]

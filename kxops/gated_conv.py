@@ -47,6 +47,13 @@ def _autocast_enabled(device_type):
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def _gap(time, kernel_size, dilation):
+    """The rows after each sequence in the kernels' gapped layout of z (csrc/gated_conv_host.h,
+    Gapped::pad): the reach of the taps that can touch a real step."""
+    reach = min(kernel_size // 2, (time - 1) // dilation) if time > 0 else 0
+    return reach * dilation
+
+
 def _empty_grad_unless(present, like, shape):
     return like.new_empty(shape if present else (0,))
 
@@ -63,7 +70,8 @@ if _ext.LOADED:
                                     residual_weight, residual_bias)
         batch, time, _ = x.shape
         two_out = weight.shape[0]
-        return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, time, two_out)
+        z_steps = time + _gap(time, weight.shape[2], dilation)
+        return x.new_empty(batch, time, two_out // 2), x.new_empty(batch, z_steps, two_out)
 
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
@@ -74,8 +82,10 @@ if _ext.LOADED:
         ref.check_gated_conv_inputs(x, weight, None, mask, dilation, drop_gate, residual,
                                     residual_weight, residual_bias)
         out_channels = weight.shape[0] // 2
-        for name, t, shape in (("grad_y", grad_y, (*x.shape[:2], out_channels)),
-                               ("z", z, (*x.shape[:2], 2 * out_channels))):
+        batch, time, _ = x.shape
+        z_steps = time + _gap(time, weight.shape[2], dilation)
+        for name, t, shape in (("grad_y", grad_y, (batch, time, out_channels)),
+                               ("z", z, (batch, z_steps, 2 * out_channels))):
             if tuple(t.shape) != shape:
                 raise ValueError(f"kxops gated_conv_backward: {name} must have shape {shape}, "
                                  f"got {tuple(t.shape)}")

@@ -39,8 +39,9 @@ template <typename scalar_t, typename T>
 void load_row(const EpilogueArgs& a, int64_t row, RowBuffers<T>& b, const scalar_t* z,
               const scalar_t* r, const bool* keep) {
   const int64_t out = a.out;
-  at::vec::convert(z + row * 2 * out, b.h.data(), out);
-  at::vec::convert(z + row * 2 * out + out, b.g.data(), out);
+  const scalar_t* z_of_row = z + gapped_row(row, a.time, a.gap) * 2 * out;
+  at::vec::convert(z_of_row, b.h.data(), out);
+  at::vec::convert(z_of_row + out, b.g.data(), out);
   if (r != nullptr) at::vec::convert(r + row * out, b.r.data(), out);
   if (keep != nullptr) {
     for (int64_t c = 0; c < out; ++c) b.keep_scale[c] = keep[row * out + c] ? a.keep_scale : 0;
@@ -133,7 +134,7 @@ struct CpuEpilogue {
               L::store(grads.g, &b.g[c]);
               L::store(grads.r, &b.r[c]);
             });
-            scalar_t* dz_of_row = dz_data + gapped_row(row, a.time, a.dz_gap) * 2 * out;
+            scalar_t* dz_of_row = dz_data + gapped_row(row, a.time, a.gap) * 2 * out;
             at::vec::convert(b.h.data(), dz_of_row, out);
             at::vec::convert(b.g.data(), dz_of_row + out, out);
             if (dr_data != nullptr) at::vec::convert(b.r.data(), dr_data + row * out, out);

@@ -34,10 +34,11 @@ __device__ __forceinline__ void store(T* p, const Pack<T, N>& pack) {
 }
 
 struct Pointers {
-  const void* z;
+  const void* z;     // gapped: row b * T + t at gapped_row(row, time, gap)
   const void* r;     // null without the residual branch
   const void* mask;  // null: all ones
   const bool* keep;  // null: no dropout
+  int64_t time, gap;
 };
 
 // Loads the inputs of channels [c, c + kVec) of one row in the math type.
@@ -48,7 +49,7 @@ struct RowSlice {
 
   __device__ __forceinline__ RowSlice(const Pointers& p, double keep_scale_value, int64_t row,
                                       int64_t out, int64_t c) {
-    const auto* z = static_cast<const scalar_t*>(p.z) + row * 2 * out;
+    const auto* z = static_cast<const scalar_t*>(p.z) + gapped_row(row, p.time, p.gap) * 2 * out;
     const auto hp = load<scalar_t, kVec>(z + c);
     const auto gp = load<scalar_t, kVec>(z + out + c);
     Pack<scalar_t, kVec> rp{};
@@ -97,8 +98,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gate_backward_kernel(Pointers p, double keep_scale, bool residual, int64_t rows, int64_t out,
-                         int64_t time, int64_t dz_gap, const scalar_t* __restrict__ dy,
-                         scalar_t* __restrict__ dz, scalar_t* __restrict__ dr) {
+                         const scalar_t* __restrict__ dy, scalar_t* __restrict__ dz,
+                         scalar_t* __restrict__ dr) {
   using T = at::opmath_type<scalar_t>;
   for_each_slice<kVec>(rows, out, [&](int64_t row, int64_t c) {
     const RowSlice<scalar_t, kVec> s(p, keep_scale, row, out, c);
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
       dg.v[k] = static_cast<scalar_t>(grads.g);
       drp.v[k] = static_cast<scalar_t>(grads.r);
     }
-    scalar_t* dz_of_row = dz + gapped_row(row, time, dz_gap) * 2 * out;
+    scalar_t* dz_of_row = dz + gapped_row(row, p.time, p.gap) * 2 * out;
     store(dz_of_row + c, dh);
     store(dz_of_row + out + c, dg);
     if (dr != nullptr) store(dr + row * out + c, drp);
@@ -120,9 +121,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 Pointers pointers(const EpilogueArgs& a) {
-  return {a.z.const_data_ptr(), a.residual ? a.r.const_data_ptr() : nullptr,
+  return {a.z.const_data_ptr(),
+          a.residual ? a.r.const_data_ptr() : nullptr,
           a.mask.defined() ? a.mask.const_data_ptr() : nullptr,
-          a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr};
+          a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr,
+          a.time,
+          a.gap};
 }
 
 // Calls launch(width, blocks) at toolbox's vector width: 16-byte packs when every row's channel
@@ -173,8 +177,7 @@ struct CudaEpilogue {
               a, {dy_data, dz_data, dr_data}, [&](auto width, unsigned int blocks) {
                 gate_backward_kernel<scalar_t, decltype(width)::value>
                     <<<blocks, kThreads, 0, stream>>>(pointers(a), a.keep_scale, a.residual, a.rows,
-                                                      a.out, a.time, a.dz_gap, dy_data, dz_data,
-                                                      dr_data);
+                                                      a.out, dy_data, dz_data, dr_data);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
               });
         });

@@ -274,7 +274,8 @@ def test_module_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dilation, k, mode", [(1, 3, "identity"), (2, 5, "projection"),
                                                (5, 3, "no_residual")])
-def test_kernel_matches_reference(device, dtype, dilation, k, mode):
+def test_kernel_matches_reference(device, dtype, dilation, k, mode, cpu_gemm):
+    """Every dtype, on CPU under each GEMM engine (cpu_gemm: MKL and oneDNN, csrc/gemm.h)."""
     needs_kernel("gated_conv", device)
     cout = 6 if mode == "projection" else 5
     inputs = make_inputs(batch=3, time=13, cin=5, cout=cout, k=k, projection=mode == "projection",
@@ -318,9 +319,10 @@ def test_opcheck(device):
 @pytest.mark.usefixtures("full_fp32")
 @pytest.mark.parametrize("channels", [16, 128])
 @pytest.mark.parametrize("mode", ["identity", "projection", "no_residual"])
-def test_kernel_dropout_masks_and_wide_channels(device, channels, mode):
+def test_kernel_dropout_masks_and_wide_channels(device, channels, mode, cpu_gemm):
     """Training-mode gate dropout (same seed, same mask as the reference), ragged masks with
-    garbage at padded steps, and channel counts that take the vectorised paths."""
+    garbage at padded steps, and channel counts that take the vectorised paths; on CPU under
+    each GEMM engine."""
     needs_kernel("gated_conv", device)
     cout = channels + 8 if mode == "projection" else channels
     x, weight, bias, mask, rw, rb = make_inputs(batch=3, time=11, cin=channels, cout=cout,
@@ -448,7 +450,10 @@ _OP_CASES = [
      "TypeError", "grad_y has dtype"),
     ("gated_conv_backward", "dict(z=torch.randn(2, 5, 6))", "ValueError", "z must have shape"),
     ("gated_conv_backward", "dict(z=torch.randn(2, 3, 8))", "ValueError", "z must have shape"),
-    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 8, dtype=torch.float64))", "TypeError",
+    # z is gapped, [B, T + gap, 2 out]: here gap = dilation 2 (the reach of the k = 3 taps)
+    ("gated_conv_backward", "dict(z=torch.randn(2, 5, 8))", "ValueError",
+     r"z must have shape \(2, 7, 8\)"),
+    ("gated_conv_backward", "dict(z=torch.randn(2, 7, 8, dtype=torch.float64))", "TypeError",
      "z has dtype"),
     ("gated_conv_backward", "dict(x=torch.randn(2, 5, 4))", "ValueError", "channel mismatch"),
     ("gated_conv_backward", "dict(weight=torch.randn(8, 3, 4))", "ValueError",
@@ -475,7 +480,7 @@ RW, RB = torch.randn(4, 3, 1), torch.randn(4)
 common = dict(mask=torch.ones(2, 5), gate_keep=torch.rand(2, 5, 4) > 0.5, residual_weight=RW,
               residual_bias=RB)
 forward = dict(x=X, weight=W, bias=B, **common, dilation=2, drop_gate=0.1, residual=True)
-backward = dict(grad_y=torch.randn(2, 5, 4), x=X, z=torch.randn(2, 5, 8), weight=W, **common,
+backward = dict(grad_y=torch.randn(2, 5, 4), x=X, z=torch.randn(2, 7, 8), weight=W, **common,
                 has_bias=True, dilation=2, drop_gate=0.1, residual=True)
 for i, (op, changes, error, match) in enumerate(CASES):
     args = dict(forward if op == "gated_conv" else backward, **eval(changes))
@@ -788,3 +793,53 @@ def test_op_and_wrapper_refuse_a_wrong_argument_in_the_same_words():
         build, wrapper, op = line.split(" | ")
         error, _, words = wrapper.partition(": ")
         assert op == f"{error}: kxops gated_conv: {words}", (build, wrapper, op)
+
+
+def test_cpu_gemm_engine_from_the_environment():
+    """KXOPS_CPU_GEMM picks the CPU GEMM engine of a fresh process (reported by `python -m
+    kxops`); a bad value is a ValueError naming the variable at the first op that multiplies,
+    and `python -m kxops` reports it rather than failing."""
+    code = """
+import torch, kxops
+from kxops._info import format_info, info
+x, w = torch.randn(2, 9, 4), torch.randn(8, 4, 3)
+try:
+    kxops.dilated_gated_conv1d(x, w)
+    print("engine", torch.ops.kxops._cpu_gemm_engine())
+except ValueError as e:
+    print("ValueError", e)
+print(format_info(info()))
+"""
+    for value, want in (("mkl", "engine mkl;KXOPS_CPU_GEMM=mkl"),
+                        ("bogus", "ValueError kxops: KXOPS_CPU_GEMM must be")):
+        done = run_isolated(code, env={"KXOPS_CPU_GEMM": value})
+        assert done.returncode == 0, done.stderr
+        assert want in done.stdout
+        assert "CPU GEMM engine:" in done.stdout
+    done = run_isolated(code, env={"KXOPS_CPU_GEMM": "auto"})
+    engine = done.stdout.split("engine ", 1)[1].split(";")[0]
+    assert engine in ("mkl", "onednn") and f"CPU GEMM engine: {engine} (auto" in done.stdout
+
+
+def test_cpu_gemm_engine_routes_the_gemms(cpu_gemm):
+    """Under oneDNN no GEMM of a fp32 step goes through torch's at::mm/addmm (each tap's product
+    reaches oneDNN's matmul directly); under MKL they all do; fp64 (which oneDNN lacks) always
+    does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gemms = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+    def torch_gemm_calls(dtype):
+        x, weight, bias, mask, rw, rb = make_inputs(batch=2, time=9, cin=16, cout=24, k=3,
+                                                    projection=True, dtype=dtype)
+        params = [t.requires_grad_(True) for t in (x, weight, bias, rw, rb)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = kxops.dilated_gated_conv1d(x, weight, bias, mask, dilation=2,
+                                           residual_weight=rw, residual_bias=rb)
+            torch.autograd.grad(y.sum(), params)
+        return sum(e.count for e in prof.key_averages() if e.key in gemms)
+
+    # forward: 3 taps + the projection; backward: the projection recomputed, 3 + 3 taps and the
+    # projection's 2
+    assert torch_gemm_calls(torch.float32) == (0 if cpu_gemm == "onednn" else 13)
+    assert torch_gemm_calls(torch.float64) == 13

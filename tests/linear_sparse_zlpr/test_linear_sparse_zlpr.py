@@ -574,3 +574,20 @@ def test_block_ops_registered():
     for op in OPS:
         assert _ext.has_kernel(op, torch.device("cpu"))
     assert _ext.block_has_kernels("linear_sparse_zlpr", "cpu")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_cpu_gemm_engines(cpu_gemm, reduction, bias):
+    """fp32 through MKL and through oneDNN (csrc/gemm.h): the loss and all three gradients
+    against the materialised path and float64, over several blocks of rows."""
+    assert torch.ops.kxops._cpu_gemm_engine().startswith(cpu_gemm + ";")
+    x, w, b, positives = make((2, 37), d=24, classes=300, dtype=torch.float32, bias=bias)
+    assert_matches_materialised(x, w, b, positives, reduction, block_rows=16)
+    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                           reduction, block_rows=16)
+    exact, exact_grads, _ = loss_and_grads(plain_float64, x, w, b, positives, reduction,
+                                           grad_out.double())
+    assert_close(loss.double(), exact, torch.float32)
+    for got, ex in zip(grads, exact_grads):
+        assert_close(got.double(), ex.double(), torch.float32)
