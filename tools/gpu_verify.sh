@@ -35,6 +35,21 @@ START=$SECONDS
 status=0
 summary=()
 
+# Every file a stage runs, so that the dry run (CI) fails as soon as one moves.
+SMOKE_TEST=tests/test_cuda_smoke.py
+BENCH_OPS=(zlpr adax gated_conv linear_sparse_zlpr global_pointer_zlpr)
+PROFILER=tools/profile_cuda.py
+check_paths() {
+  local path missing=0
+  for path in "$SMOKE_TEST" "$PROFILER" benchmarks/run.py setup.py \
+    "${BENCH_OPS[@]/#/benchmarks/bench_}"; do
+    path=${path%.py}.py
+    [ -f "$path" ] || { echo "gpu_verify.sh: $path does not exist" >&2; missing=1; }
+  done
+  return $missing
+}
+check_paths || exit 2
+
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
 # step NAME MIN_S MAX_S COMMAND...: run with a timeout of min(MAX_S, time left), logging to
@@ -77,7 +92,7 @@ stage_build() {
   cat "$LOGS/info.txt"
 }
 
-stage_smoke() { step smoke 30 120 "$PY" -m pytest tests/test_cuda_smoke.py -q -rs; }
+stage_smoke() { step smoke 30 120 "$PY" -m pytest "$SMOKE_TEST" -q -rs; }
 
 stage_test() {
   step test 60 180 "$PY" -m pytest tests -m cuda -q -rs --durations=15 -p no:cacheprovider
@@ -85,11 +100,11 @@ stage_test() {
 
 stage_sanitize() {
   step memcheck 60 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest tests/test_cuda_smoke.py -q -x -p no:cacheprovider
+    "$PY" -m pytest "$SMOKE_TEST" -q -x -p no:cacheprovider
   local tool
   for tool in racecheck synccheck; do
     step "$tool" 60 120 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$PY" -m pytest tests/test_cuda_smoke.py -q -x -p no:cacheprovider -k "zlpr or adax"
+      "$PY" -m pytest "$SMOKE_TEST" -q -x -p no:cacheprovider -k "zlpr or adax"
   done
 }
 
@@ -101,15 +116,15 @@ stage_bench() {
   # One op per run: a deadline then loses only the ops not yet measured; run.py --out merges
   # each op's rows into the same CSV.
   # -k on the file name: "zlpr" alone would also select the two heads' files.
-  for op in zlpr adax gated_conv linear_sparse_zlpr global_pointer_zlpr; do
+  for op in "${BENCH_OPS[@]}"; do
     step "bench_$op" 60 240 "$PY" benchmarks/run.py --out "$LOGS/bench" -k "cuda and bench_$op"
   done
 }
 
 stage_profile() {
-  step profile 60 120 "$PY" tools/profile_cuda.py
+  step profile 60 120 "$PY" "$PROFILER"
   step ncu 90 180 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    -k regex:'zlpr|adax|gate_' "$PY" tools/profile_cuda.py --ncu zlpr sparse_zlpr adax gated_conv
+    -k regex:'zlpr|adax|gate_' "$PY" "$PROFILER" --ncu zlpr sparse_zlpr adax gated_conv
 }
 
 STAGES=(build smoke test sanitize bench profile)
