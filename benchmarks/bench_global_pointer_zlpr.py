@@ -3,13 +3,22 @@ materialised path a user writes (the [B, heads, L, L] grid, masked, then
 kxops.sparse_zlpr_loss), as L grows. Peak memory of a full step: on CPU the growth of the peak
 resident memory of a fresh process (benchmarks.harness.peak_rss_growth_bytes), on CUDA the
 peak allocated. L 512 is the issue's CPU target shape (B 2, heads 8, D 64, 6 positives, one
-padded sequence)."""
+padded sequence).
+
+Trained-like grid (test_global_pointer_zlpr_trained, B 2, heads 8, L 1024, D 64): the exact
+fused loss against the same with the recommended grad_filter 2^-12 (the peer here is the exact
+fused path). The grid (trained_problem): every span near -12 (a constant last dimension of q
+and k: 4 x -3), small noise elsewhere (q 0.3, k 0.05 per dimension), and per (batch, head)
+POSITIVES entity spans (start i, end j) scoring near +4 (q_i += 16 r, k_j += r for a random
+unit r), the spans ending one step off near -2.4 (k_{j +- 1} += 0.6 r): those and the positives
+survive the filter; the surviving fraction is printed. `python -m
+benchmarks.bench_global_pointer_zlpr` prints the two full steps side by side."""
 
 import pytest
 import torch
 
 import kxops
-from benchmarks.harness import peak_rss_growth_bytes, run_modes, size_for
+from benchmarks.harness import QUICK, peak_rss_growth_bytes, run_modes, size_for
 from kxops.reference.global_pointer_zlpr import global_pointer_logits
 
 BATCH, HEADS, DIM, POSITIVES = 2, 8, 64, 6
@@ -73,3 +82,95 @@ def test_global_pointer_zlpr(benchmark, device, mode, provider, length_index):
             _RSS_SETUP.format(length=length),
             f"PROVIDERS[{provider!r}](qk, positives, mask).backward()")
 
+
+
+GRAD_FILTER = 2.0**-12
+TRAINED_LENGTH = 1024
+
+
+def trained_problem(length, device):
+    """The trained-like grid of the module's docstring: qk [2, B, heads, L, D], positives,
+    mask (the last sequence padded after 60% of its steps, the entities inside)."""
+    gen = torch.Generator().manual_seed(0)
+    qk = torch.randn(2, BATCH, HEADS, length, DIM, generator=gen)
+    qk[0] *= 0.3
+    qk[1] *= 0.05
+    qk[0, ..., -1], qk[1, ..., -1] = 4.0, -3.0
+    valid = length * 3 // 5
+    start = torch.randint(0, valid - 12, (BATCH, HEADS, POSITIVES), generator=gen)
+    end = start + torch.randint(1, 10, (BATCH, HEADS, POSITIVES), generator=gen)
+    r = torch.nn.functional.normalize(torch.randn(BATCH, HEADS, POSITIVES, DIM - 1,
+                                                  generator=gen), dim=-1)
+    b, h = torch.meshgrid(torch.arange(BATCH), torch.arange(HEADS), indexing="ij")
+    b, h = b[..., None].expand_as(start), h[..., None].expand_as(start)
+    qk[0, ..., :-1].index_put_((b, h, start), 16 * r, accumulate=True)
+    qk[1, ..., :-1].index_put_((b, h, end), r, accumulate=True)
+    for off in (-1, 1):
+        qk[1, ..., :-1].index_put_((b, h, end + off), 0.6 * r, accumulate=True)
+    mask = torch.ones(BATCH, length, dtype=torch.bool)
+    mask[-1, valid:] = False
+    return qk.to(device), (start * length + end).to(device), mask.to(device)
+
+
+def filtered(qk, positives, mask):
+    return kxops.global_pointer_zlpr_loss(qk[0], qk[1], positives, mask,
+                                          grad_filter=GRAD_FILTER)
+
+
+TRAINED_PROVIDERS = {"kxops": fused, "kxops f=2^-12": filtered, PEER: materialised}
+
+
+def surviving_fraction(qk, positives, mask):
+    """The fraction of the scored spans' gradient entries that survive GRAD_FILTER."""
+    with torch.no_grad():
+        grid = global_pointer_logits(qk[0], qk[1], mask).flatten(-2)
+        grad = torch.ops.kxops.sparse_zlpr(grid, positives, -1, True, "none", GRAD_FILTER)[1]
+    return ((grad != 0).sum() / (grid > -float("inf")).sum()).item()
+
+
+@pytest.mark.parametrize("provider", list(TRAINED_PROVIDERS))
+def test_global_pointer_zlpr_trained(benchmark, device, mode, provider):
+    if mode != "full":
+        pytest.skip("the trained-like grid times full steps only")
+    length = 128 if QUICK else TRAINED_LENGTH
+    qk, positives, mask = trained_problem(length, device)
+    fraction = surviving_fraction(qk, positives, mask)
+    print(f"trained-like GlobalPointer L{length}: {100 * fraction:.4f}% of the scored spans' "
+          f"gradient entries survive grad_filter={GRAD_FILTER}")
+    benchmark.extra_info["surviving_fraction"] = fraction
+    loss_of = TRAINED_PROVIDERS[provider]
+    exact = TRAINED_PROVIDERS["kxops"]
+    run_modes(benchmark, mode, lambda x: loss_of(x, positives, mask), qk, device,
+              peer_loss_of=(lambda x: exact(x, positives, mask)) if provider != "kxops" else None,
+              provider=provider, op="global_pointer_zlpr trained-like",
+              shape=str([BATCH, HEADS, length, DIM]), dtype="float32", peer="kxops")
+
+
+def compare_trained(length=TRAINED_LENGTH, rounds=7):
+    """Full steps on the trained-like grid, interleaved, side by side."""
+    from benchmarks.bench_linear_sparse_zlpr import _cpu_model, _median_step_ms
+
+    qk, positives, mask = trained_problem(length, torch.device("cpu"))
+    print(f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads")
+    print(f"trained-like GlobalPointer {[BATCH, HEADS, length, DIM]}: "
+          f"{100 * surviving_fraction(qk, positives, mask):.4f}% of the gradient entries survive "
+          f"grad_filter={GRAD_FILTER}")
+    leaf = qk.detach().requires_grad_()
+
+    def step_of(fn):
+        def step():
+            leaf.grad = None
+            fn(leaf, positives, mask).backward()
+        return step
+
+    steps = {name: step_of(fn) for name, fn in TRAINED_PROVIDERS.items()}
+    for step in steps.values():
+        step()  # warm-up
+    medians = _median_step_ms(steps, rounds)
+    for name, ms in medians.items():
+        print(f"  {name:20s} {ms:9.1f} ms   {medians['kxops'] / ms:5.2f}x kxops exact   "
+              f"{medians[PEER] / ms:5.2f}x materialised")
+
+
+if __name__ == "__main__":
+    compare_trained()

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "sparse_grad_host.h"
 #include "zlpr_host.h"
 
 namespace kxops::global_pointer_zlpr {
@@ -205,12 +206,33 @@ inline at::Tensor augmented(const at::Tensor& x, const at::Tensor& idx, const at
   return at::cat(parts, 2);
 }
 
+// A block's filtered gradient products head by head, from each head's sparse form (see
+// sparse_grad_host.h): grad_rows = g k_cols, grad_cols += g^T q_rows. False, nothing written,
+// unless every head is sparse enough (the caller then runs the batched dense GEMMs).
+inline bool sparse_head_products(const at::Tensor& g, const at::Tensor& k_cols,
+                                 const at::Tensor& q_rows, const at::Tensor& grad_rows,
+                                 const at::Tensor& grad_cols) {
+  std::vector<sparse_grad::SparseRows> heads;
+  for (int64_t h = 0; h < g.size(0); ++h) {
+    auto sparse =
+        sparse_grad::sparse_rows(g[h], {k_cols[h], q_rows[h], grad_rows[h], grad_cols[h]});
+    if (!sparse.has_value()) return false;
+    heads.push_back(std::move(*sparse));
+  }
+  for (int64_t h = 0; h < g.size(0); ++h) {
+    sparse_grad::rows_product(heads[h], k_cols[h], grad_rows[h], 1.0);
+    sparse_grad::cols_product(heads[h], q_rows[h], grad_cols[h], at::Tensor(), 1.0);
+  }
+  return true;
+}
+
 inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives_in,
                        const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& start_bias,
                        const std::optional<at::Tensor>& end_bias, bool tril, int64_t ignore_index,
-                       bool compute_grad, std::optional<int64_t> block_bytes) {
+                       bool compute_grad, std::optional<int64_t> block_bytes, double grad_filter) {
   check_arguments(q, k, positives_in, mask, start_bias, end_bias, block_bytes);
+  zlpr::check_grad_filter("global_pointer_zlpr", grad_filter);
   const c10::OptionalDeviceGuard guard(q.device());
   const auto sparse_zlpr = zlpr::sparse_zlpr_op();
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
@@ -310,8 +332,9 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
         }
       }
-      auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc),
-                                                 -1, compute_grad, /*reduction=*/"none");
+      auto [loss, grad] =
+          sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc), -1,
+                                 compute_grad, /*reduction=*/"none", grad_filter);
       row_loss[b].narrow(0, h0, hc).copy_(loss);
       if (!compute_grad) return;
       logits.reset();
@@ -328,6 +351,9 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         // temporary into the fp32 accumulators.
         auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
         auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
+        if (grad_filter > 0 && sparse_head_products(g, k_cols, q_rows, grad_rows, grad_cols)) {
+          continue;
+        }
         if (at::toOpMathType(dtype) == dtype) {
           gemm::mm_out(grad_rows, g, k_cols);
           gemm::addmm_(grad_cols, g.transpose(1, 2), q_rows);

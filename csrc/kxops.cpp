@@ -69,7 +69,7 @@ TORCH_LIBRARY(kxops, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad, "
-      "str reduction='none') -> (Tensor, Tensor)");
+      "str reduction='none', float grad_filter=0.) -> (Tensor, Tensor)");
   // Scales a per-row gradient by grad_loss (shape logits.shape[:-1]).
   m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");
 
@@ -80,13 +80,13 @@ TORCH_LIBRARY(kxops, m) {
   // per block, 0 = chosen from the sizes.
   m.def(
       "linear_sparse_zlpr(Tensor input, Tensor weight, Tensor? bias, Tensor positives, "
-      "int ignore_index, str reduction, bool[3] grad_mask, int block_rows) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index, str reduction, bool[3] grad_mask, int block_rows, "
+      "float grad_filter=0.) -> (Tensor, Tensor, Tensor, Tensor)");
   // Reduction "none"'s backward: the gradients of sum(grad_loss * row loss), logits recomputed.
   m.def(
       "linear_sparse_zlpr_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, "
-      "Tensor positives, int ignore_index, bool[3] grad_mask, int block_rows) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor positives, int ignore_index, bool[3] grad_mask, int block_rows, "
+      "float grad_filter=0.) -> (Tensor, Tensor, Tensor)");
   // Label parallel: per-row [..., 2] log-sums of the negatives' e^s and the positives' e^-s
   // over the weight's classes, [class_offset, class_offset + C) of num_classes (positives hold
   // global ids) ...
@@ -97,7 +97,8 @@ TORCH_LIBRARY(kxops, m) {
   m.def(
       "linear_sparse_zlpr_partials_backward(Tensor grad_loss, Tensor log_z, Tensor input, "
       "Tensor weight, Tensor? bias, Tensor positives, int ignore_index, int class_offset, "
-      "int num_classes, bool[3] grad_mask, int block_rows) -> (Tensor, Tensor, Tensor)");
+      "int num_classes, bool[3] grad_mask, int block_rows, float grad_filter=0.) "
+      "-> (Tensor, Tensor, Tensor)");
   // GlobalPointer span grid + sparse ZLPR without the grid. Returns (loss per (batch, head) row
   // in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias): d row_loss / d input of each
   // row, computed in the forward when compute_grad (empty tensors otherwise, and for a None
@@ -105,7 +106,7 @@ TORCH_LIBRARY(kxops, m) {
   m.def(
       "global_pointer_zlpr(Tensor q, Tensor k, Tensor positives, Tensor? mask, "
       "Tensor? start_bias, Tensor? end_bias, bool tril, int ignore_index, bool compute_grad, "
-      "int? block_bytes=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int? block_bytes=None, float grad_filter=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
   m.def(

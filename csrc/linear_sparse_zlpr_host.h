@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "gemm.h"
+#include "sparse_grad_host.h"
 #include "zlpr_host.h"
 
 namespace kxops::linear_sparse_zlpr {
@@ -151,6 +152,12 @@ struct WeightGrads {
     if (bias.defined()) bias.add_(at::sum(g, at::IntArrayRef{0}, false, bias.scalar_type()), scale);
     first = false;
   }
+  // The same from g's sparse form (see sparse_grad_host.h): accumulated in place.
+  void add(const sparse_grad::SparseRows& g, const Tensor& x, double scale) {
+    if (first && weight.defined()) weight.zero_();
+    sparse_grad::cols_product(g, x, weight, bias, scale);
+    first = false;
+  }
   // Returned in the parameters' dtype; an empty tensor where not requested.
   std::tuple<Tensor, Tensor> finish(const Tensor& w) {
     if (first && weight.defined()) weight.zero_();  // no rows
@@ -176,8 +183,21 @@ struct BlockGrads {
                          : at::empty({0}, x.options())),
         params(weight, grad_mask[1], grad_mask[2] && has_bias) {}
   bool any() const { return want_input || params.weight.defined() || params.bias.defined(); }
+  // The products of g in sparse form (sparse_grad_host.h), for the block's n rows.
+  void add(int64_t start, int64_t n, const sparse_grad::SparseRows& g, const Tensor& x_block,
+           const Tensor& weight, double scale) {
+    if (want_input) sparse_grad::rows_product(g, weight, input.narrow(0, start, n), scale);
+    params.add(g, x_block, scale);
+  }
+  // g's gradient products: from its sparse form where the filter left it sparse enough, else
+  // the dense GEMMs.
   void add(int64_t start, const Tensor& g, const Tensor& x_block, const Tensor& weight,
-           double scale) {
+           double scale, bool filtered) {
+    const Tensor rows_out = want_input ? input.narrow(0, start, g.size(0)) : Tensor();
+    const auto sparse = filtered ? sparse_grad::sparse_rows(
+                                       g, {x_block, weight, rows_out, params.weight, params.bias})
+                                 : std::nullopt;
+    if (sparse.has_value()) return add(start, g.size(0), *sparse, x_block, weight, scale);
     if (want_input) {
       Tensor out = input.narrow(0, start, g.size(0));
       gemm::addmm_out(out, out, g, weight, /*beta=*/0, /*alpha=*/scale);
@@ -191,12 +211,22 @@ struct BlockGrads {
   }
 };
 
+// Whether the block gradients filtered by grad_filter come straight in sparse form (see
+// sparse_grad_host.h): the CPU kernel's, for fp32/fp64 operands the sparse products take.
+inline bool sparse_kernel_output(const Tensor& input, const Tensor& weight, double grad_filter) {
+  const auto type = input.scalar_type();
+  return grad_filter > 0 && input.is_cpu() && (type == at::kFloat || type == at::kDouble) &&
+         weight.stride(1) == 1;
+}
+
 // Each block's logits (one GEMM, in the input dtype) through kxops::sparse_zlpr: calls
-// block(start, row_loss, g) with g = d row_loss / d logits when want_grad (else undefined).
+// block(start, x_block, row_loss, g, sparse) with the gradient d row_loss / d logits when
+// want_grad, its negatives below grad_filter dropped: g dense, or (g undefined) sparse, not
+// null, its sparse form straight from the CPU kernel.
 template <typename Block>
 void for_each_block(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& positives, int64_t ignore_index, int64_t block_rows,
-                    bool want_grad, Block block) {
+                    bool want_grad, double grad_filter, Block block) {
   const int64_t rows = leading_rows(input), features = input.size(-1);
   const Tensor x = input.reshape({rows, features});
   const Tensor ids = positives.reshape({rows, positives.size(-1)});
@@ -205,10 +235,18 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t n = std::min(step, rows - start);
     const Tensor x_block = x.narrow(0, start, n);
-    auto [row_loss, g] =
-        zlpr::sparse_zlpr_op().call(block_logits(x_block, weight, bias), ids.narrow(0, start, n),
-                                    ignore_index, want_grad, /*reduction=*/"none");
-    block(start, x_block, row_loss, want_grad ? g : Tensor());
+    const Tensor logits = block_logits(x_block, weight, bias);
+    if (want_grad && sparse_kernel_output(input, weight, grad_filter)) {
+      auto [row_loss, sparse] = sparse_grad::sparse_zlpr_with_sparse_grad(
+          logits, ids.narrow(0, start, n), ignore_index, grad_filter);
+      if (sparse.has_value()) {
+        block(start, x_block, row_loss, Tensor(), &*sparse);
+        continue;
+      }
+    }
+    auto [row_loss, g] = zlpr::sparse_zlpr_op().call(logits, ids.narrow(0, start, n), ignore_index,
+                                                     want_grad, /*reduction=*/"none", grad_filter);
+    block(start, x_block, row_loss, want_grad ? g : Tensor(), nullptr);
   }
 }
 
@@ -219,19 +257,25 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& positives, int64_t ignore_index, c10::string_view reduction,
-    std::array<bool, 3> grad_mask, int64_t block_rows) {
+    std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr";
   check_arguments(op, input, weight, bias, positives, block_rows);
+  zlpr::check_grad_filter(op, grad_filter);
   zlpr::check_reduction(op, reduction);
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   Tensor row_loss = at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
   BlockGrads grads(rows, input, weight, grad_mask, bias.has_value());
   const double scale = reduction == "mean" && rows > 0 ? 1.0 / static_cast<double>(rows) : 1.0;
-  for_each_block(input, weight, bias, positives, ignore_index, block_rows, grads.any(),
-                 [&](int64_t start, const Tensor& x_block, const Tensor& loss, const Tensor& g) {
+  for_each_block(input, weight, bias, positives, ignore_index, block_rows, grads.any(), grad_filter,
+                 [&](int64_t start, const Tensor& x_block, const Tensor& loss, const Tensor& g,
+                     const sparse_grad::SparseRows* sparse) {
                    row_loss.narrow(0, start, loss.size(0)).copy_(loss);
-                   if (g.defined()) grads.add(start, g, x_block, weight, scale);
+                   if (sparse != nullptr) {
+                     grads.add(start, loss.size(0), *sparse, x_block, weight, scale);
+                   } else if (g.defined()) {
+                     grads.add(start, g, x_block, weight, scale, grad_filter > 0);
+                   }
                  });
   auto [grad_input, grad_weight, grad_bias] = grads.finish(input, weight);
   Tensor loss =
@@ -258,20 +302,30 @@ inline void check_grad_loss(const char* op, const Tensor& grad_loss, const Tenso
 inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
     const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& positives, int64_t ignore_index,
-    std::array<bool, 3> grad_mask, int64_t block_rows) {
+    std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr_backward";
   check_arguments(op, input, weight, bias, positives, block_rows);
+  zlpr::check_grad_filter(op, grad_filter);
   check_grad_loss(op, grad_loss, input);
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   const Tensor row_grad = grad_loss.reshape({rows, 1});
   BlockGrads grads(rows, input, weight, grad_mask, bias.has_value());
   if (grads.any()) {
-    for_each_block(input, weight, bias, positives, ignore_index, block_rows, true,
-                   [&](int64_t start, const Tensor& x_block, const Tensor&, const Tensor& g) {
+    for_each_block(input, weight, bias, positives, ignore_index, block_rows, true, grad_filter,
+                   [&](int64_t start, const Tensor& x_block, const Tensor& loss, const Tensor& g,
+                       const sparse_grad::SparseRows* sparse) {
+                     const Tensor block_grad = row_grad.narrow(0, start, loss.size(0));
+                     if (sparse != nullptr) {
+                       // Each row's entries times its grad_loss (a dropped entry stays 0).
+                       sparse->value.mul_(
+                           at::repeat_interleave(block_grad.squeeze(1), sparse->row_start.diff()));
+                       grads.add(start, loss.size(0), *sparse, x_block, weight, 1.0);
+                       return;
+                     }
                      // In place: the kernel's gradient is this block's own buffer.
-                     g.mul_(row_grad.narrow(0, start, g.size(0)));
-                     grads.add(start, g, x_block, weight, 1.0);
+                     g.mul_(block_grad);
+                     grads.add(start, g, x_block, weight, 1.0, grad_filter > 0);
                    });
   }
   return grads.finish(input, weight);
@@ -391,10 +445,12 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
 inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
     const Tensor& grad_loss, const Tensor& log_z, const Tensor& input, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& positives, int64_t ignore_index,
-    int64_t class_offset, int64_t num_classes, std::array<bool, 3> grad_mask, int64_t block_rows) {
+    int64_t class_offset, int64_t num_classes, std::array<bool, 3> grad_mask, int64_t block_rows,
+    double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr_partials_backward";
   const auto a =
       slice_args(op, input, weight, bias, positives, class_offset, num_classes, block_rows);
+  zlpr::check_grad_filter(op, grad_filter);
   const auto opmath = at::toOpMathType(input.scalar_type());
   const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
   check_grad_loss(op, grad_loss, input);
@@ -426,11 +482,14 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
     // e^{-inf - log Z} = 0 at masked classes (and the spare column): log Z = log(1 + ...) is
     // never -inf.
     s.sub_(z_block.narrow(1, 0, 1)).exp_();
+    // The negatives' own gradients, filtered before the positives' are written in.
+    if (grad_filter > 0) s.masked_fill_(s < grad_filter, 0);
     const Tensor positive_grad =
         at::where(kept, at_positives.neg().sub_(z_block.narrow(1, 1, 1)).exp_().neg_(), 0.0);
     s.scatter_(1, block_index, positive_grad).mul_(row_grad.narrow(0, start, n));
     // The GEMMs take the gradient in the input dtype, as the materialised path's would.
-    grads.add(start, s.narrow(1, 0, a.classes).to(input.scalar_type()), x_block, weight, 1.0);
+    grads.add(start, s.narrow(1, 0, a.classes).to(input.scalar_type()), x_block, weight, 1.0,
+              grad_filter > 0);
   }
   return grads.finish(input, weight);
 }

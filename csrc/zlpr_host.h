@@ -8,6 +8,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 namespace kxops::zlpr {
@@ -113,6 +114,12 @@ inline void check_reduction(const char* op, c10::string_view reduction) {
                     ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
 }
 
+// grad_filter (sparse_zlpr and the fused heads): a finite number >= 0, 0 meaning no filter.
+inline void check_grad_filter(const char* op, double grad_filter) {
+  TORCH_CHECK_VALUE(std::isfinite(grad_filter) && grad_filter >= 0, "kxops.", op,
+                    ": grad_filter must be a finite number >= 0 (0: no filter), got ", grad_filter);
+}
+
 // The row losses reduced by `reduction` (checked): 0-dim for "mean" and "sum", else row_loss.
 inline at::Tensor reduce_rows(const at::Tensor& row_loss, c10::string_view reduction) {
   return reduction == "mean" ? row_loss.mean() : reduction == "sum" ? row_loss.sum() : row_loss;
@@ -139,21 +146,23 @@ void impl_forward_ops(torch::Library& m) {
     auto [row_loss, grad] = dense_kernel(logits, labels, compute_grad, reduction == "mean");
     return std::make_tuple(reduce_rows(row_loss, reduction), grad);
   });
-  m.impl("sparse_zlpr", [](const at::Tensor& logits, const at::Tensor& positives,
-                           int64_t ignore_index, bool compute_grad, c10::string_view reduction) {
-    check_sparse(logits, positives);
-    check_reduction("sparse_zlpr", reduction);
-    auto [row_loss, grad] =
-        sparse_kernel(logits, positives, ignore_index, compute_grad, reduction == "mean");
-    return std::make_tuple(reduce_rows(row_loss, reduction), grad);
-  });
+  m.impl("sparse_zlpr",
+         [](const at::Tensor& logits, const at::Tensor& positives, int64_t ignore_index,
+            bool compute_grad, c10::string_view reduction, double grad_filter) {
+           check_sparse(logits, positives);
+           check_reduction("sparse_zlpr", reduction);
+           check_grad_filter("sparse_zlpr", grad_filter);
+           auto [row_loss, grad] = sparse_kernel(logits, positives, ignore_index, compute_grad,
+                                                 reduction == "mean", grad_filter);
+           return std::make_tuple(reduce_rows(row_loss, reduction), grad);
+         });
 }
 
 // kxops::sparse_zlpr through the dispatcher, for the fused heads' host drivers: the same driver
 // then reaches the CPU or the CUDA row kernel.
 inline auto sparse_zlpr_op() {
   using Signature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                       int64_t, bool, c10::string_view);
+                                                       int64_t, bool, c10::string_view, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("kxops::sparse_zlpr", "").typed<Signature>();
   return op;

@@ -125,20 +125,39 @@ KXOPS_HOST_DEVICE RowSums<acc_t> merge(const RowSums<acc_t>& a, const RowSums<ac
   return {merge(a.neg, b.neg), merge(a.pos, b.pos)};
 }
 
+// A negative's filtered gradient from its unscaled gradient u (see RowGrad): 0 below f, else
+// u * scale. T is acc_t or a CPU vector.
+template <typename T>
+KXOPS_HOST_DEVICE T filtered(T u, T grad_filter, T scale) {
+  return select(u < grad_filter, T(0), u * scale);
+}
+
 // The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} /
 // Z_pos, each part only for a class in that sum (elsewhere 0, even when the other sum is NaN),
 // times scale (1, or 1 / rows for the gradient of the mean loss: see grad_scale).
+//
+// grad_filter f > 0 (the fused heads' negligible-gradient filter): a class in the negative sum
+// only (a negative) whose own gradient u = w_neg e^{s - max_neg} / Z_neg, before the scale, is
+// below f gets 0, and u * scale otherwise; positives are never filtered, a NaN u is kept. f = 0
+// computes exactly the unfiltered expression above.
 template <typename acc_t>
 struct RowGrad {
   acc_t max_neg, inv_neg, max_pos, inv_pos;
+  acc_t unscaled_inv_neg, scale, grad_filter;
 
-  KXOPS_HOST_DEVICE RowGrad(const RowSums<acc_t>& sums, acc_t scale)
+  KXOPS_HOST_DEVICE RowGrad(const RowSums<acc_t>& sums, acc_t scale, acc_t grad_filter = 0)
       : max_neg(sums.neg.max),
         inv_neg(inv_total(sums.neg) * scale),
         max_pos(sums.pos.max),
-        inv_pos(inv_total(sums.pos) * scale) {}
+        inv_pos(inv_total(sums.pos) * scale),
+        unscaled_inv_neg(inv_total(sums.neg)),
+        scale(scale),
+        grad_filter(grad_filter) {}
 
   KXOPS_HOST_DEVICE acc_t operator()(acc_t s, acc_t t) const {
+    if (grad_filter > acc_t(0) && out_of_positive(s, t)) {
+      return filtered(negative_term(s, t, max_neg, unscaled_inv_neg), grad_filter, scale);
+    }
     return negative_term(s, t, max_neg, inv_neg) - positive_term(s, t, max_pos, inv_pos);
   }
 };

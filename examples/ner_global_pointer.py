@@ -9,7 +9,9 @@ sparse ZLPR loss over all spans of every (sequence, type) without building the g
 ``.decode`` lists the spans scored above 0. Prints the span micro-F1 on held-out sequences and
 the process's peak memory.
 
-Usage: ``python examples/ner_global_pointer.py [--steps N] [--quick] [--length L]``.
+Usage: ``python examples/ner_global_pointer.py [--steps N] [--quick] [--length L]
+[--grad-filter F]``; ``--compare-filter [--plot PNG]`` trains exact and with grad_filter 2**-12
+from the same start and prints both span F1 (and draws both loss curves).
 """
 
 import argparse
@@ -64,11 +66,12 @@ def sample_batch(markers, batch, length, generator):
 
 
 class Tagger(nn.Module):
-    def __init__(self):
+    def __init__(self, grad_filter=0.0):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.encoder = kxops.nn.DGCNN(DIM, dilations=(1, 2, 5, 1), drop_gate=0.1)
-        self.head = kxops.nn.EfficientGlobalPointer(DIM, TYPES, HEAD_SIZE)
+        self.head = kxops.nn.EfficientGlobalPointer(DIM, TYPES, HEAD_SIZE,
+                                                    grad_filter=grad_filter)
 
     def hidden(self, tokens, mask):
         return self.encoder(self.embed(tokens), mask.bool())
@@ -95,10 +98,11 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def train(steps, length, device, batch_size=16, seed=0):
+def train(steps, length, device, batch_size=16, seed=0, grad_filter=0.0, losses=None):
+    """The span F1 on held-out sequences; losses (a list, if given) gets every step's loss."""
     torch.manual_seed(seed)
     markers = make_markers(seed)
-    model = Tagger().to(device)
+    model = Tagger(grad_filter).to(device)
     optimizer = kxops.optim.AdaXW(model.parameters(), lr=5e-3, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(seed + 1)
     test = [t.to(device) for t in sample_batch(markers, 256, length,
@@ -111,11 +115,39 @@ def train(steps, length, device, batch_size=16, seed=0):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if losses is not None:
+            losses.append(loss.item())
         if step % max(1, steps // 10) == 0 or step == steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.0f} s)")
     model.eval()
     tokens, mask, gold, _ = test
     return span_f1(model.decode(tokens, mask), gold)
+
+
+def compare(args, steps, device):
+    grad_filter = args.grad_filter or 2.0**-12
+    runs = {}
+    for name, value in (("exact", 0.0), (f"grad_filter={grad_filter:g}", grad_filter)):
+        losses = []
+        runs[name] = (losses, train(steps, args.length, device, grad_filter=value,
+                                    losses=losses))
+    for name, (_, f1) in runs.items():
+        print(f"{name:24s} span micro-F1 {f1:.3f}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (losses, _) in runs.items():
+            ax.plot(losses, label=name, linewidth=1)
+        ax.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
+               title="Nested NER, EfficientGlobalPointer")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"loss curves: {args.plot}")
 
 
 def main():
@@ -125,10 +157,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a short run (a smoke test)")
     parser.add_argument("--min-f1", type=float, default=None,
                         help="exit non-zero if the span F1 ends below this")
+    parser.add_argument("--grad-filter", type=float, default=0.0,
+                        help="the head's grad_filter (0: exact; 2**-12 recommended)")
+    parser.add_argument("--compare-filter", action="store_true",
+                        help="train exact and with grad_filter 2**-12 (or --grad-filter)")
+    parser.add_argument("--plot", help="with --compare-filter: a PNG of the two loss curves")
     args = parser.parse_args()
     steps = 40 if args.quick else args.steps
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    f1 = train(steps, args.length, device)
+    if args.compare_filter:
+        compare(args, steps, device)
+        return
+    f1 = train(steps, args.length, device, grad_filter=args.grad_filter)
     print(f"{steps} steps on {device.type}: span micro-F1 {f1:.3f}, peak memory of the process "
           f"{peak_memory_mib(device):.0f} MiB")
     if args.min_f1 is not None and f1 < args.min_f1:

@@ -10,6 +10,9 @@ block). Prints the peak memory next to what one batch's logits and their gradien
     python examples/xmc_linear_zlpr.py                 # 13.4K labels: a few minutes on 2 CPU cores
     python examples/xmc_linear_zlpr.py --scale 1       # the full 670K labels (a GPU's job)
     python examples/xmc_linear_zlpr.py --scale 0.002   # a quick check
+    python examples/xmc_linear_zlpr.py --compare-filter --plot curves.png
+        # trained exact and with grad_filter=2**-12 from the same start: P@k side by side,
+        # and the two loss curves in one PNG
 """
 
 import argparse
@@ -84,8 +87,49 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grad-filter", type=float, default=0.0,
+                        help="LinearZLPR's grad_filter (0: exact; 2**-12 recommended)")
+    parser.add_argument("--compare-filter", action="store_true",
+                        help="train exact and with grad_filter 2**-12 (or --grad-filter) from "
+                             "the same start; print P@k side by side")
+    parser.add_argument("--plot", help="with --compare-filter: a PNG of the two loss curves")
+    parser.add_argument("--filter-from-epoch", type=int, default=1,
+                        help="the epoch (from 0) from which the filter applies: at initialisation "
+                             "every negative's gradient is about 1/labels, below 2**-12 for more "
+                             "than 4096 labels, so the filter would drop all of them")
     args = parser.parse_args()
+    if args.compare_filter:
+        compare(args)
+    else:
+        train(args, args.grad_filter)
 
+
+def compare(args):
+    """The same run exact and filtered: P@1/3/5 side by side, the loss curves in one PNG."""
+    grad_filter = args.grad_filter or 2.0**-12
+    runs = {"exact": train(args, 0.0), f"grad_filter={grad_filter:g}": train(args, grad_filter)}
+    print("\n" + " " * 24 + "  ".join(f"P@{k}" for k in (1, 3, 5)))
+    for name, (_, precision) in runs.items():
+        print(f"{name:24s}" + "  ".join(f"{p:.3f}" for p in precision))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (losses, _) in runs.items():
+            ax.plot(losses, label=name, linewidth=1)
+        ax.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
+               title="LinearZLPR on synthetic Amazon-670K-like data")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"loss curves: {args.plot}")
+
+
+def train(args, grad_filter):
+    """Trains a head from args.seed; returns (the batch losses, test P@1, P@3, P@5)."""
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     num_labels = max(10, round(AMAZON_670K_LABELS * args.scale))
@@ -96,12 +140,14 @@ def main():
     print(f"{num_labels} labels, {train_x.shape[0]} training examples of {args.dim} features, "
           f"{(train_y >= 0).sum(1).float().mean():.2f} labels per example, on {device}")
 
-    head = kxops.nn.LinearZLPR(args.dim, num_labels, device=device)
+    head = kxops.nn.LinearZLPR(args.dim, num_labels, grad_filter=grad_filter, device=device)
     optimizer = kxops.optim.AdaXW(head.parameters(), lr=args.lr)
     memory = PeakMemory(device)
     memory.start()
     start = time.perf_counter()
+    losses = []
     for epoch in range(args.epochs):
+        head.grad_filter = grad_filter if epoch >= args.filter_from_epoch else 0.0
         order = torch.randperm(train_x.shape[0], generator=generator)
         total = 0.0
         for batch in order.split(args.batch_size):
@@ -109,8 +155,10 @@ def main():
             loss = head(train_x[batch].to(device), train_y[batch].to(device))
             loss.backward()
             optimizer.step()
-            total += loss.item() * batch.numel()
-        print(f"epoch {epoch + 1}: loss {total / train_x.shape[0]:.4f} "
+            losses.append(loss.item())
+            total += losses[-1] * batch.numel()
+        print(f"grad_filter={grad_filter:g} epoch {epoch + 1}: loss "
+              f"{total / train_x.shape[0]:.4f} "
               f"({time.perf_counter() - start:.0f} s)")
 
     grown = memory.growth()
@@ -120,7 +168,9 @@ def main():
           f"materialised logits and their gradient alone: {logits_bytes / 2**20:.0f} MiB")
     _, top = head.predict(test_x.to(device), k=5)
     top, positives = top.cpu(), test_y
-    print("test " + ", ".join(f"P@{k} {precision_at(top, positives, k):.3f}" for k in (1, 3, 5)))
+    precision = [precision_at(top, positives, k) for k in (1, 3, 5)]
+    print("test " + ", ".join(f"P@{k} {p:.3f}" for k, p in zip((1, 3, 5), precision)))
+    return losses, precision
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 
 from kxops import _ext
 from kxops.reference import global_pointer_zlpr as ref
-from kxops.reference.zlpr import opmath_dtype, reduce_loss
+from kxops.reference.zlpr import check_grad_filter, opmath_dtype, reduce_loss
 
 
 def _autocast_enabled(device_type):
@@ -32,7 +32,8 @@ def _check_block_bytes(block_bytes):
 
 def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor,
                              mask=None, *, start_bias=None, end_bias=None, tril: bool = True,
-                             ignore_index: int = -1, reduction: str = "mean", block_bytes=None):
+                             ignore_index: int = -1, reduction: str = "mean", block_bytes=None,
+                             grad_filter: float = 0.0):
     """Sparse ZLPR loss of GlobalPointer's span grid, without building the grid.
 
     Equals ``kxops.sparse_zlpr_loss`` on each ``(batch, head)`` row of the grid
@@ -67,6 +68,11 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
     and their gradients (fp32). The gradients are computed in the forward when an input
     requires grad (three GEMMs per block, no recomputation); the backward scales them per row.
     Second derivatives are not supported (use ``kxops.reference.global_pointer_zlpr_loss``).
+
+    ``grad_filter`` (default 0: exact): as ``kxops.linear_sparse_zlpr_loss``'s, on each
+    ``(batch, head)`` row of spans: a negative span whose own gradient is below it gets none
+    (the loss is unchanged); the spans near the positives survive, and each block's two
+    gradient GEMMs run as sparse products over them where few enough survive (CPU fp32/fp64).
     Without a compiled kernel for the device (or under a ``torch.func`` transform) the
     materialised reference runs.
     """
@@ -79,15 +85,17 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
     ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                     ignore_index, reduction)
     block_bytes = _check_block_bytes(block_bytes)
+    grad_filter = check_grad_filter(grad_filter)
     if not _ext.runs_compiled("global_pointer_zlpr", q):
         return ref.global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start_bias,
                                             end_bias=end_bias, tril=tril,
-                                            ignore_index=ignore_index, reduction=reduction)
+                                            ignore_index=ignore_index, reduction=reduction,
+                                            grad_filter=grad_filter)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, start_bias, end_bias))
     row_loss = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias, end_bias,
                                                    tril, ignore_index, needs_grad,
-                                                   block_bytes)[0]
+                                                   block_bytes, grad_filter)[0]
     return reduce_loss(row_loss, reduction, q.dtype)
 
 
@@ -95,7 +103,8 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::global_pointer_zlpr")
     def _global_pointer_zlpr_fake(q, k, positives, mask, start_bias, end_bias, tril,
-                                  ignore_index, compute_grad, block_bytes=None):
+                                  ignore_index, compute_grad, block_bytes=None, grad_filter=0.0):
+        check_grad_filter(grad_filter, "kxops.global_pointer_zlpr: ")
         _ext.check_devices("global_pointer_zlpr", "q", q, k=k, positives=positives, mask=mask,
                            start_bias=start_bias, end_bias=end_bias)
         ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
@@ -111,10 +120,10 @@ if _ext.LOADED:
                   for bias in (start_bias, end_bias)))
 
     def _setup_context(ctx, inputs, output):
-        q, k, positives, mask, start_bias, end_bias, tril, ignore_index, compute_grad, block = (
-            inputs)
+        q, k, positives, mask, start_bias, end_bias, tril, ignore_index, compute_grad = inputs[:9]
+        ctx.num_inputs = len(inputs)
         ctx.grad_computed = compute_grad
-        ctx.config = (tril, ignore_index, True, block)
+        ctx.config = (tril, ignore_index, True, *inputs[9:])  # block_bytes, grad_filter
         ctx.has_bias = (start_bias is not None, end_bias is not None)
         if compute_grad:
             ctx.save_for_backward(mask, *output[1:])
@@ -137,7 +146,7 @@ if _ext.LOADED:
                 "kxops.global_pointer_zlpr_loss does not support double backward (second-order "
                 "gradients); use kxops.reference.global_pointer_zlpr_loss for them")
         if grad_loss is None:
-            return (None,) * 10
+            return (None,) * ctx.num_inputs
         if ctx.grad_computed:
             mask, *grads = ctx.saved_tensors
         else:
@@ -151,7 +160,8 @@ if _ext.LOADED:
         grad_q, grad_k = (_scaled(g, scale[..., None], padded_rows) for g in grads[:2])
         grad_start, grad_end = (_scaled(g, scale, padded) if has else None
                                 for g, has in zip(grads[2:], ctx.has_bias))
-        return grad_q, grad_k, None, None, grad_start, grad_end, None, None, None, None
+        return (grad_q, grad_k, None, None, grad_start, grad_end,
+                *(None,) * (ctx.num_inputs - 6))
 
     torch.library.register_autograd("kxops::global_pointer_zlpr", _backward,
                                     setup_context=_setup_context)

@@ -51,7 +51,7 @@ def block_rows_for(rows, weight):
 
 def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,
                             bias=None, *, ignore_index: int = -1, reduction: str = "mean",
-                            process_group=None, block_rows=None):
+                            process_group=None, block_rows=None, grad_filter: float = 0.0):
     """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)`` without the logits.
 
     ``input`` ``[..., d]`` (every leading index is a row), ``weight`` ``[C, d]`` and ``bias``
@@ -81,8 +81,23 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
     raises on every rank (checked before the first data collective).
 
     Second derivatives (mean/sum, one process) run through the reference's autograd
-    (materialised); ``"none"`` and label parallel refuse them.
+    (materialised, unfiltered); ``"none"`` and label parallel refuse them.
+
+    ``grad_filter`` (``f``, default 0: exact, bit for bit the call without it): skip the
+    negligible negatives' gradients, as Cut Cross-Entropy does for single-label cross-entropy.
+    The loss stays exact; in the gradient of each row's loss with respect to its logits
+    (before the reduction's scale and the upstream gradient), every negative entry
+    ``e^{s_j} / (1 + sum_neg e^s)`` below ``f`` is set to 0 (positives never), whatever the
+    block size, thread count or device. The dropped entries are each below ``f`` and together
+    below the row's negative gradient mass ``Z_neg / (1 + Z_neg) < 1``, so per row the logits'
+    gradient changes by at most ``f`` per entry (max norm) and ``min(C * f, 1)`` in L1.
+    Recommended: ``2**-12`` (bf16's resolution, Cut Cross-Entropy's choice): on a trained head
+    a few hard negatives per row survive, and the two gradient GEMMs then run as sparse
+    products over the surviving entries (CPU fp32/fp64; a block where more than 5% survive, or
+    any other device or dtype, keeps the dense GEMMs). ``f`` must be a finite number >= 0
+    (``ValueError`` otherwise).
     """
+    grad_filter = zlpr_ref.check_grad_filter(grad_filter)
     if (isinstance(input, torch.Tensor) and _autocast_enabled(input.device.type)
             and input.is_floating_point() and input.dtype != torch.float64):
         # The logits GEMM runs in the autocast dtype, as F.linear's would.
@@ -91,18 +106,21 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
                                for t in (input, weight, bias))
     if process_group is not None:
         return _label_parallel(input, weight, bias, positives, ignore_index, reduction,
-                               block_rows, process_group)
+                               block_rows, process_group, grad_filter)
     block = _check_block_rows(block_rows)
     ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
     if not _ext.runs_compiled("linear_sparse_zlpr", input) or any(
             isinstance(t, torch.Tensor) and t.layout != torch.strided
             for t in (input, weight, bias, positives)):
         return ref.linear_sparse_zlpr_loss(input, weight, positives, bias,
-                                           ignore_index=ignore_index, reduction=reduction)
+                                           ignore_index=ignore_index, reduction=reduction,
+                                           grad_filter=grad_filter)
     # "none": the gradients need each row's upstream gradient; backward computes them.
     grad_mask = [reduction != "none" and _needs_grad(t) for t in (input, weight, bias)]
+    # The op's grad_filter argument only when set: its default call stays the one of before.
+    options = (grad_filter,) if grad_filter else ()
     loss = torch.ops.kxops.linear_sparse_zlpr(input, weight, bias, positives, ignore_index,
-                                              reduction, grad_mask, block)[0]
+                                              reduction, grad_mask, block, *options)[0]
     return loss.to(input.dtype)
 
 
@@ -118,9 +136,9 @@ def _slice_ops(input):
                                   num_classes)
 
     def backward(grad_loss, log_z, input, weight, bias, positives, ignore_index, offset,
-                 num_classes, grad_mask, block):
+                 num_classes, grad_mask, block, grad_filter):
         return ref.slice_partials_backward(grad_loss, log_z, input, weight, bias, positives,
-                                           ignore_index, offset, num_classes)
+                                           ignore_index, offset, num_classes, grad_filter)
 
     return partials, backward
 
@@ -132,29 +150,29 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, positives, ignore_index, block, group, offset,
-                num_classes):
+                num_classes, grad_filter):
         partials_op, _ = _slice_ops(input)
         args = (positives, ignore_index, offset, num_classes)
         partials = _merge_over_ranks(partials_op(input, weight, bias, *args, block), group)
         log_z = torch.logaddexp(partials, partials.new_zeros(()))
         ctx.save_for_backward(input, weight, bias, positives, log_z)
-        ctx.config = (ignore_index, offset, num_classes, block, group)
+        ctx.config = (ignore_index, offset, num_classes, block, group, grad_filter)
         return log_z.sum(-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         input, weight, bias, positives, log_z = ctx.saved_tensors
-        ignore_index, offset, num_classes, block, group = ctx.config
+        ignore_index, offset, num_classes, block, group, grad_filter = ctx.config
         mask = list(ctx.needs_input_grad[:3])
         _, backward_op = _slice_ops(input)
         grad_input, grad_weight, grad_bias = backward_op(
             grad_loss, log_z, input, weight, bias, positives, ignore_index, offset, num_classes,
-            mask, block)
+            mask, block, grad_filter)
         if mask[0]:
             torch.distributed.all_reduce(grad_input, group=group)
         return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-                grad_bias if mask[2] else None, None, None, None, None, None, None)
+                grad_bias if mask[2] else None, None, None, None, None, None, None, None)
 
 
 def _merge_over_ranks(partials, group):
@@ -167,7 +185,7 @@ def _merge_over_ranks(partials, group):
 
 
 def _label_parallel(input, weight, bias, positives, ignore_index, reduction, block_rows,
-                    group):
+                    group, grad_filter):
     """Checks every rank's arguments in one first collective (a bad argument raises on every
     rank, nothing waits for a rank that raised), then the recompute path over the ranks."""
     import torch.distributed as dist
@@ -212,7 +230,7 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
                          f"for {num_classes} classes (valid: 0..{num_classes - 1}, or "
                          f"ignore_index={ignore_index} for padding)")
     row_loss = _Recompute.apply(input, weight, bias, positives, ignore_index, block, group,
-                                offset, num_classes)
+                                offset, num_classes, grad_filter)
     return zlpr_ref.reduce_loss(row_loss, reduction, input.dtype)
 
 
@@ -230,7 +248,9 @@ if _ext.LOADED:
         return tuple(input.new_empty(shape if want else (0,))
                      for want, shape in zip(present, shapes))
 
-    def _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, **others):
+    def _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter=0.0,
+                    **others):
+        zlpr_ref.check_grad_filter(grad_filter, f"kxops.{op}: ")
         _ext.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
                            **others)
         ref.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
@@ -246,9 +266,9 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr")
     def _forward_fake(input, weight, bias, positives, ignore_index, reduction, grad_mask,
-                      block_rows):
+                      block_rows, grad_filter=0.0):
         _check_fake("linear_sparse_zlpr", input, weight, bias, positives, ignore_index,
-                    block_rows)
+                    block_rows, grad_filter)
         zlpr_ref.check_reduction(reduction)
         loss = input.new_empty(input.shape[:-1] if reduction == "none" else (),
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
@@ -256,9 +276,9 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_backward")
     def _backward_fake(grad_loss, input, weight, bias, positives, ignore_index, grad_mask,
-                       block_rows):
+                       block_rows, grad_filter=0.0):
         op = "linear_sparse_zlpr_backward"
-        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
+        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
                     grad_loss=grad_loss)
         _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         return _grads_fake(input, weight, bias, grad_mask)
@@ -274,9 +294,10 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_partials_backward")
     def _partials_backward_fake(grad_loss, log_z, input, weight, bias, positives, ignore_index,
-                                class_offset, num_classes, grad_mask, block_rows):
+                                class_offset, num_classes, grad_mask, block_rows,
+                                grad_filter=0.0):
         op = "linear_sparse_zlpr_partials_backward"
-        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows,
+        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
                     grad_loss=grad_loss, log_z=log_z)
         _check_slice_fake(op, weight, class_offset, num_classes)
         _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
@@ -289,8 +310,9 @@ if _ext.LOADED:
         return _grads_fake(input, weight, bias, grad_mask)
 
     def _setup_context(ctx, inputs, output):
-        input, weight, bias, positives, ignore_index, reduction, grad_mask, block_rows = inputs
+        input, weight, bias, positives, ignore_index, reduction, grad_mask, block_rows = inputs[:8]
         ctx.save_for_backward(input, weight, bias, positives, *output[1:])
+        ctx.options = tuple(inputs[8:])  # grad_filter, where given
         ctx.config = (ignore_index, reduction, tuple(grad_mask), block_rows)
         # The gradient outputs are internal: no zeros for their "gradients" per backward.
         ctx.set_materialize_grads(False)
@@ -308,18 +330,20 @@ if _ext.LOADED:
         if grad_loss is not None and reduction == "none":
             total = torch.ops.kxops.linear_sparse_zlpr_backward(
                 grad_loss, input, weight, bias, positives, ignore_index, list(wanted),
-                block_rows)
+                block_rows, *ctx.options)
         elif grad_loss is not None:
             if any(w and not m for w, m in zip(wanted, grad_mask)):
                 saved = torch.ops.kxops.linear_sparse_zlpr(input, weight, bias, positives,
                                                            ignore_index, reduction,
-                                                           list(wanted), block_rows)[1:]
+                                                           list(wanted), block_rows,
+                                                           *ctx.options)[1:]
             total = [g * grad_loss if w else None for g, w in zip(saved, wanted)]
         if any(g is not None for g in grads_of_grads):
             hvp = _reference_hvp(input, weight, bias, positives, ignore_index, reduction,
                                  grads_of_grads)
             total = [h if t is None else t if h is None else t + h for t, h in zip(total, hvp)]
-        return (*[t if w else None for t, w in zip(total, wanted)], *(None,) * 5)
+        return (*[t if w else None for t, w in zip(total, wanted)],
+                *(None,) * (5 + len(ctx.options)))
 
     def _reference_hvp(input, weight, bias, positives, ignore_index, reduction, vectors):
         with torch.enable_grad():

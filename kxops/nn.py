@@ -11,6 +11,7 @@ from kxops.gated_conv import dilated_gated_conv1d
 from kxops.global_pointer_zlpr import global_pointer_zlpr_loss
 from kxops.reference.gated_conv import check_dilation, check_drop_gate
 from kxops.reference.global_pointer_zlpr import global_pointer_logits
+from kxops.reference.zlpr import check_grad_filter
 from kxops.zlpr import sparse_zlpr_loss, zlpr_loss
 
 __all__ = ["DGCNN", "DilatedGatedConv1d", "EfficientGlobalPointer", "GlobalPointer",
@@ -183,8 +184,9 @@ class LinearZLPR(nn.Module):
     How the loss is taken is fixed at construction, as in torch's loss modules:
     ``ignore_index``, ``reduction``, ``process_group`` (label parallel: this module holds its
     rank's contiguous slice of the labels, in rank order, and ``num_labels`` is the slice's
-    size; see ``linear_sparse_zlpr_loss``) and ``block_rows`` (rows of logits per block; None:
-    chosen from the sizes).
+    size; see ``linear_sparse_zlpr_loss``), ``block_rows`` (rows of logits per block; None:
+    chosen from the sizes) and ``grad_filter`` (0: exact; ``2**-12`` recommended: skip the
+    negligible negatives' gradients, see ``linear_sparse_zlpr_loss``).
 
     ``forward(input, positives)`` is the loss; ``logits(input)`` the full ``[..., num_labels]``
     scores (materialised); ``predict`` the top-k labels or the labels above a threshold, one
@@ -193,8 +195,8 @@ class LinearZLPR(nn.Module):
     """
 
     def __init__(self, in_features, num_labels, bias=True, *, ignore_index=-1,
-                 reduction="mean", process_group=None, block_rows=None, device=None,
-                 dtype=None):
+                 reduction="mean", process_group=None, block_rows=None, grad_filter=0.0,
+                 device=None, dtype=None):
         super().__init__()
         self.in_features = in_features
         self.num_labels = num_labels
@@ -203,6 +205,7 @@ class LinearZLPR(nn.Module):
         self.reduction = reduction
         self.process_group = process_group
         self.block_rows = block_rows
+        self.grad_filter = check_grad_filter(grad_filter)
         self.weight = nn.Parameter(torch.empty(num_labels, in_features, device=device,
                                                dtype=dtype))
         self.register_parameter("bias", nn.Parameter(torch.empty(
@@ -223,13 +226,14 @@ class LinearZLPR(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, num_labels={self.num_labels}, "
-                f"bias={self.bias is not None}, reduction={self.reduction!r}")
+                f"bias={self.bias is not None}, reduction={self.reduction!r}"
+                + (f", grad_filter={self.grad_filter}" if self.grad_filter else ""))
 
     def forward(self, input, positives):
         return linear_sparse_zlpr_loss(input, self.weight, positives, self.bias,
                                        ignore_index=self.ignore_index, reduction=self.reduction,
                                        process_group=self.process_group,
-                                       block_rows=self.block_rows)
+                                       block_rows=self.block_rows, grad_filter=self.grad_filter)
 
     def logits(self, input):
         """``input @ weight.T + bias``: ``[..., num_labels]``, materialised."""
@@ -294,8 +298,9 @@ class _GlobalPointerBase(nn.Module):
     Subclasses give ``_projections(hidden) -> (q, k, start_bias, end_bias)`` with q, k
     ``[B, heads, L, head_size]`` (RoPE and the 1/sqrt(head_size) scale applied)."""
 
-    def __init__(self, heads, head_size, rope, tril_mask):
+    def __init__(self, heads, head_size, rope, tril_mask, grad_filter):
         super().__init__()
+        self.grad_filter = check_grad_filter(grad_filter)
         heads, head_size = operator.index(heads), operator.index(head_size)
         if heads < 1 or head_size < 1:
             raise ValueError(f"heads and head_size must be >= 1, got {heads}, {head_size}")
@@ -316,14 +321,16 @@ class _GlobalPointerBase(nn.Module):
         return global_pointer_logits(q, k, mask, start_bias=start, end_bias=end,
                                      tril=self.tril_mask)
 
-    def loss(self, hidden, mask, positives, *, ignore_index=-1, reduction="mean"):
+    def loss(self, hidden, mask, positives, *, ignore_index=-1, reduction="mean",
+             grad_filter=None):
         """``kxops.global_pointer_zlpr_loss`` of the scores, without the grid. ``mask``
         ``[B, L]`` (bool or 0/1, nonzero = keep, or None); ``positives`` ``[B, heads, P]`` span
-        ids ``start * L + end``."""
+        ids ``start * L + end``; ``grad_filter``: None takes the constructor's."""
         q, k, start, end = self._projections(hidden)
-        return global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start, end_bias=end,
-                                        tril=self.tril_mask, ignore_index=ignore_index,
-                                        reduction=reduction)
+        return global_pointer_zlpr_loss(
+            q, k, positives, mask, start_bias=start, end_bias=end, tril=self.tril_mask,
+            ignore_index=ignore_index, reduction=reduction,
+            grad_filter=self.grad_filter if grad_filter is None else grad_filter)
 
     @torch.no_grad()
     def decode(self, hidden, mask=None, threshold=0.0):
@@ -369,8 +376,8 @@ class GlobalPointer(_GlobalPointerBase):
     trained bert4torch ``GlobalPointer`` loads with ``load_state_dict`` and scores the same."""
 
     def __init__(self, hidden_size, heads, head_size=64, rope=True, use_bias=True,
-                 tril_mask=True, *, device=None, dtype=None):
-        super().__init__(heads, head_size, rope, tril_mask)
+                 tril_mask=True, *, grad_filter=0.0, device=None, dtype=None):
+        super().__init__(heads, head_size, rope, tril_mask, grad_filter)
         self.dense = nn.Linear(hidden_size, self.heads * self.head_size * 2, bias=use_bias,
                                device=device, dtype=dtype)
 
@@ -389,8 +396,8 @@ class EfficientGlobalPointer(_GlobalPointerBase):
     does; a trained bert4torch ``EfficientGlobalPointer`` loads and scores the same."""
 
     def __init__(self, hidden_size, heads, head_size=64, rope=True, use_bias=True,
-                 tril_mask=True, *, device=None, dtype=None):
-        super().__init__(heads, head_size, rope, tril_mask)
+                 tril_mask=True, *, grad_filter=0.0, device=None, dtype=None):
+        super().__init__(heads, head_size, rope, tril_mask, grad_filter)
         factory = dict(bias=use_bias, device=device, dtype=dtype)
         self.p_dense = nn.Linear(hidden_size, self.head_size * 2, **factory)
         self.q_dense = nn.Linear(self.head_size * 2, self.heads * 2, **factory)

@@ -28,15 +28,15 @@ class _PublicLoss(torch.autograd.Function):
         return None, _logits_grad(ctx, grad_loss, None), *[None] * (ctx.num_args - 1)
 
 
-def _op_loss(op, logits, targets, reduction):
+def _op_loss(op, logits, targets, reduction, options=()):
     """The loss of a public wrapper's op call; targets: the op's arguments between logits and
-    compute_grad. Under torch.compile the op's registered autograd runs: its traced backward
-    has no values to decide a hand-on with."""
+    compute_grad; options: those after reduction. Under torch.compile the op's registered
+    autograd runs: its traced backward has no values to decide a hand-on with."""
     needs_grad = _needs_grad(logits)
     # An fp16 gradient from the forward serves only the hand-on, which is CPU-only: elsewhere
     # fp16's backward takes its product from an fp32 recomputation (see _loss_grad).
     compute_grad = needs_grad and (logits.dtype != torch.float16 or logits.device.type == "cpu")
-    args = (logits, *targets, compute_grad, reduction)
+    args = (logits, *targets, compute_grad, reduction, *options)
     if needs_grad and not torch.compiler.is_compiling():
         return _PublicLoss.apply(op, *args)
     return op(*args)[0]
@@ -67,7 +67,7 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
 
 
 def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_index: int = -1,
-                     reduction: str = "mean"):
+                     reduction: str = "mean", grad_filter: float = 0.0):
     """ZLPR loss with labels as class indices: ``positives`` int32/int64 ``[..., P]``.
 
     Entries equal to ``ignore_index`` are padding; duplicates count once; the negative sum is
@@ -75,14 +75,21 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     CPU; on CUDA the compiled kernel raises a device-side assert, as ``torch.gather`` does.
     ``ignore_index`` is any int64, compared with the indices as int64: one that int32
     positives cannot hold marks no entry as padding. NaN and inf as in ``zlpr_loss``.
+
+    ``grad_filter`` (default 0: exact): in each row's gradient, before the reduction's scale,
+    every negative entry ``e^{s_j} / (1 + sum_neg e^s)`` below it is set to 0 (positives never);
+    the loss is unchanged. See ``linear_sparse_zlpr_loss`` for its bound and use.
     """
     ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    grad_filter = ref.check_grad_filter(grad_filter)
     if _ext.runs_compiled("zlpr", logits):
+        # The op's grad_filter argument only when set: its default call stays the one of before.
+        options = (grad_filter,) if grad_filter else ()
         loss = _op_loss(torch.ops.kxops.sparse_zlpr, logits, (positives, ignore_index),
-                        reduction)
+                        reduction, options)
         return ref.in_dtype(loss, logits.dtype)
     return ref.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
-                                reduction=reduction)
+                                reduction=reduction, grad_filter=grad_filter)
 
 
 def _fake_forward(logits, compute_grad, reduction):
@@ -103,11 +110,16 @@ def _save_grad(ctx, inputs, output, public=False):
     detached, so that ctx holds no reference back to the graph: see _loss_grad. Elsewhere the
     check that allows the hand-on would synchronise (CUDA), a direct caller still sees the
     tensor, and saved-tensor hooks must see it."""
-    *args, compute_grad, reduction = inputs
-    ctx.op = torch.ops.kxops.zlpr if len(args) == 2 else torch.ops.kxops.sparse_zlpr
+    # zlpr: (logits, labels, compute_grad, reduction); sparse_zlpr: (logits, positives,
+    # ignore_index, compute_grad, reduction[, grad_filter]).
+    sparse = len(inputs) >= 5
+    args, (compute_grad, reduction), options = (
+        (inputs[:3], inputs[3:5], inputs[5:]) if sparse else (inputs[:2], inputs[2:4], ()))
+    ctx.op = torch.ops.kxops.sparse_zlpr if sparse else torch.ops.kxops.zlpr
     ctx.num_args = len(inputs)
     ctx.ignore_index = args[2:]
     ctx.reduction = reduction
+    ctx.options = tuple(options)  # grad_filter, for a recomputation
     grad = output[1] if compute_grad else None
     hand_on = (compute_grad and public and grad.device.type == "cpu"
                and not _saved_tensors_hooks_active())
@@ -128,7 +140,7 @@ def _saved_tensors_hooks_active():
 
 
 def _recomputed_grad(ctx, logits, targets):
-    return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.reduction)[1]
+    return ctx.op(logits, targets, *ctx.ignore_index, True, ctx.reduction, *ctx.options)[1]
 
 
 def _take_forward_grad(ctx):
@@ -219,7 +231,9 @@ if _ext.LOADED:
         return _fake_forward(logits, compute_grad, reduction)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
-    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, reduction="none"):
+    def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, reduction="none",
+                          grad_filter=0.0):
+        ref.check_grad_filter(grad_filter, "kxops.sparse_zlpr: ")
         _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
         ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
         _ext.check_kernel_dtype("sparse_zlpr", "logits", logits)
@@ -239,7 +253,7 @@ if _ext.LOADED:
         return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None
 
     def _sparse_zlpr_backward(ctx, grad_loss, grad_of_grad):
-        return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None, None
+        return _logits_grad(ctx, grad_loss, grad_of_grad), *[None] * (ctx.num_args - 1)
 
     def _save_scaling(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

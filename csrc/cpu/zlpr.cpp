@@ -12,12 +12,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "cpu/nonzeros.h"
 #include "cpu/vec_math.h"
+#include "sparse_grad_host.h"
 #include "zlpr_host.h"
 #include "zlpr_math.h"
 
@@ -243,14 +247,33 @@ ExpSum<acc_t> finite_positive_terms(const Positives<acc_t>& kept, std::vector<ac
   return negative_terms(terms.data(), n, row_max(terms.data(), n));
 }
 
+// A sparse row's scale and grad_filter (see RowGrad).
+template <typename acc_t>
+struct GradOptions {
+  acc_t scale, filter;
+};
+
+// s holds the negatives' terms e^{s - max} (0 at the positives): their gradients, filtered
+// when options.filter > 0 (the same values as RowGrad's).
+template <typename acc_t>
+void negative_grads(acc_t* s, int64_t n, const RowGrad<acc_t>& finish, GradOptions<acc_t> options) {
+  using Vec = Vectorized<acc_t>;
+  if (options.filter > acc_t(0)) {
+    const Vec inv(finish.unscaled_inv_neg), filter(options.filter), scale(options.scale);
+    at::vec::map([&](Vec e) { return filtered(e * inv, filter, scale); }, s, s, n);
+  } else {
+    const Vec inv_neg(finish.inv_neg);
+    at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);
+  }
+}
+
 // One sparse row whose logits are in s (opmath, its private copy), row_max of them in
 // logits_max. Returns false, with s overwritten and nothing written, when the negative sum is
 // not finite: the caller then reloads the row into exact_sparse_row. Otherwise as zlpr_row.
 template <typename acc_t, typename scalar_t, typename index_t>
 bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* positives,
                      int64_t per_row, int64_t ignore_index, Positives<acc_t>& kept,
-                     acc_t grad_scale, acc_t* loss, scalar_t* grad) {
-  using Vec = Vectorized<acc_t>;
+                     GradOptions<acc_t> options, acc_t* loss, scalar_t* grad) {
   take_positives(s, n, positives, per_row, ignore_index, kept);
   // The negatives' maximum is the row's unless a positive reaches it (or it is NaN).
   const bool positive_on_top = std::any_of(kept.begin(), kept.end(), [&](const auto& positive) {
@@ -271,9 +294,8 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* posit
   }
   *loss = sums.loss();
   if (grad == nullptr) return true;
-  const RowGrad<acc_t> finish(sums, grad_scale);
-  const Vec inv_neg(finish.inv_neg);
-  at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);
+  const RowGrad<acc_t> finish(sums, options.scale, options.filter);
+  negative_grads(s, n, finish, options);
   // A positive is in the positive sum only (t = 1): finish(logit, 1) = -term * inv_pos.
   for (size_t k = 0; k < kept.size(); ++k) {
     const auto& [index, logit] = kept[k];
@@ -286,13 +308,13 @@ bool sparse_zlpr_row(acc_t* s, int64_t n, acc_t logits_max, const index_t* posit
 // The sparse row through the shared math: s holds the row's logits with its positives (kept,
 // from take_positives) at -inf, so every other class is a negative (target 0).
 template <typename acc_t, typename scalar_t>
-void exact_sparse_row(const acc_t* s, int64_t n, const Positives<acc_t>& kept, acc_t grad_scale,
-                      acc_t* loss, scalar_t* grad) {
+void exact_sparse_row(const acc_t* s, int64_t n, const Positives<acc_t>& kept,
+                      GradOptions<acc_t> options, acc_t* loss, scalar_t* grad) {
   RowSums<acc_t> sums = exact_sums(s, n, [](int64_t) { return acc_t(0); });
   for (const auto& [index, logit] : kept) sums.add(logit, acc_t(1));
   *loss = sums.loss();
   if (grad == nullptr) return;
-  const RowGrad<acc_t> finish(sums, grad_scale);
+  const RowGrad<acc_t> finish(sums, options.scale, options.filter);
   for (int64_t j = 0; j < n; ++j) grad[j] = static_cast<scalar_t>(finish(s[j], acc_t(0)));
   for (const auto& [index, logit] : kept) {
     grad[index] = static_cast<scalar_t>(finish(logit, acc_t(1)));
@@ -370,26 +392,36 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::
   });
 }
 
+// One sparse row (logits_row, n classes): its loss and, when g is not null, its gradient; s is
+// the row's opmath working buffer, and g may be s itself.
+template <typename acc_t, typename scalar_t, typename index_t, typename grad_t>
+void sparse_row(const scalar_t* logits_row, acc_t* s, int64_t n, const index_t* positives,
+                int64_t per_row, int64_t ignore_index, GradOptions<acc_t> options, acc_t* loss,
+                grad_t* g) {
+  thread_local Positives<acc_t> kept;
+  const acc_t logits_max = copy_with_max(logits_row, s, n);
+  if (sparse_zlpr_row(s, n, logits_max, positives, per_row, ignore_index, kept, options, loss, g)) {
+    return;
+  }
+  at::vec::convert(logits_row, s, n);
+  for (const auto& [index, logit] : kept) s[index] = kNegInf<acc_t>;
+  exact_sparse_row(s, n, kept, options, loss, g);
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                                                    const at::Tensor& positives_in,
                                                    int64_t ignore_index, bool compute_grad,
-                                                   bool grad_of_mean) {
+                                                   bool grad_of_mean, double grad_filter) {
   const auto positives = positives_in.contiguous();
   const int64_t per_row = positives.size(-1);
   return run_rows(logits, compute_grad, grad_of_mean, [&](int64_t n, auto scale, auto run) {
     using acc_t = decltype(scale);
+    const GradOptions<acc_t> options{scale, static_cast<acc_t>(grad_filter)};
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
       const index_t* index_data = positives.const_data_ptr<index_t>();
       run([&](int64_t row, const auto* logits_row, acc_t* s, acc_t* loss, auto* g) {
-        thread_local Positives<acc_t> kept;
-        const acc_t logits_max = copy_with_max(logits_row, s, n);
-        if (sparse_zlpr_row(s, n, logits_max, index_data + row * per_row, per_row, ignore_index,
-                            kept, scale, loss, g)) {
-          return;
-        }
-        at::vec::convert(logits_row, s, n);
-        for (const auto& [index, logit] : kept) s[index] = kNegInf<acc_t>;
-        exact_sparse_row(s, n, kept, scale, loss, g);
+        sparse_row(logits_row, s, n, index_data + row * per_row, per_row, ignore_index, options,
+                   loss, g);
       });
     });
   });
@@ -402,6 +434,51 @@ at::Tensor zlpr_backward(const at::Tensor& grad_loss, const at::Tensor& grad) {
   return at::mul_out(out, grad, grad_loss.unsqueeze(-1));
 }
 
+// The rows of sparse_zlpr_with_sparse_grad, each row's nonzero gradients kept in its task's
+// buffers (in row order); nothing once more than max_density() of the gradient survives.
+template <typename T, typename index_t>
+std::optional<sparse_grad::SparseRows> rows_with_sparse_grad(const at::Tensor& logits,
+                                                             const at::Tensor& positives,
+                                                             int64_t ignore_index,
+                                                             double grad_filter,
+                                                             at::Tensor& row_loss) {
+  const int64_t rows = logits.size(0), n = logits.size(1), per_row = positives.size(1);
+  const double limit = sparse_grad::max_density() * static_cast<double>(rows * n);
+  const GradOptions<T> options{T(1), static_cast<T>(grad_filter)};
+  const T* data = logits.const_data_ptr<T>();
+  const index_t* ids = positives.const_data_ptr<index_t>();
+  T* loss = row_loss.mutable_data_ptr<T>();
+  std::vector<std::pair<std::vector<int64_t>, std::vector<T>>> chunks(rows);  // at task starts
+  at::Tensor row_start = at::empty({rows + 1}, logits.options().dtype(at::kLong));
+  int64_t* start = row_start.mutable_data_ptr<int64_t>();
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
+    auto& [cols, values] = chunks[begin];
+    T* s = row_buffer<T>(n);
+    for (int64_t row = begin; row < end && static_cast<double>(total.load()) <= limit; ++row) {
+      sparse_row(data + row * n, s, n, ids + row * per_row, per_row, ignore_index, options,
+                 loss + row, s);
+      const int64_t count = sparse_grad::count_nonzeros(s, n), at = cols.size();
+      cols.resize(at + count);
+      values.resize(at + count);
+      sparse_grad::take_nonzeros(s, n, cols.data() + at, values.data() + at);
+      start[row + 1] = count;
+      total += count;
+    }
+  });
+  if (static_cast<double>(total.load()) > limit) return std::nullopt;
+  start[0] = 0;
+  for (int64_t row = 0; row < rows; ++row) start[row + 1] += start[row];
+  sparse_grad::SparseRows out{row_start, at::empty({total.load()}, row_start.options()),
+                              at::empty({total.load()}, logits.options()), n};
+  for (int64_t row = 0; row < rows; ++row) {
+    const auto& [cols, values] = chunks[row];
+    std::copy(cols.begin(), cols.end(), out.col.mutable_data_ptr<int64_t>() + start[row]);
+    std::copy(values.begin(), values.end(), out.value.mutable_data_ptr<T>() + start[row]);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_forward_ops<&zlpr_cpu, &sparse_zlpr_cpu>(m); }
@@ -409,3 +486,24 @@ TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_forward_ops<&zlpr_cpu, &sparse_zlpr_cpu
 TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) { m.impl("zlpr_backward", &zlpr_backward); }
 
 }  // namespace kxops::zlpr
+
+namespace kxops::sparse_grad {
+
+std::tuple<at::Tensor, std::optional<SparseRows>> sparse_zlpr_with_sparse_grad(
+    const at::Tensor& logits_in, const at::Tensor& positives_in, int64_t ignore_index,
+    double grad_filter) {
+  TORCH_INTERNAL_ASSERT(logits_in.is_cpu() && logits_in.dim() == 2 && grad_filter > 0);
+  const auto logits = logits_in.contiguous();
+  const auto positives = positives_in.contiguous();
+  at::Tensor row_loss = at::empty({logits.size(0)}, logits.options());
+  std::optional<SparseRows> out;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sparse_zlpr_with_sparse_grad", [&] {
+    AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_with_sparse_grad_index", [&] {
+      out = zlpr::rows_with_sparse_grad<scalar_t, index_t>(logits, positives, ignore_index,
+                                                           grad_filter, row_loss);
+    });
+  });
+  return {row_loss, out};
+}
+
+}  // namespace kxops::sparse_grad

@@ -149,12 +149,13 @@ struct RowPlace {
   int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + local_row;
 };
 
-// The loss of one row and, when grad is not null, its gradient times grad_scale. All kThreads
-// threads of the row call this together.
+// The loss of one row and, when grad is not null, its gradient times grad_scale, negatives
+// below grad_filter dropped (RowGrad). All kThreads threads of the row call this together.
 template <int kThreads, typename scalar_t, typename Targets, typename acc_t>
 __device__ __forceinline__ void zlpr_row(const scalar_t* logits, const Targets& targets,
-                                         scalar_t* grad, acc_t grad_scale, int64_t n, int lane,
-                                         RowShared<acc_t, kThreads>& shared, acc_t* loss) {
+                                         scalar_t* grad, acc_t grad_scale, acc_t grad_filter,
+                                         int64_t n, int lane, RowShared<acc_t, kThreads>& shared,
+                                         acc_t* loss) {
   using Reducer = RowReducer<RowSums<acc_t>, kThreads>;
   RowSums<acc_t> sums;
   visit_row<kThreads>(logits, targets, static_cast<scalar_t*>(nullptr), n, lane,
@@ -174,7 +175,7 @@ __device__ __forceinline__ void zlpr_row(const scalar_t* logits, const Targets& 
   Reducer::sync();
   sums.neg = {shared.sums[0], shared.sums[1]};
   sums.pos = {shared.sums[2], shared.sums[3]};
-  const RowGrad<acc_t> finish(sums, grad_scale);
+  const RowGrad<acc_t> finish(sums, grad_scale, grad_filter);
   visit_row<kThreads>(logits, targets, grad, n, lane, finish);
 }
 
@@ -182,15 +183,16 @@ template <typename scalar_t, typename label_t, int kThreads, int kRows>
 __global__ void __launch_bounds__(kThreads* kRows)
     zlpr_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
                 at::opmath_type<scalar_t>* __restrict__ row_loss, scalar_t* __restrict__ grad,
-                at::opmath_type<scalar_t> grad_scale, int64_t rows, int64_t n) {
+                at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t> grad_filter,
+                int64_t rows, int64_t n) {
   __shared__ RowShared<at::opmath_type<scalar_t>, kThreads> shared[kRows];
   const RowPlace<kThreads, kRows> place;
   // Whole rows only: a warp row, or a block row that always exists.
   if (place.row >= rows) return;
   const int64_t offset = place.row * n;
   zlpr_row<kThreads>(logits + offset, DenseTargets<label_t, kVecWidth<scalar_t>>{labels + offset},
-                     grad == nullptr ? nullptr : grad + offset, grad_scale, n, place.lane,
-                     shared[place.local_row], row_loss + place.row);
+                     grad == nullptr ? nullptr : grad + offset, grad_scale, grad_filter, n,
+                     place.lane, shared[place.local_row], row_loss + place.row);
 }
 
 // Sets bit j of bits (words words, shared memory) for each positive class j of the row. All
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(kThreads* kRows)
                        int64_t per_row, int64_t ignore_index,
                        at::opmath_type<scalar_t>* __restrict__ row_loss,
                        scalar_t* __restrict__ grad, at::opmath_type<scalar_t> grad_scale,
-                       int64_t rows, int64_t n) {
+                       at::opmath_type<scalar_t> grad_filter, int64_t rows, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ RowShared<acc_t, kThreads> shared[kRows];
   extern __shared__ uint32_t bitmaps[];
@@ -230,8 +232,8 @@ __global__ void __launch_bounds__(kThreads* kRows)
       positives + place.row * per_row, per_row, ignore_index, n, words, place.lane, kThreads, bits);
   const int64_t offset = place.row * n;
   zlpr_row<kThreads>(logits + offset, BitmapTargets<kVecWidth<scalar_t>>{bits},
-                     grad == nullptr ? nullptr : grad + offset, grad_scale, n, place.lane,
-                     shared[place.local_row], row_loss + place.row);
+                     grad == nullptr ? nullptr : grad + offset, grad_scale, grad_filter, n,
+                     place.lane, shared[place.local_row], row_loss + place.row);
 }
 
 // A launch's shape: kThreads threads per row, kRows rows per block.
@@ -272,7 +274,8 @@ at::Tensor kernel_labels(const at::Tensor& labels, at::ScalarType logits_type) {
 
 template <typename scalar_t, typename label_t>
 void launch_dense(const at::Tensor& logits, const label_t* labels, at::Tensor& row_loss,
-                  scalar_t* grad, at::opmath_type<scalar_t> grad_scale, int64_t rows, int64_t n) {
+                  scalar_t* grad, at::opmath_type<scalar_t> grad_scale,
+                  at::opmath_type<scalar_t> grad_filter, int64_t rows, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   with_row_shape(n, [&](auto shape) {
@@ -280,14 +283,16 @@ void launch_dense(const at::Tensor& logits, const label_t* labels, at::Tensor& r
     zlpr_kernel<scalar_t, label_t, Shape::kThreads, Shape::kRows>
         <<<grid_size(rows, Shape::kRows), Shape::kBlockThreads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), labels, row_loss.mutable_data_ptr<acc_t>(), grad,
-            grad_scale, rows, n);
+            grad_scale, grad_filter, rows, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits_in,
-                                             const at::Tensor& labels_in, bool compute_grad,
-                                             bool grad_of_mean) {
+// grad_filter: RowGrad's (the sparse op's dense-label route; 0 for kxops::zlpr).
+std::tuple<at::Tensor, at::Tensor> filtered_zlpr_cuda(const at::Tensor& logits_in,
+                                                      const at::Tensor& labels_in,
+                                                      bool compute_grad, bool grad_of_mean,
+                                                      double grad_filter) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const auto labels = kernel_labels(labels_in, logits.scalar_type());
@@ -297,20 +302,30 @@ std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits_in,
   if (rows == 0) return {row_loss, grad};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cuda", [&] {
     scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    const auto scale = grad_scale<at::opmath_type<scalar_t>>(logits, grad_of_mean);
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto scale = grad_scale<acc_t>(logits, grad_of_mean);
+    const auto filter = static_cast<acc_t>(grad_filter);
     const auto type = labels.scalar_type();
     if (type == at::kBool || type == at::kByte) {
       launch_dense(logits, static_cast<const uint8_t*>(labels.const_data_ptr()), row_loss,
-                   grad_data, scale, rows, n);
+                   grad_data, scale, filter, rows, n);
     } else if (type == at::kLong) {
-      launch_dense(logits, labels.const_data_ptr<int64_t>(), row_loss, grad_data, scale, rows, n);
+      launch_dense(logits, labels.const_data_ptr<int64_t>(), row_loss, grad_data, scale, filter,
+                   rows, n);
     } else if (type == at::kFloat) {
-      launch_dense(logits, labels.const_data_ptr<float>(), row_loss, grad_data, scale, rows, n);
+      launch_dense(logits, labels.const_data_ptr<float>(), row_loss, grad_data, scale, filter, rows,
+                   n);
     } else {
-      launch_dense(logits, labels.const_data_ptr<scalar_t>(), row_loss, grad_data, scale, rows, n);
+      launch_dense(logits, labels.const_data_ptr<scalar_t>(), row_loss, grad_data, scale, filter,
+                   rows, n);
     }
   });
   return {row_loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                             bool compute_grad, bool grad_of_mean) {
+  return filtered_zlpr_cuda(logits, labels, compute_grad, grad_of_mean, /*grad_filter=*/0);
 }
 
 // Dense uint8 labels from the positives, for rows with too many classes for a bitmap in shared
@@ -330,14 +345,14 @@ at::Tensor dense_labels(const at::Tensor& positives, int64_t ignore_index,
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
                                                     const at::Tensor& positives_in,
                                                     int64_t ignore_index, bool compute_grad,
-                                                    bool grad_of_mean) {
+                                                    bool grad_of_mean, double grad_filter) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t n = logits_in.size(-1);
   const int64_t rows_per_block = n <= kMaxWarpRowClasses ? kWarpRowsPerBlock : 1;
   const int64_t bitmap_bytes = rows_per_block * ((n + 31) / 32) * 4;
   if (bitmap_bytes > kMaxBitmapBytes) {
-    return zlpr_cuda(logits_in, dense_labels(positives_in, ignore_index, logits_in), compute_grad,
-                     grad_of_mean);
+    return filtered_zlpr_cuda(logits_in, dense_labels(positives_in, ignore_index, logits_in),
+                              compute_grad, grad_of_mean, grad_filter);
   }
   const auto logits = logits_in.contiguous();
   const auto positives = positives_in.contiguous();
@@ -351,13 +366,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
         const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
+        const auto filter = static_cast<acc_t>(grad_filter);
         AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cuda_index", [&] {
           with_row_shape(n, [&](auto shape) {
             using Shape = decltype(shape);
             sparse_zlpr_kernel<scalar_t, index_t, Shape::kThreads, Shape::kRows>
                 <<<grid_size(rows, Shape::kRows), Shape::kBlockThreads, bitmap_bytes, stream>>>(
                     logits.const_data_ptr<scalar_t>(), positives.const_data_ptr<index_t>(), per_row,
-                    ignore_index, row_loss.mutable_data_ptr<acc_t>(), grad_data, scale, rows, n);
+                    ignore_index, row_loss.mutable_data_ptr<acc_t>(), grad_data, scale, filter,
+                    rows, n);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });

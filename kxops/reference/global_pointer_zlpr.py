@@ -92,8 +92,9 @@ def global_pointer_logits(q, k, mask=None, *, start_bias=None, end_bias=None, tr
 
 
 def global_pointer_zlpr_loss(q, k, positives, mask=None, *, start_bias=None, end_bias=None,
-                             tril=True, ignore_index=-1, reduction="mean"):
-    """Sparse ZLPR over each (batch, head)'s span grid; ``none`` keeps ``[B, heads]``."""
+                             tril=True, ignore_index=-1, reduction="mean", grad_filter=0.0):
+    """Sparse ZLPR over each (batch, head)'s span grid; ``none`` keeps ``[B, heads]``;
+    ``grad_filter`` as ``zlpr.filter_negative_grads``."""
     check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril, ignore_index,
                                 reduction)
     length = q.shape[2]
@@ -101,4 +102,4 @@ def global_pointer_zlpr_loss(q, k, positives, mask=None, *, start_bias=None, end
     logits = global_pointer_logits(q, k, mask, start_bias=start_bias, end_bias=end_bias,
                                    tril=tril)
     return zlpr.sparse_zlpr_loss(logits.flatten(-2), positives, ignore_index=ignore_index,
-                                 reduction=reduction)
+                                 reduction=reduction, grad_filter=grad_filter)

@@ -36,12 +36,14 @@ def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
 
 
 def linear_sparse_zlpr_loss(input, weight, positives, bias=None, *, ignore_index=-1,
-                            reduction="mean"):
-    """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)``, the full logits held."""
+                            reduction="mean", grad_filter=0.0):
+    """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)``, the full logits held;
+    ``grad_filter`` as ``zlpr.filter_negative_grads``."""
     check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    grad_filter = zlpr.check_grad_filter(grad_filter)
     logits = torch.nn.functional.linear(input, weight, bias)
     return zlpr.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
-                                 reduction=reduction)
+                                 reduction=reduction, grad_filter=grad_filter)
 
 
 def _slice(logits, positives, ignore_index, class_offset, num_classes):
@@ -66,14 +68,16 @@ def slice_partials(input, weight, bias, positives, ignore_index, class_offset, n
 
 
 def slice_partials_backward(grad_loss, log_z, input, weight, bias, positives, ignore_index,
-                            class_offset, num_classes):
+                            class_offset, num_classes, grad_filter=0.0):
     """Gradients (input's share, weight, bias) of ``sum(grad_loss * row_loss)`` given ``log_z``
     = log(1 + each merged sum): ``e^{s - log Z_neg}`` at a negative, ``-e^{-s - log Z_pos}`` at
-    a positive, 0 at a -inf logit."""
+    a positive, 0 at a -inf logit; a negative's below ``grad_filter`` is 0."""
     logits = torch.nn.functional.linear(input, weight, bias)
     s, pos = _slice(logits, positives, ignore_index, class_offset, num_classes)
     z = log_z.unsqueeze(-2)
-    g = torch.where(pos, -torch.exp(-s - z[..., 1]), torch.exp(s - z[..., 0]))
+    negative = torch.exp(s - z[..., 0])
+    negative = torch.where(negative < grad_filter, 0, negative)
+    g = torch.where(pos, -torch.exp(-s - z[..., 1]), negative)
     g = torch.where(torch.isneginf(s), 0, g) * grad_loss.unsqueeze(-1).to(s.dtype)
     g = g.to(logits.dtype)
     rows = g.reshape(-1, g.shape[-1])

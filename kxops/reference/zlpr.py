@@ -180,6 +180,38 @@ def zlpr_row_loss(logits, labels):
             + log_one_plus_sum_exp(-s, torch.log(t), positives))
 
 
+def check_grad_filter(grad_filter, prefix=""):
+    """grad_filter as a float: a finite number >= 0 (0: no filter), else ValueError."""
+    valid = isinstance(grad_filter, (int, float)) and not isinstance(grad_filter, bool)
+    if not valid or not (0 <= grad_filter < float("inf")):
+        raise ValueError(f"{prefix}grad_filter must be a finite number >= 0 (0: no filter), got "
+                         f"{grad_filter!r}")
+    return float(grad_filter)
+
+
+def filter_negative_grads(logits, labels, grad_filter):
+    """``logits`` with the gradient-filtered negatives cut from autograd (same values).
+
+    A negative (a class in the negative sum only) whose own gradient ``e^{s_j} / (1 + sum_neg
+    e^s)`` (of its row's loss, before any reduction's scale or upstream gradient) is below
+    ``grad_filter`` gets no gradient; positives never lose theirs. 0: ``logits`` itself.
+    """
+    if grad_filter == 0:
+        return logits
+    with torch.no_grad():
+        acc = opmath_dtype(logits.dtype)
+        s, t = logits.detach().to(acc), labels.detach().to(acc)
+        masked = torch.isneginf(s)
+        in_negative = ~(masked | (t >= 1))
+        negative_only = in_negative & (masked | (t <= 0))
+        finite = torch.where(in_negative & torch.isfinite(s), s, 0)
+        top = torch.cat([s.new_zeros((*s.shape[:-1], 1)), finite], -1).amax(-1, keepdim=True)
+        terms = torch.where(in_negative, torch.exp(s - top) * (1 - t), 0)
+        inv_total = 1 / (torch.exp(-top) + terms.sum(-1, keepdim=True))
+        drop = negative_only & (terms * inv_total < grad_filter)
+    return torch.where(drop, logits.detach(), logits)
+
+
 def zlpr_loss(logits, labels, *, reduction="mean"):
     """ZLPR loss with dense hard (bool/int/0-1 float) or soft (float in [0, 1]) labels."""
     check_zlpr_inputs(logits, labels, reduction)
@@ -197,13 +229,16 @@ def positives_to_dense(positives, ignore_index, num_classes):
     return dense.scatter(-1, index, True)[..., :num_classes]
 
 
-def sparse_zlpr_loss(logits, positives, *, ignore_index=-1, reduction="mean"):
+def sparse_zlpr_loss(logits, positives, *, ignore_index=-1, reduction="mean", grad_filter=0.0):
     """ZLPR loss with labels given as positive class indices per row, padded by ignore_index.
 
     The negative sum runs over the classes that are not positive (exact, no subtraction).
+    ``grad_filter``: see ``filter_negative_grads`` (the loss is unchanged).
     """
     check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    grad_filter = check_grad_filter(grad_filter)
     num_classes = logits.shape[-1]
     check_positives_in_range(positives, ignore_index, num_classes)
     labels = positives_to_dense(positives, ignore_index, num_classes)
+    logits = filter_negative_grads(logits, labels, grad_filter)
     return reduce_loss(zlpr_row_loss(logits, labels), reduction, logits.dtype)

@@ -699,3 +699,133 @@ def test_both_cpu_gemm_engines(cpu_gemm, tril, mask, heads):
     q, k, sb, eb, pos, m = make_problem(2, heads, 150, 16, dtype=torch.float32, mask=mask)
     assert_same(loss_and_grads(fused, q, k, pos, m, sb, eb, tril),
                 loss_and_grads(materialised, q, k, pos, m, sb, eb, tril))
+
+
+# ---- grad_filter: the negligible negative spans' gradients dropped ----
+
+FILTER = 2.0**-12
+
+
+def trained_like(batch=2, heads=3, length=90, dim=16, entities=4, dtype=torch.float64,
+                 seed=0):
+    """A trained-like grid: every span near -12 (a constant last dimension), each (batch, head)
+    row's entity spans near +4 and the spans that end one step off near -2.4; q and k are
+    multiples of 1/64 and 1/256, so that every GEMM order gives the logits exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    q = 0.3 * torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64)
+    k = 0.05 * torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64)
+    q[..., -1], k[..., -1] = 4.0, -3.0
+    start = torch.randint(0, length - 12, (batch, heads, entities), generator=gen)
+    end = start + torch.randint(1, 10, (batch, heads, entities), generator=gen)
+    direction = torch.nn.functional.normalize(
+        torch.randn(batch, heads, entities, dim - 1, generator=gen, dtype=torch.float64), dim=-1)
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(entities):
+                i, j, r = start[b, h, t], end[b, h, t], direction[b, h, t]
+                q[b, h, i, :-1] += 16 * r
+                k[b, h, j, :-1] += r
+                k[b, h, j - 1, :-1] += 0.6 * r
+                k[b, h, j + 1, :-1] += 0.6 * r
+    q, k = (q * 64).round() / 64, (k * 256).round() / 256
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    return q.to(dtype), k.to(dtype), start * length + end, mask
+
+
+@pytest.mark.parametrize("tril", [True, False])
+def test_grad_filter_zero_is_the_call_without_it(tril):
+    q, k, sb, eb, pos, m = make_problem(dtype=torch.float32)
+    want = loss_and_grads(fused, q, k, pos, m, sb, eb, tril)
+    got = loss_and_grads(fused, q, k, pos, m, sb, eb, tril, grad_filter=0.0)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("problem", ["trained", "random"])
+def test_grad_filter_matches_the_filtered_reference(dtype, problem):
+    """The loss unchanged, the gradients the filtered reference's: sparse products on the
+    trained-like grid, the dense GEMMs on the random one (most spans survive there)."""
+    if problem == "trained":
+        q, k, pos, m = trained_like(dtype=dtype)
+        sb = eb = None
+    else:
+        q, k, sb, eb, pos, m = make_problem(dtype=dtype)
+    got = loss_and_grads(fused, q, k, pos, m, sb, eb, grad_filter=FILTER)
+    exact = loss_and_grads(fused, q, k, pos, m, sb, eb)
+    def reference(q, k, pos, mask, sb, eb, **kwargs):
+        return ref.global_pointer_zlpr_loss(q, k, pos, mask, start_bias=sb, end_bias=eb,
+                                            reduction="none", **kwargs)
+
+    want = loss_and_grads(reference, q, k, pos, m, sb, eb, grad_filter=FILTER)
+    assert torch.equal(got[0], exact[0])
+    assert_same(got, want)
+    assert any(not torch.equal(g, e) for g, e in zip(got[1], exact[1]) if g is not None)
+
+
+def test_grad_filter_independent_of_chunks_and_threads():
+    q, k, pos, m = trained_like(dtype=torch.float32)
+    logits = ref.global_pointer_logits(q, k, m).flatten(-2)
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    assert 0 < (grad != 0).float().mean() < 0.02  # the sparse products run
+    want = loss_and_grads(fused, q, k, pos, m, None, None, grad_filter=FILTER)
+    saved = torch.get_num_threads()
+    try:
+        for threads, block_bytes in ((1, None), (1, 1), (saved, 1), (saved, 2**62)):
+            torch.set_num_threads(threads)
+            got = loss_and_grads(fused, q, k, pos, m, None, None, grad_filter=FILTER,
+                                 block_bytes=block_bytes)
+            assert all(torch.equal(g, w) for g, w in zip(got[1][:2], want[1][:2]))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None])
+def test_grad_filter_errors_name_it(bad):
+    q, k, sb, eb, pos, m = make_problem()
+    with pytest.raises(ValueError, match="grad_filter"):
+        fused(q, k, pos, m, sb, eb, grad_filter=bad)
+    with pytest.raises(ValueError, match="grad_filter"):
+        OP(q, k, pos, m, sb, eb, True, -1, True, None, -1.0)
+    for module in (kxops.nn.GlobalPointer, kxops.nn.EfficientGlobalPointer):
+        with pytest.raises(ValueError, match="grad_filter"):
+            module(8, 2, 4, grad_filter=bad)
+        if bad is None:  # .loss's None: the constructor's filter
+            continue
+        head = module(8, 2, 4)
+        with pytest.raises(ValueError, match="grad_filter"):
+            head.loss(torch.randn(1, 5, 8), None, torch.zeros(1, 2, 1, dtype=torch.long),
+                      grad_filter=bad)
+
+
+@pytest.mark.parametrize("module", ["GlobalPointer", "EfficientGlobalPointer"])
+def test_grad_filter_on_the_modules(module):
+    torch.manual_seed(0)
+    head = getattr(kxops.nn, module)(8, 2, 4, grad_filter=FILTER).double()
+    hidden = torch.randn(2, 30, 8, dtype=torch.float64)
+    positives = torch.randint(0, 900, (2, 2, 3))
+    grads = []
+    for kwargs in ({}, {"grad_filter": FILTER}):
+        head.zero_grad()
+        (head.loss(hidden, None, positives, **kwargs) * 1).backward()
+        grads.append([p.grad.clone() for p in head.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    head.zero_grad()
+    head.loss(hidden, None, positives, grad_filter=0.0).backward()
+    assert any(not torch.equal(a, p.grad) for a, p in zip(grads[0], head.parameters()))
+
+
+def test_grad_filter_opcheck():
+    q, k, pos, m = trained_like(length=40)
+    torch.library.opcheck(OP, (q, k, pos, m, None, None, True, -1, True, None, FILTER))
+
+
+def test_grad_filter_compile_fullgraph():
+    q, k, pos, m = trained_like(length=40, dtype=torch.float32)
+
+    def loss(q, k, pos, mask, sb, eb):
+        return fused(q, k, pos, mask, sb, eb, grad_filter=FILTER)
+
+    compiled = torch.compile(loss, fullgraph=True)
+    assert_same(loss_and_grads(compiled, q, k, pos, m, None, None),
+                loss_and_grads(loss, q, k, pos, m, None, None))

@@ -554,7 +554,8 @@ def test_label_parallel_bad_argument_raises_on_every_rank(tmp_path):
     world = 2
     done = run_isolated(f"""
         import torch.multiprocessing as mp
-        from tests.linear_sparse_zlpr.test_linear_sparse_zlpr import _label_parallel_worker, _free_port
+        from tests.linear_sparse_zlpr.test_linear_sparse_zlpr import (
+            _label_parallel_worker, _free_port)
         mp.spawn(_label_parallel_worker,
                  args=({world}, _free_port(), ["bad_rank", "bad_id", "ok"], {str(tmp_path)!r}),
                  nprocs={world}, join=True)
@@ -591,3 +592,270 @@ def test_both_cpu_gemm_engines(cpu_gemm, reduction, bias):
     assert_close(loss.double(), exact, torch.float32)
     for got, ex in zip(grads, exact_grads):
         assert_close(got.double(), ex.double(), torch.float32)
+
+
+# ---- grad_filter: the negligible negatives' gradients dropped ----
+
+FILTER = 2.0**-12
+
+
+def trained_like(rows=64, d=256, classes=2048, per_row=3, dtype=torch.float64, seed=0,
+                 exact_logits=False):
+    """A head whose negatives sit far below its positives (unit class vectors, bias -12, each
+    row the sum of 14 times its positives' vectors and 10 times a hard negative's): about 1%
+    of the gradient entries survive the recommended filter. exact_logits: x and w rounded to
+    multiples of 1/4 and 1/64, so that every GEMM order gives the logits exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    w = F.normalize(torch.randn(classes, d, generator=gen, dtype=torch.float64), dim=1)
+    ids = torch.randint(0, classes, (rows, per_row + 1), generator=gen)
+    coef = torch.tensor([14.0] * per_row + [10.0], dtype=torch.float64)
+    x = (w[ids] * coef[:, None]).sum(1) + 0.3 * torch.randn(rows, d, generator=gen,
+                                                            dtype=torch.float64)
+    b = torch.full((classes,), -12.0, dtype=torch.float64)
+    if exact_logits:
+        x, w = (x * 4).round() / 4, (w * 64).round() / 64
+    return [t.to(dtype).requires_grad_() for t in (x, w, b)] + [ids[:, :per_row]]
+
+
+def logits_grad(logits, positives, reduction, grad_filter):
+    """d loss / d logits of the sparse ZLPR op (its gradient output)."""
+    return torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, reduction, grad_filter)[1]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_filter_zero_is_the_call_without_it(reduction):
+    x, w, b, positives = make((7,), dtype=torch.float32)
+    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                           reduction)
+    loss0, grads0, _ = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                      reduction, grad_out, grad_filter=0.0)
+    assert torch.equal(loss, loss0)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("classes", [37, 3000])
+def test_grad_filter_drops_exactly_the_negatives_below_it(dtype, classes):
+    """Each row's gradient (reduction none/sum: no scale) is the unfiltered one with exactly
+    its negative entries below f set to 0; rows with non-finite sums (the exact path) too."""
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, classes, generator=gen) * 4 - 2).to(dtype)
+    logits[1, 3] = -torch.inf
+    logits[2, 5] = torch.inf
+    logits[3, 7] = torch.nan
+    positives = torch.randint(0, classes, (6, 3), generator=gen)
+    positives[0, 0] = -1
+    labels = kxops.reference.zlpr.positives_to_dense(positives, -1, classes)
+    for reduction in ("none", "sum"):
+        exact = logits_grad(logits, positives, reduction, 0.0)
+        got = logits_grad(logits, positives, reduction, FILTER)
+        # The kernel filters in fp32 (fp64) before rounding to the logits' dtype.
+        drop = ~labels & (logits_grad(logits.float() if dtype != torch.float64 else logits,
+                                      positives, reduction, 0.0) < FILTER)
+        assert drop.any() and (~drop & ~labels & (exact != 0)).any()
+        torch.testing.assert_close(got, torch.where(drop, 0, exact), rtol=0, atol=0,
+                                   equal_nan=True)
+    # The mean's scale applies after the filter: the same entries dropped.
+    mean = logits_grad(logits, positives, "mean", FILTER)
+    exact = logits_grad(logits, positives, "none", FILTER)
+    assert torch.equal(mean == 0, exact == 0)
+    torch.testing.assert_close(mean, (exact.double() / 6).to(dtype), equal_nan=True)
+
+
+def test_grad_filter_bound_on_the_logits_gradient():
+    """Dropped entries are each < f: per row the gradient moves by at most f per entry and
+    min(C f, 1) in L1; the loss is unchanged."""
+    logits = torch.randn(32, 4096, dtype=torch.float64) * 3
+    positives = torch.randint(0, 4096, (32, 4))
+    for f in (FILTER, 1e-3, 0.05):
+        leaf, leaf_f = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = kxops.sparse_zlpr_loss(leaf, positives, reduction="sum")
+        loss_f = kxops.sparse_zlpr_loss(leaf_f, positives, reduction="sum", grad_filter=f)
+        assert torch.equal(loss, loss_f)
+        loss.backward()
+        loss_f.backward()
+        diff = (leaf.grad - leaf_f.grad).abs()
+        assert diff.max() < f
+        assert (diff.sum(-1) <= min(4096 * f, 1.0)).all()
+        ref_leaf = logits.clone().requires_grad_()
+        kxops.reference.sparse_zlpr_loss(ref_leaf, positives, reduction="sum",
+                                         grad_filter=f).backward()
+        assert_close(leaf_f.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_filter_matches_the_filtered_reference(reduction, dtype):
+    x, w, b, positives = trained_like(dtype=dtype)
+    kw = dict(grad_filter=FILTER)
+    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                           reduction, **kw)
+    want, want_grads, _ = loss_and_grads(kxops.reference.linear_sparse_zlpr_loss, x, w, b,
+                                         positives, reduction, grad_out, **kw)
+    exact, _, _ = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives, reduction,
+                                 grad_out)
+    assert torch.equal(loss, exact)
+    assert_close(loss, want)
+    for got, ref in zip(grads, want_grads):
+        assert_close(got, ref)
+
+
+def _filtered_grads(x, w, b, positives, reduction, grad_out, **kw):
+    return loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives, reduction,
+                          grad_out, grad_filter=FILTER, **kw)[1]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_filter_independent_of_blocks_and_threads(reduction):
+    """The sparse products sum in a fixed order: bit for bit the same gradients whatever the
+    block rows and the thread count, given the same logits (the logits GEMM's rounding may
+    depend on the block's rows, in the exact path too: these logits are exact)."""
+    x, w, b, positives = trained_like(rows=50, dtype=torch.float32, exact_logits=True)
+    g = logits_grad(F.linear(x, w, b).detach(), positives, "none", FILTER)
+    assert 0 < (g != 0).float().mean() < 0.02  # the sparse products run
+    grad_out = torch.randn(50) if reduction == "none" else torch.tensor(1.0)
+    want = _filtered_grads(x, w, b, positives, reduction, grad_out)
+    threads = torch.get_num_threads()
+    try:
+        for block_rows, n_threads in ((7, threads), (1, threads), (50, 1), (None, 1)):
+            torch.set_num_threads(n_threads)
+            got = _filtered_grads(x, w, b, positives, reduction, grad_out,
+                                  block_rows=block_rows)
+            assert all(torch.equal(g, h) for g, h in zip(got, want)), (block_rows, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_grad_filter_dense_blocks_fall_back_to_the_gemms():
+    """A filter that drops almost nothing leaves dense blocks: the GEMMs, the same gradients
+    as without a filter up to rounding."""
+    x, w, b, positives = make((40,), d=8, classes=300, dtype=torch.float32)
+    loss, grads, grad_out = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                           "mean", grad_filter=1e-30)
+    want, want_grads, _ = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives,
+                                         "mean", grad_out)
+    assert torch.equal(loss, want)
+    for got, ref in zip(grads, want_grads):
+        assert_close(got, ref)
+
+
+def test_grad_filter_module_and_label_parallel_slices():
+    x, w, b, positives = trained_like(rows=20)
+    linear = torch.nn.Linear(256, 2048).double()
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    head = kxops.nn.LinearZLPR.from_linear(linear, grad_filter=FILTER)
+    assert "grad_filter" in repr(head)
+    head(x.detach(), positives).backward()
+    leaf = w.detach().requires_grad_()
+    kxops.linear_sparse_zlpr_loss(x.detach(), leaf, positives, b.detach(),
+                                  grad_filter=FILTER).backward()
+    assert torch.equal(head.weight.grad, leaf.grad)
+    # The recompute ops of label parallel filter the same entries as the reference slices.
+    ops = torch.ops.kxops
+    args = (x.detach(), w.detach(), b.detach(), positives, -1, 0, 2048)
+    log_z = torch.logaddexp(ops.linear_sparse_zlpr_partials(*args, 0), torch.zeros(()))
+    grad_loss = torch.rand(20, dtype=torch.float64)
+    got = ops.linear_sparse_zlpr_partials_backward(grad_loss, log_z, *args, [True] * 3, 0,
+                                                   FILTER)
+    want = kxops.reference.linear_sparse_zlpr.slice_partials_backward(
+        grad_loss, log_z, *args, FILTER)
+    for g, r in zip(got, want):
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None, True])
+def test_grad_filter_errors_name_it(bad):
+    x, w, b, positives = make()
+    with pytest.raises(ValueError, match="grad_filter"):
+        kxops.linear_sparse_zlpr_loss(x, w, positives, b, grad_filter=bad)
+    with pytest.raises(ValueError, match="grad_filter"):
+        kxops.nn.LinearZLPR(4, 5, grad_filter=bad)
+
+
+def test_grad_filter_direct_op_errors_in_a_subprocess():
+    done = run_isolated("""
+        import torch, kxops
+        ops = torch.ops.kxops
+        f = torch.float64
+        x, w, b = torch.zeros(3, 4, dtype=f), torch.zeros(5, 4, dtype=f), torch.zeros(5, dtype=f)
+        p = torch.zeros(3, 2, dtype=torch.int64)
+        m = [True, True, True]
+        g, z = torch.zeros(3, dtype=f), torch.ones(3, 2, dtype=f)
+        for bad in (-1.0, float("nan"), float("inf"), -1e-300):
+            for call in (
+                lambda: ops.linear_sparse_zlpr(x, w, b, p, -1, "mean", m, 0, bad),
+                lambda: ops.linear_sparse_zlpr_backward(g, x, w, b, p, -1, m, 0, bad),
+                lambda: ops.linear_sparse_zlpr_partials_backward(g, z, x, w, b, p, -1, 0, 5, m,
+                                                                 0, bad),
+                lambda: ops.sparse_zlpr(x, p, -1, True, "none", bad),
+            ):
+                try:
+                    call()
+                except ValueError as exc:
+                    assert "grad_filter" in str(exc), exc
+                    continue
+                raise AssertionError(f"no error for {bad}")
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_grad_filter_opcheck():
+    x, w, b, positives = trained_like(rows=6, classes=64)
+    torch.library.opcheck(torch.ops.kxops.linear_sparse_zlpr,
+                          (x, w, b, positives, -1, "mean", [True] * 3, 2, FILTER))
+    torch.library.opcheck(torch.ops.kxops.linear_sparse_zlpr_backward,
+                          (torch.randn(6, dtype=torch.float64), x.detach(), w.detach(),
+                           b.detach(), positives, -1, [True] * 3, 2, FILTER))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_filter_nonfinite_empty_and_layouts(reduction):
+    """NaN/inf rows as the filtered reference; 0 rows, 0 classes, non-contiguous operands and
+    int32 positives run; an out-of-range id still raises from the sparse kernel output."""
+    x, w, b, positives = trained_like(rows=20, dtype=torch.float32)
+    bad = x.detach().clone()
+    bad[3, 5], bad[7, 1] = float("nan"), float("inf")
+    outs = []
+    for fn in (kxops.linear_sparse_zlpr_loss, kxops.reference.linear_sparse_zlpr_loss):
+        leaves = [t.detach().clone().requires_grad_() for t in (bad, w, b)]
+        loss = fn(leaves[0], leaves[1], positives, leaves[2], reduction=reduction,
+                  grad_filter=FILTER)
+        loss.sum().backward()
+        outs.append([loss.detach()] + [leaf.grad for leaf in leaves])
+    for got, want in zip(*outs):
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-4, atol=1e-5)
+    for rows in ((0,), (2, 0)):
+        empty = torch.zeros(*rows, 256, requires_grad=True)
+        kxops.linear_sparse_zlpr_loss(empty, w, torch.zeros(*rows, 3, dtype=torch.long), b,
+                                      grad_filter=FILTER, reduction=reduction).sum().backward()
+        assert empty.grad.shape == empty.shape
+    no_classes = torch.zeros(0, 256, requires_grad=True)
+    kxops.linear_sparse_zlpr_loss(x, no_classes, torch.full((20, 1), -1), grad_filter=FILTER,
+                                  reduction=reduction).sum().backward()
+    leaves = [t.detach().t().contiguous().t().requires_grad_() for t in (x, w)]
+    got = loss_and_grads(kxops.linear_sparse_zlpr_loss, *leaves, b, positives.int(), reduction,
+                         grad_filter=FILTER)
+    want = loss_and_grads(kxops.reference.linear_sparse_zlpr_loss, *leaves, b, positives,
+                          reduction, got[2], grad_filter=FILTER)
+    for g, r in zip(got[1], want[1]):
+        assert_close(g, r)
+    with pytest.raises(IndexError, match="out of range"):
+        kxops.linear_sparse_zlpr_loss(x, w, positives + 5000, b, grad_filter=FILTER,
+                                      reduction=reduction).sum().backward()
+
+
+def test_grad_filter_compile_fullgraph():
+    x, w, b, positives = trained_like(rows=16, classes=256, dtype=torch.float32)
+    compiled = torch.compile(lambda x, w, b: kxops.linear_sparse_zlpr_loss(
+        x, w, positives, b, grad_filter=FILTER), fullgraph=True)
+    want = loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives, "mean",
+                          grad_filter=FILTER)
+    got = loss_and_grads(lambda x, w, positives, b, reduction: compiled(x, w, b), x, w, b,
+                         positives, "mean", want[2])
+    assert_close(got[0], want[0])
+    for g, r in zip(got[1], want[1]):
+        assert_close(g, r)

@@ -281,3 +281,27 @@ def test_fuzz_direct_ops_wrong_arguments_never_crash():
         print("ALL RAISED")
     """, timeout=300)
     assert result.returncode == 0 and "ALL RAISED" in result.stdout, result.stderr[-3000:]
+
+
+@given(rows=st.integers(0, 5), n=st.sampled_from(NUM_CLASSES),
+       per_row=st.integers(1, 4), dtype=st.sampled_from([torch.float64, torch.float32]),
+       exponent=st.integers(-20, -1), special=st.sampled_from([None, *SPECIALS]),
+       seed=st.integers(0, 2**16))
+def test_fuzz_grad_filter_drops_exactly_the_negatives_below_it(rows, n, per_row, dtype,
+                                                                exponent, special, seed):
+    """sparse_zlpr's grad_filter f: each row's gradient (no scale) is the unfiltered one with
+    exactly its negative entries below f set to 0, NaN/inf rows included; the loss unchanged."""
+    needs_kernel("zlpr", "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, n, generator=gen, dtype=torch.float64) * 6).to(dtype)
+    if special is not None and logits.numel():
+        logits.view(-1)[seed % logits.numel()] = special
+    positives = torch.randint(-1, max(n, 1), (rows, per_row), generator=gen) if n else \
+        torch.full((rows, per_row), -1)
+    f = 2.0**exponent
+    loss, exact = torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, "none")
+    loss_f, got = torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, "none", f)
+    labels = ref.positives_to_dense(positives, -1, n)
+    drop = ~labels & (exact < f)
+    torch.testing.assert_close(loss_f, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, torch.where(drop, 0, exact), rtol=0, atol=0, equal_nan=True)
