@@ -293,6 +293,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
     const std::optional<at::Tensor>& residual_weight,
     const std::optional<at::Tensor>& residual_bias, int64_t dilation, double drop_gate,
     bool residual) {
+  // The ops run in the dtypes they are given, whatever autocast the caller holds (the wrapper
+  // has applied it already); see gemm::NoAutocast.
+  const gemm::NoAutocast no_autocast;
   check_arguments(x_in, weight, bias, mask, gate_keep, residual_weight, residual_bias, dilation,
                   drop_gate, residual);
   const auto x = x_in.contiguous();
@@ -350,16 +353,22 @@ inline at::Tensor conv_input_grad(const at::Tensor& dz_rows, const at::Tensor& w
   return grad_gapped;
 }
 
+// A fresh empty tensor for each gradient that was not asked for: the op's outputs must not
+// alias one another (its schema says they are all new tensors; opcheck's test_schema).
+inline at::Tensor no_grad_for(const at::Tensor& weight) { return weight.new_empty({0}); }
+
 // The residual branch's gradients (x's, the projection's weight and bias) from dr; x's is
 // undefined without the residual, the projection's empty without a projection.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_grads(
     const at::Tensor& dr, const at::Tensor& x, const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias, const at::Tensor& empty) {
-  if (!residual_weight.has_value()) return {dr, empty, empty};  // dr: x itself, or undefined
+    const std::optional<at::Tensor>& residual_bias, const at::Tensor& weight) {
+  if (!residual_weight.has_value()) {  // dr: x itself, or undefined
+    return {dr, no_grad_for(weight), no_grad_for(weight)};
+  }
   const auto dr_rows = as_rows(dr);
   return {gemm::mm(dr_rows, residual_weight->squeeze(-1)).view(x.sizes()),
           gemm::mm(dr_rows.t(), as_rows(x)).unsqueeze(-1),
-          residual_bias.has_value() ? dr_rows.sum(0) : empty};
+          residual_bias.has_value() ? dr_rows.sum(0) : no_grad_for(weight)};
 }
 
 // grad_x = (the residual branch's gradient) + d(conv input) * m, the second term added in
@@ -384,6 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     const std::optional<at::Tensor>& residual_weight,
     const std::optional<at::Tensor>& residual_bias, bool has_bias, int64_t dilation,
     double drop_gate, bool residual) {
+  // A backward run inside an autocast region multiplies and sums (CUDA autocast runs sum in
+  // fp32) in the forward's dtypes, as autograd expects of the gradients.
+  const gemm::NoAutocast no_autocast;
   check_arguments(x_in, weight, std::nullopt, mask, gate_keep, residual_weight, residual_bias,
                   dilation, drop_gate, residual);
   const Gapped geometry(x_in, weight, dilation);
@@ -397,11 +409,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
   const auto grad_w = conv_weight_grad(dz_rows, geometry.input(x, mask), weight, geometry);
   const auto grad_conv_input =
       geometry.tap_sequences(conv_input_grad(dz_rows, weight, geometry), geometry.centre());
-  const auto empty = weight.new_empty({0});
   auto [grad_residual, grad_rw, grad_rb] =
-      residual_grads(dr, x, residual_weight, residual_bias, empty);
+      residual_grads(dr, x, residual_weight, residual_bias, weight);
   return {input_grad(std::move(grad_residual), grad_conv_input, mask), grad_w,
-          has_bias ? dz_rows.sum(0) : empty, grad_rw, grad_rb};
+          has_bias ? dz_rows.sum(0) : no_grad_for(weight), grad_rw, grad_rb};
 }
 
 }  // namespace kxops::gated_conv

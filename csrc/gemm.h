@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -156,10 +157,12 @@ inline bool read_in_place(const at::Tensor& t) {
 
 // Whether oneDNN takes a b: CPU fp32 under the oneDNN engine, non-empty, operands read in
 // place. Empty products and alpha 0 (which oneDNN's wrapper skips without writing) stay with
-// torch.
+// torch; alpha is tested as the float oneDNN gets (a tiny double alpha rounds to 0 there, and
+// the wrapper would then return without writing, not even beta * out).
 inline bool onednn_takes(const at::Tensor& a, const at::Tensor& b, double alpha) {
   if (!a.is_cpu() || cpu_engine() != Engine::onednn) return false;
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || alpha == 0.0) {
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
+      static_cast<float>(alpha) == 0.0f) {
     return false;
   }
   return a.numel() > 0 && b.numel() > 0 && read_in_place(a) && read_in_place(b);
@@ -199,6 +202,14 @@ inline at::Tensor& addmm_(at::Tensor& self, const at::Tensor& a, const at::Tenso
   return gemm::addmm_out(self, self, a, b, beta, alpha);
 }
 
+// The products run in their operands' dtype under either engine: the functional at::mm/addmm/
+// bmm/baddbmm would otherwise take autocast's casts (fp32 operands multiplied in bf16, a bf16
+// result) where the call site holds autocast (a backward run inside an autocast region), and
+// oneDNN's matmul never does. (The _out variants have no autocast kernels.)
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // A fresh result for a b.
 inline at::Tensor product_like(const at::Tensor& a, const at::Tensor& b) {
   auto sizes = a.sizes().vec();
@@ -208,6 +219,7 @@ inline at::Tensor product_like(const at::Tensor& a, const at::Tensor& b) {
 
 // a b (at::mm / at::bmm).
 inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  const NoAutocast no_autocast;
   if (!onednn_takes(a, b, 1.0)) return a.dim() == 3 ? at::bmm(a, b) : at::mm(a, b);
   auto out = product_like(a, b);
   return gemm::addmm_out(out, out, a, b, 0.0, 1.0);
@@ -215,6 +227,7 @@ inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 
 // self + a b, self broadcast (at::addmm / at::baddbmm).
 inline at::Tensor addmm(const at::Tensor& self, const at::Tensor& a, const at::Tensor& b) {
+  const NoAutocast no_autocast;
   if (!onednn_takes(a, b, 1.0)) {
     return a.dim() == 3 ? at::baddbmm(self, a, b) : at::addmm(self, a, b);
   }

@@ -843,3 +843,52 @@ def test_cpu_gemm_engine_routes_the_gemms(cpu_gemm):
     # projection's 2
     assert torch_gemm_calls(torch.float32) == (0 if cpu_gemm == "onednn" else 13)
     assert torch_gemm_calls(torch.float64) == 13
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_opcheck_backward(has_bias):
+    """The backward op passes opcheck too: its gradients that were not asked for (no bias, no
+    projection) are distinct empty tensors, never one tensor returned twice (outputs that alias
+    one another break its schema, which says every output is new)."""
+    needs_kernel("gated_conv", "cpu")
+    for projection in (False, True):
+        cout = 4 if projection else 3
+        x, weight, bias, mask, rw, rb = make_inputs(cout=cout, projection=projection,
+                                                    with_bias=has_bias, dtype=torch.float32)
+        keep = torch.rand(2, 7, cout) >= 0.2
+        args = (x, weight, bias, mask.float(), keep, rw, rb, 2, 0.2, True)
+        y, z = torch.ops.kxops.gated_conv(*args)
+        backward_args = (torch.randn_like(y), x, z, weight, mask.float(), keep, rw, rb,
+                         has_bias, 2, 0.2, True)
+        grads = torch.ops.kxops.gated_conv_backward(*backward_args)
+        empties = [g for g in grads if g.numel() == 0]
+        assert all(a is not b for i, a in enumerate(empties) for b in empties[i + 1:])
+        torch.library.opcheck(torch.ops.kxops.gated_conv_backward, backward_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_inside_autocast_keeps_the_forward_dtypes(cpu_gemm):
+    """A block run in fp32 (outside autocast, or under autocast(enabled=False)) whose backward
+    runs inside an autocast region, and the op called directly under autocast with fp32
+    inputs: the GEMMs stay fp32 under either engine (the functional at::mm/addmm would take
+    autocast's bf16 casts under MKL, and the projection's bf16 result broke the epilogue)."""
+    needs_kernel("gated_conv", "cpu")
+    x, weight, bias, mask, rw, rb = make_inputs(cout=5, projection=True, dtype=torch.float32)
+    params = [t.requires_grad_(True) for t in (x, weight, bias, rw, rb)]
+
+    def block(fn):
+        return fn(x, weight, bias, mask, dilation=2, residual_weight=rw, residual_bias=rb)
+
+    want = block(kxops.reference.dilated_gated_conv1d)
+    grad_y = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, params, grad_y)
+    y = block(kxops.dilated_gated_conv1d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(y, params, grad_y)
+        y_op, _ = torch.ops.kxops.gated_conv(x, weight, bias, mask.float(), None, rw, rb, 2, 0.0,
+                                             True)
+    assert y_op.dtype == torch.float32
+    assert_close(y_op, want)
+    for got, expected in zip(grads, want_grads):
+        assert got.dtype == torch.float32
+        assert_close(got, expected)
