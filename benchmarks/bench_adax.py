@@ -86,3 +86,65 @@ def test_adax_step(benchmark, device, provider, size_index):
     run_timed(benchmark, optimizer.step, device, provider=provider, peer_fn=peer_step,
               nbytes=28 * numel, op=TABLES[peer], mode="step",
               shape=f"{numel} params / {TENSORS} tensors", dtype="float32", peer=peer)
+
+
+# --- adax_state: the step and the bytes of optimizer state per param, by state format ---------
+
+def _state_bytes_per_param(optimizer, params):
+    """Bytes of optimizer state per param (moments, scales; not the step counts)."""
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                total += value.numel() * value.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def _eight_bit_peer(provider, params):
+    """torchao's or bitsandbytes' 8-bit AdamW, skipped with a note when not installed."""
+    if provider == "torchao_adamw8bit":
+        optim = pytest.importorskip("torchao.optim", reason="torchao not installed: "
+                                    "its AdamW8bit is an optional peer")
+        return optim.AdamW8bit(params)
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: its "
+                              "AdamW8bit is an optional peer")
+    return bnb.optim.AdamW8bit(params)
+
+
+STATE_PROVIDERS = {
+    "kxops_fp32": dict(state_dtype=torch.float32),
+    "kxops_bf16": dict(state_dtype=torch.bfloat16),
+    "kxops_uint8": dict(state_dtype=torch.uint8),
+    "adamw_fused": None,
+    "torchao_adamw8bit": None,
+    "bitsandbytes_adamw8bit": None,
+}
+# fp32 params: read p, g; read and write m, v; write p. Bytes per param of each format.
+STATE_STEP_BYTES = {"kxops_fp32": 28, "kxops_bf16": 20, "kxops_uint8": 16}
+STATE_SIZES = {"cpu": [1_000_000, 20_000_000], "cuda": [1_000_000, 100_000_000]}
+
+
+@pytest.mark.parametrize("provider", list(STATE_PROVIDERS))
+@pytest.mark.parametrize("size_index", [0, 1])
+def test_adax_state(benchmark, device, provider, size_index):
+    numel = size_for(STATE_SIZES[device.type], size_index)
+    params = [torch.nn.Parameter(torch.randn(numel // TENSORS, device=device))
+              for _ in range(TENSORS)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if provider.startswith("kxops"):
+        if not kxops.adax.fused_available(params):
+            pytest.skip("no compiled AdaX kernel on this device yet")
+        optimizer = kxops.optim.AdaXW(params, fused=True, **STATE_PROVIDERS[provider])
+    elif provider == "adamw_fused":
+        optimizer = torch.optim.AdamW(params, fused=True)
+    else:
+        optimizer = _eight_bit_peer(provider, params)
+    peer_step = torch.optim.AdamW(params, fused=True).step if provider != "adamw_fused" else None
+    optimizer.step()  # the state exists from the first step on
+    per_param = _state_bytes_per_param(optimizer, params)
+    # The state's size is part of the row's name: the renderer's tables have no column for it.
+    run_timed(benchmark, optimizer.step, device, provider=f"{provider} ({per_param:.2f} B/param)",
+              peer_fn=peer_step, nbytes=STATE_STEP_BYTES.get(provider, 28) * numel,
+              op="adax_state", mode="step", shape=f"{numel} params / {TENSORS} tensors",
+              dtype="float32", peer="adamw_fused (8.00 B/param)")

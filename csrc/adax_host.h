@@ -23,18 +23,31 @@ namespace kxops::adax {
 // What a device implementation gets: tensors on one device; each tensor's param, grad and
 // state dense with the same strides; no param, state or step twice (so every element is
 // updated once and the tensors can be updated in parallel).
+// exp_avg_scales / exp_avg_sq_scales: the block scales of 8-bit (uint8) state, undefined
+// tensors for other state; seeds: each tensor's rounding seed (0 where nothing rounds).
 struct TensorLists {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  std::vector<at::Tensor> exp_avg_scales, exp_avg_sq_scales;
+  std::vector<uint64_t> seeds;
 };
 
-// Indices of the tensors of each param dtype.
-using DtypeGroups = std::map<at::ScalarType, std::vector<size_t>>;
+// Indices of the tensors of each (param dtype, state dtype).
+using DtypeGroups = std::map<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>;
 
 inline DtypeGroups group_by_dtype(const TensorLists& t) {
   DtypeGroups groups;
-  for (size_t i = 0; i < t.params.size(); ++i) groups[t.params[i].scalar_type()].push_back(i);
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    groups[{t.params[i].scalar_type(), t.exp_avgs[i].scalar_type()}].push_back(i);
+  }
   return groups;
 }
+
+// Whether state of this dtype is stored in fewer bits than the math (bf16 or 8-bit).
+inline bool is_compact(at::ScalarType state) {
+  return state == at::kBFloat16 || state == at::kByte;
+}
+
+inline int64_t blocks_of(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
 
 struct Arguments {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
@@ -42,6 +55,8 @@ struct Arguments {
   const Hyper& hyper;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  at::TensorList exp_avg_scales, exp_avg_sq_scales;  // empty, or one per tensor
+  at::IntArrayRef seeds;                             // empty, or one per tensor
 };
 
 inline void check_written(const at::Tensor& t, const char* name, size_t i) {
@@ -59,6 +74,49 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
                     t->numel(), " (shape ", t->sizes(), ")");
   TORCH_CHECK(t->device() == device, "kxops.adax_: ", name, " is on ", t->device(),
               " but the params are on ", device);
+}
+
+// The state dtype params[i] takes: exp_avgs[i]'s when it is a compact format (bf16 or uint8,
+// for fp32/fp16/bf16 params), else the param's math type.
+inline at::ScalarType state_dtype_of(const Arguments& a, size_t i) {
+  const auto type = a.params[i].scalar_type();
+  const auto given = a.exp_avgs[i].scalar_type();
+  return type != at::kDouble && is_compact(given) ? given : at::toOpMathType(type);
+}
+
+// The scales of 8-bit state and the seed of stochastic rounding, for tensor i.
+inline void check_compact_state(const Arguments& a, size_t i) {
+  const auto& p = a.params[i];
+  const bool rounds = is_compact(a.exp_avgs[i].scalar_type()) || p.scalar_type() == at::kHalf ||
+                      p.scalar_type() == at::kBFloat16;
+  if (a.hyper.stochastic && rounds) {
+    TORCH_CHECK_VALUE(a.seeds.size() == a.params.size(),
+                      "kxops.adax_: stochastic_rounding needs "
+                      "one seed per param, got ",
+                      a.seeds.size(), " seeds for ", a.params.size(), " params");
+  }
+  if (!a.seeds.empty()) {
+    TORCH_CHECK_VALUE(a.seeds[i] >= 0, "kxops.adax_: seeds[", i, "] must be >= 0, got ",
+                      a.seeds[i]);
+  }
+  if (a.exp_avgs[i].scalar_type() != at::kByte) return;
+  for (const auto& [name, scales] : {std::pair{"exp_avg_scales", a.exp_avg_scales},
+                                     std::pair{"exp_avg_sq_scales", a.exp_avg_sq_scales}}) {
+    TORCH_CHECK_VALUE(scales.size() == a.params.size(), "kxops.adax_: uint8 state needs ", name,
+                      " with one tensor per param, got ", scales.size(), " for ", a.params.size(),
+                      " params");
+    const auto& s = scales[i];
+    TORCH_CHECK(s.layout() == at::kStrided, "kxops.adax_: ", name, "[", i,
+                "] must be a dense tensor, got layout ", s.layout());
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kxops.adax_: ", name, "[", i,
+                     "] must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == blocks_of(p.numel()), "kxops.adax_: ", name, "[",
+                      i, "] must have shape [", blocks_of(p.numel()), "] (one scale per ", kBlock,
+                      " elements of params[", i, "]), got ", s.sizes());
+    TORCH_CHECK(s.device() == p.device(), "kxops.adax_: ", name, "[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", p.device());
+    check_written(s, name, i);
+  }
 }
 
 // Every argument, before any memory is read or written.
@@ -98,7 +156,7 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     TORCH_CHECK(p.device() == device, "kxops.adax_: params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; call the op once per device");
     check_written(p, "params", i);
-    const auto state_type = at::toOpMathType(type);
+    const auto state_type = state_dtype_of(a, i);
     for (const auto& [name, other, want] :
          {std::tuple{"grads", &a.grads[i], type},
           std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
@@ -114,6 +172,7 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     }
     check_written(a.exp_avgs[i], "exp_avgs", i);
     check_written(a.exp_avg_sqs[i], "exp_avg_sqs", i);
+    check_compact_state(a, i);
     const auto& step = a.steps[i];
     TORCH_CHECK(step.layout() == at::kStrided, "kxops.adax_: state_steps[", i,
                 "] must be a dense tensor, got layout ", step.layout());
@@ -160,6 +219,11 @@ inline std::vector<std::vector<size_t>> rounds(const Arguments& a) {
     std::vector<Span> spans;
     for (const auto* t : {&a.params[i], &a.exp_avgs[i], &a.exp_avg_sqs[i], &a.steps[i]}) {
       if (const auto span = span_of(*t)) spans.push_back(*span);
+    }
+    if (a.exp_avgs[i].scalar_type() == at::kByte) {
+      for (const auto* t : {&a.exp_avg_scales[i], &a.exp_avg_sq_scales[i]}) {
+        if (const auto span = span_of(*t)) spans.push_back(*span);
+      }
     }
     size_t r = 0;
     for (const auto& span : spans) {
@@ -213,6 +277,19 @@ void run(const Arguments& a) {
       lists.exp_avgs.push_back(std::move(exp_avg));
       lists.exp_avg_sqs.push_back(std::move(exp_avg_sq));
       lists.steps.push_back(a.steps[i]);
+      lists.seeds.push_back(a.seeds.empty() ? 0 : static_cast<uint64_t>(a.seeds[i]));
+      const bool byte_state = a.exp_avgs[i].scalar_type() == at::kByte;
+      for (const auto& [given, out] : {std::pair{&a.exp_avg_scales, &lists.exp_avg_scales},
+                                       std::pair{&a.exp_avg_sq_scales, &lists.exp_avg_sq_scales}}) {
+        if (!byte_state) {
+          out->emplace_back();
+          continue;
+        }
+        const auto& original = (*given)[i];
+        auto work = original.contiguous();
+        if (!work.is_same(original)) copy_back.emplace_back(original, work);
+        out->push_back(std::move(work));
+      }
     }
     impl(lists, a.lr, a.hyper, a.grad_scale, a.found_inf);
     for (auto& [original, work] : copy_back) original.copy_(work);
@@ -226,11 +303,16 @@ struct Overloads {
                         at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
                         double beta1, double beta2, double weight_decay, double eps, bool decoupled,
                         bool maximize, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-    const Hyper hyper{lr, beta1, beta2, weight_decay, eps, decoupled, maximize};
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<at::TensorList> exp_avg_scales,
+                        std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
+                        bool stochastic_rounding) {
+    const Hyper hyper{lr,  beta1,     beta2,    weight_decay,
+                      eps, decoupled, maximize, stochastic_rounding};
     const std::optional<at::Tensor> no_lr;
-    run<kDevice, impl>(
-        {params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper, grad_scale, found_inf});
+    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper, grad_scale,
+                        found_inf, exp_avg_scales.value_or(at::TensorList()),
+                        exp_avg_sq_scales.value_or(at::TensorList()), seeds});
   }
 
   static void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -238,11 +320,16 @@ struct Overloads {
                         const at::Tensor& lr, double beta1, double beta2, double weight_decay,
                         double eps, bool decoupled, bool maximize,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-    const Hyper hyper{0.0, beta1, beta2, weight_decay, eps, decoupled, maximize};
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<at::TensorList> exp_avg_scales,
+                        std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
+                        bool stochastic_rounding) {
+    const Hyper hyper{0.0, beta1,     beta2,    weight_decay,
+                      eps, decoupled, maximize, stochastic_rounding};
     const std::optional<at::Tensor> lr_tensor = lr;
     run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, hyper,
-                        grad_scale, found_inf});
+                        grad_scale, found_inf, exp_avg_scales.value_or(at::TensorList()),
+                        exp_avg_sq_scales.value_or(at::TensorList()), seeds});
   }
 };
 

@@ -109,16 +109,22 @@ TORCH_LIBRARY(kxops, m) {
       "int? block_bytes=None, float grad_filter=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
+  // bf16 or uint8 exp_avgs/exp_avg_sqs are compact state (uint8: with one fp32 scale per 128
+  // elements in the scale lists); stochastic_rounding rounds with the tensors' seeds.
   m.def(
       "adax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, bool decoupled, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(e!)[]? exp_avg_scales=None, "
+      "Tensor(f!)[]? exp_avg_sq_scales=None, int[] seeds=[], "
+      "bool stochastic_rounding=False) -> ()");
   m.def(
       "adax_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, *, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float eps, bool decoupled, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(e!)[]? exp_avg_scales=None, "
+      "Tensor(f!)[]? exp_avg_sq_scales=None, int[] seeds=[], "
+      "bool stochastic_rounding=False) -> ()");
 
   // How this binary was built ("key=value;..."), for kxops.info().
   m.def("_build_info() -> str", &build_info);

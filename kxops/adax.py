@@ -72,13 +72,18 @@ def _local_shards(tensors):
 
 
 def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale,
-                found_inf, **hyper):
+                found_inf, compact=None, **hyper):
     params, grads, exp_avgs, exp_avg_sqs = (
         _local_shards(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
     # The op checks the lists itself (shapes, dtypes, devices, sparse grads), but torch's
     # grouping below asserts equal lengths before the op could say so in its words.
     ref.check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    groups = _by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    if compact is None:
+        groups = _by_device_and_dtype(lists)
+        extras = {key: {} for key in groups}
+    else:
+        groups, extras = _compact_groups_by_device(lists, compact)
     missing = sorted({device.type for device, _ in groups
                       if not _ext.has_kernel("adax_", device)})
     if missing:
@@ -87,11 +92,38 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
             f"(kxops status: {_ext.LOAD_STATUS}); use foreach=True or leave fused=None")
     op = torch.ops.kxops.adax_
     op = op.tensor_lr if isinstance(lr, torch.Tensor) else op.default
-    # One call per device (the op runs on one device) and dtype, as the foreach path groups.
-    for (device, _), lists in groups.items():
-        op(*lists, lr=lr.to(device) if isinstance(lr, torch.Tensor) else lr,
+    # One call per device (the op runs on one device) and dtype, as the foreach path groups
+    # (compact state: one call per device, the op groups the dtypes itself).
+    for key, group_lists in groups.items():
+        device = key[0]
+        op(*group_lists, lr=lr.to(device) if isinstance(lr, torch.Tensor) else lr,
            grad_scale=None if grad_scale is None else grad_scale.to(device),
-           found_inf=None if found_inf is None else found_inf.to(device), **hyper)
+           found_inf=None if found_inf is None else found_inf.to(device), **extras[key],
+           **hyper)
+
+
+def _compact_groups_by_device(lists, compact):
+    """{(device, None): the lists' tensors on it} and the op's compact-state arguments of
+    each group (an empty tensor stands for the scales of state that is not 8-bit)."""
+    groups, extras, empty = {}, {}, {}
+    scale_lists = {name: _local_shards(compact[name]) if compact[name] is not None else None
+                   for name in ("exp_avg_scales", "exp_avg_sq_scales")}
+    for i, param in enumerate(lists[0]):
+        key = (param.device, None)
+        if key not in groups:
+            groups[key] = [[] for _ in lists]
+            extras[key] = dict(exp_avg_scales=[], exp_avg_sq_scales=[], seeds=[],
+                               stochastic_rounding=compact["stochastic_rounding"])
+        for group_list, tensors in zip(groups[key], lists):
+            group_list.append(tensors[i])
+        for name, scales in scale_lists.items():
+            scales = scales[i] if scales is not None else None
+            if scales is None:  # one empty tensor per device stands for every missing one
+                scales = empty.setdefault(param.device, torch.empty(0, device=param.device))
+            extras[key][name].append(scales)
+        seed = compact["seeds"][i] if compact["seeds"] is not None else None
+        extras[key]["seeds"].append(0 if seed is None else seed)
+    return groups, extras
 
 
 def _device_inverse_bias_corrections(steps, beta2):
@@ -103,18 +135,53 @@ def _device_inverse_bias_corrections(steps, beta2):
     return torch._foreach_div(torch._foreach_exp(neg_x), one_minus)
 
 
-def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
+def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, compact=None,
+                  **kwargs):
     ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     found_inf = kwargs["found_inf"]
     if found_inf is not None and bool(found_inf.item()):
         return
     rounds = _rounds(params, state_steps)
-    if len(rounds) == 1:
+    if len(rounds) == 1 and compact is None:
         _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
         return
     for indices in rounds:
-        _foreach_round(*([tensors[i] for i in indices] for tensors in
-                         (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs)
+        plain = [i for i in indices if not _is_compact(i, params, exp_avgs, compact)]
+        if plain:
+            _foreach_round(*([tensors[i] for i in plain] for tensors in
+                             (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs)
+        rounded = [i for i in indices if _is_compact(i, params, exp_avgs, compact)]
+        if rounded:
+            _compact_round(rounded, [params, grads, exp_avgs, exp_avg_sqs, state_steps],
+                           compact, kwargs)
+
+
+def _is_compact(i, params, exp_avgs, compact):
+    """Whether params[i] steps through fp32 copies: compact state, or a low-precision param
+    rounded stochastically."""
+    if compact is None or params[i].dtype == torch.float64:
+        return False
+    return exp_avgs[i].dtype in ref.COMPACT or (
+        compact["stochastic_rounding"] and params[i].dtype in ref.LOW_PRECISION)
+
+
+def _compact_round(indices, lists, compact, kwargs):
+    """The tensors with compact state (or stochastically rounded params) of one round: decoded
+    to fp32, stepped as the foreach path steps fp32 state, rounded back as the reference
+    rounds (reference.adax.store_rounded_)."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in indices] for t in lists)
+    scales = [(compact["exp_avg_scales"][i], compact["exp_avg_sq_scales"][i])
+              if lists[2][i].dtype == torch.uint8 else None for i in indices]
+    work = [p.float() if p.dtype in ref.LOW_PRECISION else p for p in params]
+    grads = [g.float() if g.dtype in ref.LOW_PRECISION else g for g in grads]
+    moments = [ref.load_moments(p, m, v, s)
+               for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, scales)]
+    m32, v32 = [m for m, _ in moments], [v for _, v in moments]
+    _foreach_round(work, grads, m32, v32, steps, **kwargs)
+    for k, i in enumerate(indices):
+        seed = compact["seeds"][i] if compact["stochastic_rounding"] else None
+        ref.store_rounded_(params[k], work[k], exp_avgs[k], exp_avg_sqs[k], scales[k], m32[k],
+                           v32[k], steps[k], seed)
 
 
 def _on_grads(op, g, grads, *args, **kwargs):
@@ -206,11 +273,21 @@ def _foreach_round(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, bet
 
 def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fused=None,
          capturable=False, differentiable=False, lr, beta1, beta2, weight_decay, eps,
-         decoupled, maximize, grad_scale=None, found_inf=None):
+         decoupled, maximize, grad_scale=None, found_inf=None, exp_avg_scales=None,
+         exp_avg_sq_scales=None, seeds=None, stochastic_rounding=False):
     """Functional AdaX / AdaX-W step, in place; picks the fused, foreach or for-loop path
     (see ``resolve_path``). Complex params (with their grads and state) are stepped as their
     real views.
+
+    bf16 or uint8 ``exp_avgs``/``exp_avg_sqs`` are compact state (uint8: with the block
+    scales ``exp_avg_scales``/``exp_avg_sq_scales``, ``reference.adax.BLOCK`` elements per
+    scale); ``stochastic_rounding`` rounds every value stored in fewer bits than fp32
+    stochastically, with each param's seed in ``seeds`` (docs/design.md).
     """
+    compact = None
+    if stochastic_rounding or any(m.dtype in ref.COMPACT for m in exp_avgs):
+        compact = dict(exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+                       seeds=seeds, stochastic_rounding=bool(stochastic_rounding))
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                  decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
                  found_inf=found_inf)
@@ -223,12 +300,15 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fus
     if fused or foreach:
         params, grads, exp_avgs, exp_avg_sqs = ref.as_real(params, grads, exp_avgs, exp_avg_sqs)
     if fused:
-        _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+        _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, compact=compact,
+                    **hyper)
     elif foreach:
         _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable,
-                      **hyper)
+                      compact=compact, **hyper)
     else:
-        ref.adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+        ref.adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper,
+                 exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+                 seeds=seeds, stochastic_rounding=bool(stochastic_rounding))
 
 
 if _ext.LOADED:
@@ -236,10 +316,13 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::adax_")
     @torch.library.register_fake("kxops::adax_.tensor_lr")
     def _adax_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
-                   weight_decay, eps, decoupled, maximize, grad_scale=None, found_inf=None):
+                   weight_decay, eps, decoupled, maximize, grad_scale=None, found_inf=None,
+                   exp_avg_scales=None, exp_avg_sq_scales=None, seeds=(),
+                   stochastic_rounding=False):
         if params:
             _ext.check_devices("adax_", "params[0]", params[0], params=params, grads=grads,
                                exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                                state_steps=state_steps, lr=lr, grad_scale=grad_scale,
-                               found_inf=found_inf)
+                               found_inf=found_inf, exp_avg_scales=exp_avg_scales or [],
+                               exp_avg_sq_scales=exp_avg_sq_scales or [])
         return None

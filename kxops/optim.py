@@ -4,12 +4,14 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
 from kxops.adax import adax, fused_devices, resolve_path
-from kxops.reference.adax import check_hyperparameters, state_dtype
+from kxops.reference import adax as ref
+from kxops.reference.adax import check_hyperparameters, check_state_options
 
 __all__ = ["AdaX", "AdaXW"]
 
 _FLAG_DEFAULTS = dict(foreach=None, fused=None, capturable=False, maximize=False,
-                      differentiable=False)
+                      differentiable=False, state_dtype=None, stochastic_rounding=None)
+_SCALE_KEYS = ("exp_avg_scales", "exp_avg_sq_scales")
 
 
 class AdaX(Optimizer):
@@ -24,17 +26,29 @@ class AdaX(Optimizer):
     Handles GradScaler's ``grad_scale``/``found_inf`` itself on every path
     (``_step_supports_amp_scaling``). With ``capturable=True``, a tensor ``lr`` on the params'
     device lets ``torch.optim.lr_scheduler`` change the lr of a step captured in a CUDA graph.
+
+    ``state_dtype`` (``None``, ``torch.float32``, ``torch.bfloat16`` or ``torch.uint8``) is the
+    moments' storage for fp32/fp16/bf16 params (fp64 params keep fp64 state): ``None`` as
+    above; ``torch.uint8`` is 8-bit state, one fp32 scale per 128 elements per moment (2.06
+    bytes per param). The math is fp32 whatever is stored. ``stochastic_rounding``: ``None``
+    rounds stochastically (unbiased, reproducible from a seed drawn from torch's default CPU
+    generator at the first step that rounds and saved in ``state_dict``) exactly where a bf16
+    or uint8 ``state_dtype`` was chosen, the moments and then fp16/bf16 params too; ``True``
+    every value stored in fewer bits than fp32; ``False`` rounds to nearest, which freezes a
+    bf16 ``v_hat`` once its weight on a new gradient falls below about 2^-9 (docs/design.md).
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1.5e-3, betas=(0.9, 1e-4), eps=1e-12, weight_decay=5e-4, *,
                  foreach=None, fused=None, capturable=False, maximize=False,
-                 differentiable=False):
+                 differentiable=False, state_dtype=None, stochastic_rounding=None):
         check_hyperparameters(lr, betas, eps, weight_decay)
+        check_state_options(state_dtype, stochastic_rounding)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize,
-                        differentiable=differentiable)
+                        differentiable=differentiable, state_dtype=state_dtype,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
         if fused:
             if differentiable:
@@ -50,20 +64,32 @@ class AdaX(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict):
-        """As ``Optimizer.load_state_dict``, but low-precision params keep fp32 moments.
+        """As ``Optimizer.load_state_dict``, but the moments keep this optimizer's format.
 
-        The base class casts every floating state tensor to its param's dtype, which would
-        round the fp32 moments of fp16/bf16 params.
+        Each group keeps its own ``state_dtype`` and ``stochastic_rounding`` and the moments
+        are converted to its ``state_dtype`` (rounded to nearest) from whatever format they
+        were saved in (the base class would cast them, 8-bit codes and scales included, to the
+        param's dtype). Compact tensors that do not fit their param raise a ValueError before
+        anything changes.
         """
-        super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
+            _check_saved_state(state_dict["state"].get(saved_id, {}), saved_id, param)
+        options = [(g["state_dtype"], g["stochastic_rounding"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, (chosen, stochastic) in zip(self.param_groups, options):
+            group["state_dtype"], group["stochastic_rounding"] = chosen, stochastic
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for saved_id, param, group in zip(saved_ids, params, groups):
             saved = state_dict["state"].get(saved_id, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in saved:
-                    self.state[param][key] = saved[key].to(device=param.device,
-                                                           dtype=state_dtype(param.dtype))
+            state = self.state[param]
+            if "exp_avg" in saved:
+                for key in _SCALE_KEYS:
+                    state.pop(key, None)
+                state.update(_converted_moments(saved, param, group["state_dtype"]))
+            if "rounding_seed" in saved:
+                state["rounding_seed"] = int(saved["rounding_seed"])
 
     @staticmethod
     def _step_tensor(step, param, on_param_device):
@@ -82,9 +108,10 @@ class AdaX(Optimizer):
             return step.to(dtype=dtype, device=device)
         return step
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                    compact):
         """The lists of the params with a grad; returns (fused, foreach) as resolved for
-        them."""
+        them. ``compact`` gets the block scales and rounding seeds."""
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -97,20 +124,31 @@ class AdaX(Optimizer):
         step_on_param_device = fused or group["capturable"]
         for p in params:
             state = self.state[p]
+            want = ref.state_dtype(p.dtype, group["state_dtype"])
             if len(state) == 0:
                 if fused:
                     _check_fused_param(p)
                 state["step"] = torch.zeros(
                     (), dtype=torch.float32 if step_on_param_device else _get_scalar_dtype(),
                     device=p.device if step_on_param_device else "cpu")
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
-                                                  memory_format=torch.preserve_format)
+                state.update(_zero_moments(p, want))
             else:
                 state["step"] = self._step_tensor(state["step"], p, step_on_param_device)
+                if state["exp_avg"].dtype != want:  # the group's state_dtype was changed
+                    moments = _converted_moments(state, p, group["state_dtype"])
+                    for key in _SCALE_KEYS:
+                        state.pop(key, None)
+                    state.update(moments)
+            if (ref.rounds_stochastically(p.dtype, want, group["stochastic_rounding"],
+                                          group["state_dtype"])
+                    and "rounding_seed" not in state):
+                state["rounding_seed"] = int(torch.randint(0, 2**63 - 1, ()).item())
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            for key in _SCALE_KEYS:
+                compact[key].append(state.get(key))
+            compact["seeds"].append(state.get("rounding_seed"))
         return fused, foreach
 
     @_use_grad_for_differentiable
@@ -122,17 +160,84 @@ class AdaX(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lists = ([], [], [], [], [])
-            fused, foreach = self._init_group(group, *lists)
+            compact = dict(exp_avg_scales=[], exp_avg_sq_scales=[], seeds=[])
+            fused, foreach = self._init_group(group, *lists, compact)
             if len(lists[0]) == 0:
                 continue
             beta1, beta2 = group["betas"]
+            stochastic = group["stochastic_rounding"]
+            if stochastic is None:
+                stochastic = group["state_dtype"] in ref.COMPACT
             adax(*lists, foreach=foreach, fused=fused, capturable=group["capturable"],
+                 stochastic_rounding=stochastic, **compact,
                  differentiable=group["differentiable"], lr=group["lr"], beta1=beta1,
                  beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                  decoupled=self._decoupled, maximize=group["maximize"],
                  grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         return loss
+
+
+def _real(p):
+    return torch.view_as_real(p) if p.is_complex() else p
+
+
+def _zero_moments(p, dtype):
+    """Fresh state of a param: both moments in ``dtype``, with block scales when 8-bit."""
+    real = _real(p)
+    like = p if dtype.is_complex else real  # complex state without state_dtype, as before
+    state = {key: torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+             for key in ("exp_avg", "exp_avg_sq")}
+    if dtype == torch.uint8:
+        for key in _SCALE_KEYS:
+            state[key] = torch.zeros(ref.blocks_of(real.numel()), device=p.device)
+    return state
+
+
+def _converted_moments(saved, p, chosen):
+    """The moments of ``saved`` (any format) in the state_dtype ``chosen`` for param p,
+    rounded to nearest, on p's device."""
+    real = _real(p)
+    want = ref.state_dtype(p.dtype, chosen)
+    m, v = (saved[key].to(p.device) for key in ("exp_avg", "exp_avg_sq"))
+    scales = None
+    if m.dtype == torch.uint8:
+        scales = tuple(saved[key].to(device=p.device, dtype=torch.float32) for key in _SCALE_KEYS)
+    m, v = (_real(x) for x in ref.load_moments(real, m, v, scales))
+    state = _zero_moments(p, want)
+    if want in ref.COMPACT:
+        ref.store_moments_(real, state["exp_avg"], state["exp_avg_sq"],
+                           tuple(state.get(key) for key in _SCALE_KEYS), m, v, None, False)
+    else:
+        _real(state["exp_avg"]).copy_(m)
+        _real(state["exp_avg_sq"]).copy_(v)
+    return state
+
+
+def _check_saved_state(saved, saved_id, p):
+    """A saved param state whose moments (codes, scales) do not fit param p: ValueError."""
+    real = _real(p)
+    where = f"AdaX.load_state_dict: state_dict['state'][{saved_id}]"
+    if "exp_avg" not in saved:
+        return
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = saved.get(key)
+        if not isinstance(t, torch.Tensor) or _real(t).shape != real.shape:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else t
+            raise ValueError(f"{where}['{key}'] must be a tensor of shape {list(real.shape)} "
+                             f"(its param's), got {shape}")
+    if saved["exp_avg"].dtype != saved["exp_avg_sq"].dtype:
+        raise ValueError(f"{where}: exp_avg and exp_avg_sq have dtypes "
+                         f"{saved['exp_avg'].dtype} and {saved['exp_avg_sq'].dtype}")
+    if saved["exp_avg"].dtype != torch.uint8:
+        return
+    blocks = ref.blocks_of(real.numel())
+    for key in _SCALE_KEYS:
+        t = saved.get(key)
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != blocks:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else t
+            raise ValueError(f"{where}['{key}'] must have shape [{blocks}] (one scale per "
+                             f"{ref.BLOCK} of the param's {real.numel()} elements), got {shape}")
 
 
 def _check_fused_param(p):

@@ -7,7 +7,10 @@
 // whole step can be captured in a CUDA graph. The fill launches also write the block -> tensor
 // table, so that each block of the update kernel reads which chunk of which tensor it owns
 // (no search), and updates it with 16-byte loads when every pointer of the chunk is aligned,
-// in fp32 (fp64) math.
+// in fp32 (fp64) math. Compact state (bf16 or 8-bit moments, or a low-precision param rounded
+// stochastically) has a kernel of its own: each warp steps 128-element blocks, 4 elements a
+// lane, reduces the block's largest magnitude for the 8-bit scales (cub::WarpReduce) and
+// rounds with adax_math.h's counter-based generator, as the CPU kernel does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cub/warp/warp_reduce.cuh>
 #include <limits>
 #include <vector>
 
@@ -30,7 +34,7 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per block
 constexpr int kThreads = 256;
-constexpr int kArgsPerFill = 64;  // keeps FillBatch under the portable 4 KB argument limit
+constexpr int kArgsPerFill = 40;  // keeps FillBatch under the portable 4 KB argument limit
 
 // Chunks are numbered across all dtype groups: chunk c is row c of the block -> tensor table.
 struct TensorArgs {
@@ -40,7 +44,10 @@ struct TensorArgs {
   void* exp_avg_sq;
   float* step;
   int64_t numel;
-  int64_t chunk_begin;  // first chunk of this tensor
+  int64_t chunk_begin;    // first chunk of this tensor
+  float* exp_avg_scales;  // 8-bit state: one scale per kBlock elements; else null
+  float* exp_avg_sq_scales;
+  uint64_t seed;
 };
 
 // What the update kernel reads of a tensor: its arguments and the constants of its step.
@@ -138,6 +145,130 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The largest magnitude, NaN if any is NaN (as the CPU kernel and torch.amax).
+struct MaxMagnitude {
+  __device__ __forceinline__ float operator()(float a, float b) const {
+    return a != a || a > b ? a : b;
+  }
+};
+
+// The moments of one element in fp32 from their storage (`e`: the block's scale exponent).
+__device__ __forceinline__ float load_moment(const float* s, int64_t j, uint32_t, bool) {
+  return s[j];
+}
+__device__ __forceinline__ float load_moment(const at::BFloat16* s, int64_t j, uint32_t, bool) {
+  return static_cast<float>(s[j]);
+}
+__device__ __forceinline__ float load_moment(const uint8_t* s, int64_t j, uint32_t e, bool square) {
+  return square ? decode_square(s[j], e) : decode_mean(s[j], e);
+}
+
+__device__ __forceinline__ void store_moment(float* s, int64_t j, float x, uint32_t, uint32_t, bool,
+                                             bool) {
+  s[j] = x;
+}
+__device__ __forceinline__ void store_moment(at::BFloat16* s, int64_t j, float x, uint32_t,
+                                             uint32_t word, bool stochastic, bool square) {
+  const uint32_t r = square ? square_random(word) : mean_random(word);
+  s[j] = static_cast<at::BFloat16>(stochastic ? stochastic_bfloat16(x, r) : x);
+}
+__device__ __forceinline__ void store_moment(uint8_t* s, int64_t j, float x, uint32_t e,
+                                             uint32_t word, bool stochastic, bool square) {
+  s[j] = square ? encode_square(x, e, square_random(word), stochastic)
+                : encode_mean(x, e, mean_random(word), stochastic);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t store_param(float x, uint32_t word, bool stochastic) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return static_cast<scalar_t>(stochastic ? stochastic_bfloat16(x, word) : x);
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return static_cast<scalar_t>(stochastic ? stochastic_float16(x, word) : x);
+  } else {
+    return x;
+  }
+}
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerLane = static_cast<int>(kBlock) / 32;
+
+// The scale exponent of a block's moment after the update: the warp's largest magnitude.
+template <typename state_t>
+__device__ __forceinline__ uint32_t
+new_scale_exponent(const float (&x)[kPerLane], float* scale, int width,
+                   typename cub::WarpReduce<float>::TempStorage& temp) {
+  if constexpr (!std::is_same_v<state_t, uint8_t>) {
+    return 0;
+  } else {
+    float local = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) local = MaxMagnitude{}(fabsf(x[k]), local);
+    const float absmax = cub::WarpReduce<float>(temp).Reduce(local, MaxMagnitude{});
+    const uint32_t e = scale_exponent(__shfl_sync(0xffffffffU, absmax, 0), width);
+    if (threadIdx.x % 32 == 0) *scale = scale_value(e);
+    return e;
+  }
+}
+
+// Block b updates chunk first_chunk + b; warp w its 128-element blocks w, w + kWarps, ...
+template <typename scalar_t, typename state_t>
+__global__ void __launch_bounds__(kThreads)
+    compact_kernel(const TensorJob* __restrict__ jobs, const int* __restrict__ block_table,
+                   int64_t first_chunk, bool l2, bool stochastic) {
+  __shared__ typename cub::WarpReduce<float>::TempStorage temp[kWarps];
+  const int64_t chunk = first_chunk + blockIdx.x;
+  const TensorJob& job = jobs[block_table[chunk]];
+  if (job.skip) return;
+  const TensorArgs& t = job.tensor;
+  const int64_t chunk_offset = (chunk - t.chunk_begin) * kChunk;
+  const int64_t end = min(t.numel, chunk_offset + kChunk);
+  auto* p = static_cast<scalar_t*>(t.param);
+  const auto* g = static_cast<const scalar_t*>(t.grad);
+  auto* m = static_cast<state_t*>(t.exp_avg);
+  auto* v = static_cast<state_t*>(t.exp_avg_sq);
+  const auto c = math_constants<float>(job.constants);
+  const auto step = static_cast<uint32_t>(*t.step);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t b = chunk_offset + warp * kBlock; b < end; b += kWarps * kBlock) {
+    const int64_t block = b / kBlock;
+    const bool byte_state = std::is_same_v<state_t, uint8_t>;
+    const uint32_t m_e = byte_state ? stored_scale_exponent(t.exp_avg_scales[block]) : 0U;
+    const uint32_t v_e = byte_state ? stored_scale_exponent(t.exp_avg_sq_scales[block]) : 0U;
+    const uint32_t high = static_cast<uint32_t>(b >> 32);
+    const uint32_t moment_key = rounding_key(t.seed, step, 0, high);
+    const uint32_t param_key = rounding_key(t.seed, step, 1, high);
+    float mk[kPerLane], vk[kPerLane], pk[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t j = b + lane + 32 * k;
+      if (j >= end) {
+        mk[k] = vk[k] = pk[k] = 0.0f;
+        continue;
+      }
+      pk[k] = static_cast<float>(p[j]);
+      mk[k] = load_moment(m, j, m_e, false);
+      vk[k] = load_moment(v, j, v_e, true);
+      update(pk[k], static_cast<float>(g[j]), mk[k], vk[k], c, l2);
+    }
+    const uint32_t m_new =
+        new_scale_exponent<state_t>(mk, t.exp_avg_scales + block, kMeanWidth, temp[warp]);
+    const uint32_t v_new =
+        new_scale_exponent<state_t>(vk, t.exp_avg_sq_scales + block, kSquareWidth, temp[warp]);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t j = b + lane + 32 * k;
+      if (j >= end) continue;
+      const auto low = static_cast<uint32_t>(j);
+      const bool moments_round = stochastic && !std::is_same_v<state_t, float>;
+      const uint32_t word = moments_round ? random_bits(moment_key, low) : 0U;
+      store_moment(m, j, mk[k], m_new, word, moments_round, false);
+      store_moment(v, j, vk[k], v_new, word, moments_round, true);
+      p[j] =
+          store_param<scalar_t>(pk[k], stochastic ? random_bits(param_key, low) : 0U, stochastic);
+    }
+  }
+}
+
 // The device scalars in the types fill_jobs reads (a cast kernel at most: graph-safe); they
 // own the memory that pointers() hands the kernel.
 struct DeviceScalars {
@@ -164,9 +295,9 @@ struct DeviceScalars {
   }
 };
 
-// One update launch: the chunks of one dtype group.
+// One update launch: the chunks of one (param dtype, state dtype) group.
 struct Launch {
-  at::ScalarType type;
+  at::ScalarType type, state;
   int64_t first_chunk, num_chunks;
 };
 
@@ -180,19 +311,24 @@ struct Plan {
 
 Plan plan(const TensorLists& lists) {
   Plan out;
-  for (const auto& [type, indices] : group_by_dtype(lists)) {
+  for (const auto& [types, indices] : group_by_dtype(lists)) {
     const int64_t first_chunk = out.chunks;
     for (size_t i : indices) {
       const int64_t numel = lists.params[i].numel();
+      const auto scales = [](const at::Tensor& t) {
+        return t.defined() ? t.data_ptr<float>() : nullptr;
+      };
       out.args.push_back({lists.params[i].data_ptr(), lists.grads[i].const_data_ptr(),
                           lists.exp_avgs[i].data_ptr(), lists.exp_avg_sqs[i].data_ptr(),
-                          lists.steps[i].data_ptr<float>(), numel, out.chunks});
+                          lists.steps[i].data_ptr<float>(), numel, out.chunks,
+                          scales(lists.exp_avg_scales[i]), scales(lists.exp_avg_sq_scales[i]),
+                          lists.seeds[i]});
       out.chunks += (numel + kChunk - 1) / kChunk;
     }
     TORCH_CHECK(out.chunks - first_chunk <= std::numeric_limits<int>::max(),
                 "kxops.adax_: too many elements (", out.chunks - first_chunk, " chunks of ", kChunk,
                 ") for one launch");
-    out.launches.push_back({type, first_chunk, out.chunks - first_chunk});
+    out.launches.push_back({types.first, types.second, first_chunk, out.chunks - first_chunk});
   }
   TORCH_CHECK(static_cast<int64_t>(out.args.size()) <= std::numeric_limits<int>::max(),
               "kxops.adax_: too many tensors (", out.args.size(), ") for one call");
@@ -229,11 +365,34 @@ void fill(const Plan& plan, const StepScalars& scalars, const Workspace& work,
   }
 }
 
-// The update launches, one per dtype group.
-void update(const Plan& plan, const Workspace& work, bool l2, cudaStream_t stream) {
+template <typename scalar_t, typename state_t>
+void launch_compact(const Launch& launch, const Workspace& work, bool l2, bool stochastic,
+                    cudaStream_t stream) {
+  compact_kernel<scalar_t, state_t>
+      <<<static_cast<unsigned int>(launch.num_chunks), kThreads, 0, stream>>>(
+          work.jobs, work.block_table, launch.first_chunk, l2, stochastic);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The update launches, one per (param dtype, state dtype) group.
+void update(const Plan& plan, const Workspace& work, const Hyper& hyper, cudaStream_t stream) {
+  const bool l2 = !hyper.decoupled && hyper.weight_decay != 0.0;
   for (const auto& launch : plan.launches) {
     if (launch.num_chunks == 0) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, launch.type, "adax_cuda", [&] {
+      constexpr bool low_precision =
+          std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (launch.state == at::kBFloat16) {
+          return launch_compact<scalar_t, at::BFloat16>(launch, work, l2, hyper.stochastic, stream);
+        }
+        if (launch.state == at::kByte) {
+          return launch_compact<scalar_t, uint8_t>(launch, work, l2, hyper.stochastic, stream);
+        }
+        if (low_precision && hyper.stochastic) {
+          return launch_compact<scalar_t, float>(launch, work, l2, true, stream);
+        }
+      }
       adax_kernel<scalar_t><<<static_cast<unsigned int>(launch.num_chunks), kThreads, 0, stream>>>(
           work.jobs, work.block_table, launch.first_chunk, l2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -251,7 +410,7 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
   const auto launches = plan(lists);
   const Workspace work(launches, lists.params[0].options());
   fill(launches, scalars.pointers(hyper), work, stream);
-  update(launches, work, !hyper.decoupled && hyper.weight_decay != 0.0, stream);
+  update(launches, work, hyper, stream);
 }
 
 }  // namespace

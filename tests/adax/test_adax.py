@@ -1053,3 +1053,413 @@ def test_lists_of_unequal_length_are_refused_in_the_ops_words(path):
     assert str(error.value).removeprefix("kxops.adax_: ") == (
         "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
         "1, 2, 1, 1, 1")
+
+
+# --- compact state: bf16 and 8-bit moments, stochastic rounding -----------------------------
+
+COMPACT_CASES = [(torch.float32, torch.bfloat16), (torch.float32, torch.uint8),
+                 (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.uint8),
+                 (torch.float16, torch.uint8), (torch.bfloat16, torch.float32),
+                 (torch.float16, torch.float32)]
+COMPACT_SHAPES = [(3, 4), (7,), (1,), (0,), (33000,), (300, 5)]
+
+
+def _compact_lists(param_dtype, state_dtype, shapes=COMPACT_SHAPES, seed=0):
+    """Params, grads spanning six decades, compact state, steps, scales and seeds."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * torch.logspace(-6, 0, math.prod(s)).view(s))
+             .to(param_dtype) for s in shapes]
+    moments = [[torch.zeros(s, dtype=state_dtype) for s in shapes] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in shapes]
+    scales = [[torch.zeros(ref.blocks_of(math.prod(s))) for s in shapes] for _ in range(2)]
+    seeds = [2**62 + 12345 * i for i in range(len(shapes))]
+    return params, grads, moments[0], moments[1], steps, scales[0], scales[1], seeds
+
+
+def _run_compact(lists, path, steps=4, stochastic=True, **flags):
+    params, grads, m, v, st, m_scales, v_scales, seeds = lists
+    hyper = dict(HYPER, decoupled=True, maximize=False)
+    hyper.update(flags)
+    for _ in range(steps):
+        adax(params, grads, m, v, st, **path, **hyper, exp_avg_scales=m_scales,
+             exp_avg_sq_scales=v_scales, seeds=seeds, stochastic_rounding=stochastic)
+
+
+def _assert_same_state(got, want, exact_params=True):
+    """Compact moments, scales and steps bit for bit; params (and fp32 moments) bit for bit, or
+    close (the fused kernel computes p - m / d * lr, the loop p - (m lr) / d)."""
+    for i in (2, 3, 4, 5, 6):
+        for a, b in zip(got[i], want[i]):
+            if a.dtype == torch.float32 and i in (2, 3) and not exact_params:
+                assert_close(a, b)
+            else:
+                assert torch.equal(a.view(-1).float().nan_to_num(7),
+                                   b.view(-1).float().nan_to_num(7))
+    for a, b in zip(got[0], want[0]):
+        if exact_params:
+            assert torch.equal(a, b)
+        else:
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("param_dtype, state_dtype", COMPACT_CASES)
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_compact_state_matches_the_reference(param_dtype, state_dtype, stochastic,
+                                                   maximize):
+    needs_kernel("adax_", "cpu")
+    fused, loop = _compact_lists(param_dtype, state_dtype), _compact_lists(param_dtype,
+                                                                           state_dtype)
+    _run_compact(fused, dict(fused=True), stochastic=stochastic, maximize=maximize)
+    _run_compact(loop, dict(foreach=False, fused=False), stochastic=stochastic,
+                 maximize=maximize)
+    _assert_same_state(fused, loop, exact_params=False)
+
+
+@pytest.mark.parametrize("param_dtype, state_dtype", COMPACT_CASES)
+@pytest.mark.parametrize("capturable", [False, True])
+def test_foreach_compact_state_gives_the_references_numbers(param_dtype, state_dtype,
+                                                            capturable):
+    foreach, loop = _compact_lists(param_dtype, state_dtype), _compact_lists(param_dtype,
+                                                                             state_dtype)
+    _run_compact(foreach, dict(foreach=True, capturable=capturable))
+    _run_compact(loop, dict(foreach=False, fused=False))
+    _assert_same_state(foreach, loop)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+def test_fused_compact_state_is_independent_of_the_thread_count(state_dtype):
+    needs_kernel("adax_", "cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            lists = _compact_lists(torch.bfloat16, state_dtype, shapes=[(100_000,), (333,)])
+            _run_compact(lists, dict(fused=True))
+            results.append(lists)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same_state(results[0], results[1])
+
+
+def _train_compact(state_dtype, seed, steps=5, **flags):
+    torch.manual_seed(seed)
+    model = _model()
+    optimizer = kxops.optim.AdaXW(model.parameters(), lr=1e-2, state_dtype=state_dtype,
+                                  **flags)
+    _train(model, optimizer, steps)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+def test_stochastic_rounding_is_reproducible_from_the_seed(path, state_dtype):
+    flags = path_flags(path)
+    a, opt_a = _train_compact(state_dtype, 0, **flags)
+    b, opt_b = _train_compact(state_dtype, 0, **flags)
+    nearest, _ = _train_compact(state_dtype, 0, stochastic_rounding=False, **flags)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    seeds_a = [s["rounding_seed"] for s in opt_a.state.values()]
+    assert seeds_a == [s["rounding_seed"] for s in opt_b.state.values()]
+    assert all(isinstance(s, int) for s in seeds_a) and len(set(seeds_a)) == len(seeds_a)
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), nearest.parameters()))
+
+
+def test_nothing_is_drawn_when_nothing_is_rounded():
+    model = _model()
+    optimizer = kxops.optim.AdaXW(model.parameters(), state_dtype=torch.float32)
+    before = torch.get_rng_state()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert torch.equal(before, torch.get_rng_state())
+    assert all("rounding_seed" not in s for s in optimizer.state.values())
+
+
+def test_stochastic_bfloat16_is_unbiased_and_round_to_nearest_is_not():
+    # Values a quarter of a bf16 step above 1: round to nearest always gives 1.
+    x = torch.full((1 << 16,), 1.0 + 2.0**-9)
+    words = ref.random_words(7, 3, 0, x.numel(), x.device)
+    rounded = ref.stochastic_bfloat16(x, (words << 16) & 0xFFFFFFFF)
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(rounded.double().mean().item() - (1.0 + 2.0**-9)) < 2e-5
+    assert torch.equal(x.bfloat16().float(), torch.ones_like(x))
+
+
+def _v_hat_quality(state_dtype, stochastic, path):
+    """Mean relative error of the decoded v_hat against float64 after 3000 steps whose
+    gradient scale triples after 1000; magnitudes span five decades across blocks."""
+    gen = torch.Generator().manual_seed(0)
+    numel = 128 * 40
+    block_scale = torch.logspace(-5, 0, 40).repeat_interleave(128)
+    param64 = torch.nn.Parameter(torch.zeros(numel, dtype=torch.float64))
+    param = torch.nn.Parameter(torch.zeros(numel))
+    exact = kxops.optim.AdaX([param64], lr=0.0, weight_decay=0.0, betas=(0.9, 1e-3), **path)
+    compact = kxops.optim.AdaX([param], lr=0.0, weight_decay=0.0, betas=(0.9, 1e-3),
+                               state_dtype=state_dtype, stochastic_rounding=stochastic, **path)
+    for t in range(3000):
+        g = torch.randn(numel, generator=gen, dtype=torch.float64) * block_scale
+        g *= 3.0 if t >= 1000 else 1.0
+        param64.grad, param.grad = g, g.float()
+        exact.step()
+        compact.step()
+    state = compact.state[param]
+    scales = (state.get("exp_avg_scales"), state.get("exp_avg_sq_scales"))
+    _, v = ref.load_moments(param, state["exp_avg"], state["exp_avg_sq"], scales)
+    want = exact.state[param64]["exp_avg_sq"]
+    return ((v.double() - want).abs() / want).mean().item()
+
+
+@pytest.mark.parametrize("path", ["fused", "foreach"])
+@pytest.mark.parametrize("state_dtype, bound", [(torch.bfloat16, 0.05), (torch.uint8, 0.10)])
+def test_v_hat_follows_float64_through_a_gradient_scale_change(path, state_dtype, bound):
+    assert _v_hat_quality(state_dtype, None, path_flags(path)) < bound
+
+
+def test_round_to_nearest_freezes_a_bf16_v_hat():
+    # What stochastic_rounding=False is documented to do: the x3 change never reaches v_hat.
+    assert _v_hat_quality(torch.bfloat16, False, path_flags("foreach")) > 0.15
+
+
+@pytest.mark.parametrize("path", ["fused", "foreach"])
+def test_8bit_updates_stay_within_a_few_times_fp32_with_six_decades_in_one_block(path):
+    flags = path_flags(path)
+    magnitudes = torch.logspace(-6, 0, 128)
+    params = [torch.nn.Parameter(torch.zeros(128)) for _ in range(2)]
+    fp32 = kxops.optim.AdaX([params[0]], lr=1e-3, weight_decay=0.0, **flags)
+    int8 = kxops.optim.AdaX([params[1]], lr=1e-3, weight_decay=0.0, state_dtype=torch.uint8,
+                            **flags)
+    gen = torch.Generator().manual_seed(0)
+    largest = [torch.zeros(128), torch.zeros(128)]  # each element's largest update
+    for _ in range(300):
+        g = torch.randn(128, generator=gen) * magnitudes
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = g.clone()
+        fp32.step()
+        int8.step()
+        for k, (p, b) in enumerate(zip(params, before)):
+            largest[k] = torch.maximum(largest[k], (p.detach() - b).abs())
+        v = int8.state[params[1]]
+        decoded = ref.load_moments(params[1], v["exp_avg"], v["exp_avg_sq"],
+                                   (v["exp_avg_scales"], v["exp_avg_sq_scales"]))[1]
+        assert (decoded > 0).all()  # a non-zero v_hat never rounds to 0
+        for p in params:
+            p.data.copy_(before[0])  # compare single steps from the same params
+    assert (largest[1] <= 4.0 * largest[0]).all()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_compact_state_with_grad_scale_and_found_inf(path):
+    flags = path_flags(path)
+    start = torch.randn(300)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    grads = torch.randn(300)
+    opts = [kxops.optim.AdaXW([p], state_dtype=torch.uint8, **flags) for p in params]
+    torch.manual_seed(0)
+    params[0].grad = grads.clone()
+    opts[0].step()
+    torch.manual_seed(0)
+    params[1].grad = grads * 1024.0
+    opts[1].grad_scale = torch.tensor(1024.0)
+    opts[1].found_inf = torch.tensor(0.0)
+    opts[1].step()
+    assert torch.equal(params[0], params[1])
+    state = copy.deepcopy(opts[1].state[params[1]])
+    opts[1].found_inf = torch.tensor(1.0)
+    opts[1].step()
+    for key, value in state.items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(opts[1].state[params[1]][key]))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_param_groups_with_different_state_dtypes(path):
+    flags = path_flags(path)
+    dtypes = [None, torch.float32, torch.bfloat16, torch.uint8]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(200)) for _ in dtypes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grouped = kxops.optim.AdaXW([dict(params=[p], state_dtype=d) for p, d in zip(params, dtypes)],
+                                **flags)
+    separate = [kxops.optim.AdaXW([p], state_dtype=d, **flags) for p, d in zip(alone, dtypes)]
+    for step in range(3):
+        g = [torch.randn(200) for _ in params]
+        for p, q, gi in zip(params, alone, g):
+            p.grad, q.grad = gi, gi.clone()
+        torch.manual_seed(step)
+        grouped.step()
+        torch.manual_seed(step)
+        for opt in separate:
+            opt.step()
+    want = [torch.float32, torch.float32, torch.bfloat16, torch.uint8]
+    for p, d in zip(params, want):
+        assert grouped.state[p]["exp_avg"].dtype == d
+    # Seeds are drawn per group in one optimizer, per optimizer apart: same where none rounds.
+    assert torch.equal(params[0], alone[0]) and torch.equal(params[1], alone[1])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+def test_complex_params_with_compact_state_step_as_their_real_views(path, state_dtype):
+    flags = path_flags(path)
+    z = torch.randn(3, 50, dtype=torch.complex64)
+    complex_param = torch.nn.Parameter(z.clone())
+    real_param = torch.nn.Parameter(torch.view_as_real(z).clone())
+    opts = [kxops.optim.AdaXW([p], lr=1e-2, state_dtype=state_dtype, **flags)
+            for p in (complex_param, real_param)]
+    for _ in range(3):
+        g = torch.randn(3, 50, dtype=torch.complex64)
+        complex_param.grad, real_param.grad = g, torch.view_as_real(g).clone()
+        for opt in opts:
+            torch.manual_seed(0)
+            opt.step()
+    assert opts[0].state[complex_param]["exp_avg"].shape == (3, 50, 2)
+    assert torch.equal(torch.view_as_real(complex_param.detach()), real_param.detach())
+
+
+@pytest.mark.parametrize("flags, state_dtype", [(dict(fused=True), torch.bfloat16),
+                                                (dict(fused=True), torch.uint8),
+                                                (dict(foreach=True), torch.bfloat16)])
+def test_torch_compile_step_with_compact_state(flags, state_dtype):
+    if flags.get("fused"):
+        needs_kernel("adax_", "cpu")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300)) for _ in range(2)]
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opts = [kxops.optim.AdaXW(ps, state_dtype=state_dtype, **flags) for ps in (params, eager)]
+    for ps in (params, eager):
+        for p in ps:
+            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    for opt in opts:  # the first step draws the seeds (eagerly)
+        torch.manual_seed(0)
+        opt.step()
+    compiled = torch.compile(opts[0].step)
+    for _ in range(2):
+        compiled()
+        opts[1].step()
+    for a, b in zip(params, eager):  # Inductor may contract the fp32 math differently
+        assert_close(a.detach(), b.detach())
+
+
+def test_bad_state_options():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=re.escape("state_dtype must be None, torch.float32, "
+                                                   "torch.bfloat16 or torch.uint8")):
+        kxops.optim.AdaX(p, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="state_dtype"):
+        kxops.optim.AdaXW(p, state_dtype="bf16")
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(TypeError, match="stochastic_rounding must be None, True or False"):
+            kxops.optim.AdaX(p, stochastic_rounding=bad)
+    optimizer = kxops.optim.AdaXW(p, state_dtype=torch.uint8, stochastic_rounding=False)
+    assert optimizer.param_groups[0]["state_dtype"] is torch.uint8
+    assert optimizer.param_groups[0]["stochastic_rounding"] is False
+
+
+BAD_COMPACT_OP_ARGUMENTS = [
+    ("no scales", dict(exp_avg_scales=None), ValueError, "uint8 state needs exp_avg_scales"),
+    ("scale count", dict(exp_avg_scales=[torch.zeros(2)]), ValueError,
+     r"exp_avg_scales\[0\] must have shape \[1\]"),
+    ("scale dtype", dict(exp_avg_sq_scales=[torch.zeros(1, dtype=torch.float64)]), TypeError,
+     r"exp_avg_sq_scales\[0\] must be float32"),
+    ("no seeds", dict(seeds=[], stochastic_rounding=True), ValueError, "one seed per param"),
+    ("negative seed", dict(seeds=[-1]), ValueError, r"seeds\[0\] must be >= 0"),
+    ("mixed moments", dict(exp_avg_sqs=[torch.zeros(5, dtype=torch.bfloat16)]), TypeError,
+     r"exp_avg_sqs\[0\] has dtype BFloat16 but must be Byte"),
+]
+
+
+@pytest.mark.parametrize("name, change, error, message", BAD_COMPACT_OP_ARGUMENTS,
+                         ids=[case[0] for case in BAD_COMPACT_OP_ARGUMENTS])
+def test_compact_op_checks_its_arguments_before_touching_memory(name, change, error, message):
+    needs_kernel("adax_", "cpu")
+    args = dict(params=[torch.ones(5)], grads=[torch.ones(5)],
+                exp_avgs=[torch.zeros(5, dtype=torch.uint8)],
+                exp_avg_sqs=[torch.zeros(5, dtype=torch.uint8)], state_steps=[torch.zeros(())],
+                exp_avg_scales=[torch.zeros(1)], exp_avg_sq_scales=[torch.zeros(1)], seeds=[1],
+                stochastic_rounding=True)
+    args.update(change)
+    before = {k: [t.clone() for t in v] for k, v in args.items()
+              if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)}
+    with pytest.raises(error, match=message):
+        torch.ops.kxops.adax_(**args, lr=0.1, beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8,
+                              decoupled=True, maximize=False)
+    for key, tensors in before.items():
+        assert all(torch.equal(a, b) for a, b in zip(args[key], tensors))
+
+
+# --- compact state in checkpoints -------------------------------------------------------------
+
+def _saved(state_dtype, steps=3, **flags):
+    model, optimizer = _train_compact(state_dtype, 0, steps=steps, **flags)
+    return model, optimizer, copy.deepcopy(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+def test_compact_state_dict_resumes_bit_for_bit(path, state_dtype, tmp_path):
+    flags = path_flags(path)
+    model, optimizer, saved = _saved(state_dtype, **flags)
+    state = next(iter(saved["state"].values()))
+    assert state["exp_avg"].dtype == state_dtype and isinstance(state["rounding_seed"], int)
+    if state_dtype == torch.uint8:
+        assert state["exp_avg_scales"].dtype == torch.float32
+    torch.save(saved, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    saved_model = copy.deepcopy(model.state_dict())
+    _train(model, optimizer, 3, seed=2)
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = kxops.optim.AdaXW(resumed.parameters(), lr=1e-2, state_dtype=state_dtype,
+                                    **flags)
+    resumed_opt.load_state_dict(loaded)
+    _train(resumed, resumed_opt, 3, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("saved_dtype", [None, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("loading_dtype", [None, torch.float32, torch.bfloat16, torch.uint8])
+def test_load_state_dict_converts_to_the_loading_optimizers_state_dtype(saved_dtype,
+                                                                      loading_dtype):
+    model, optimizer, saved = _saved(saved_dtype)
+    loading = kxops.optim.AdaXW(model.parameters(), lr=1e-2, state_dtype=loading_dtype)
+    loading.load_state_dict(saved)
+    assert loading.param_groups[0]["state_dtype"] is loading_dtype
+    for p in model.parameters():
+        state, original = loading.state[p], optimizer.state[p]
+        assert state["exp_avg"].dtype == ref.state_dtype(p.dtype, loading_dtype)
+        assert state["step"].item() == 3
+        got = ref.load_moments(p, state["exp_avg"], state["exp_avg_sq"],
+                               (state.get("exp_avg_scales"), state.get("exp_avg_sq_scales")))
+        want = ref.load_moments(p, original["exp_avg"], original["exp_avg_sq"],
+                                (original.get("exp_avg_scales"),
+                                 original.get("exp_avg_sq_scales")))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.07, atol=1e-6 * b.abs().max())
+    _train(model, loading, 1)
+
+
+@pytest.mark.parametrize("key, bad", [("exp_avg_scales", torch.zeros(3)),
+                                      ("exp_avg_sq_scales", None),
+                                      ("exp_avg", torch.zeros(2, dtype=torch.uint8))])
+def test_mismatching_compact_state_is_refused_before_anything_changes(key, bad):
+    model, _, saved = _saved(torch.uint8)
+    target = kxops.optim.AdaXW(model.parameters(), lr=1e-2, state_dtype=torch.uint8)
+    _train(model, target, 1)
+    before = copy.deepcopy(target.state_dict())
+    first = next(iter(saved["state"]))
+    if bad is None:
+        del saved["state"][first][key]
+    else:
+        saved["state"][first][key] = bad
+    saved["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match=re.escape(f"['{key}']")):
+        target.load_state_dict(saved)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, state in before["state"].items():
+        for k, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][i][k]))

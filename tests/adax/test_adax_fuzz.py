@@ -164,3 +164,39 @@ def test_no_step_count_gives_nan_from_finite_inputs(log_step, beta2, path, dtype
                     **(LOOP if path == "loop" else PATHS[path]))
     assert torch.isfinite(p).all() and torch.isfinite(m).all() and torch.isfinite(v).all()
     assert torch.equal(p[:2], before[:2])
+
+
+def _decoded(param, state):
+    scales = (state.get("exp_avg_scales"), state.get("exp_avg_sq_scales"))
+    real = _real(param.detach())
+    return ref.load_moments(real, state["exp_avg"], state["exp_avg_sq"], scales)
+
+
+@pytest.mark.fuzz
+@given(specs=st.lists(param_specs(), min_size=1, max_size=4),
+       path=st.sampled_from(sorted(PATHS)),
+       state_dtype=st.sampled_from([torch.bfloat16, torch.uint8]),
+       stochastic=st.sampled_from([None, False, True]),
+       maximize=st.booleans())
+def test_compact_state_on_every_path_gives_the_loops_codes(specs, path, state_dtype,
+                                                           stochastic, maximize):
+    # Every layout, NaN/inf grads, complex and fp64 params (which keep fp64 state): the codes,
+    # scales and seeds of the loop, bit for bit (AdaX-W: the params do not feed the moments).
+    flags = dict(state_dtype=state_dtype, stochastic_rounding=stochastic)
+    kwargs = dict(lr=1e-2, maximize=maximize, weight_decay=0.1, duplicate=False)
+    torch.manual_seed(0)
+    params, states, _ = run(specs, kxops.optim.AdaXW, dict(PATHS[path], **flags), **kwargs)
+    torch.manual_seed(0)
+    want_params, want_states, _ = run(specs, kxops.optim.AdaXW, dict(LOOP, **flags), **kwargs)
+    for spec, p, want, state, want_state in zip(specs, params, want_params, states,
+                                                want_states):
+        assert state["exp_avg"].dtype == ref.state_dtype(spec["dtype"], state_dtype)
+        assert state.get("rounding_seed") == want_state.get("rounding_seed")
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scales", "exp_avg_sq_scales"):
+            if key in state and state[key].dtype in (*ref.COMPACT, torch.float32):
+                a, b = _real(state[key]), _real(want_state[key])
+                assert torch.equal(a.float().nan_to_num(7), b.float().nan_to_num(7)), key
+        assert_same(p.detach(), want.detach(), spec["dtype"])
+        for got, expected in zip(_decoded(p, state), _decoded(want, want_state)):
+            if spec["dtype"] != torch.float64:  # decoded moments are finite or NaN as the loop's
+                assert torch.equal(got.isnan(), expected.isnan())
