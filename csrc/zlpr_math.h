@@ -125,11 +125,13 @@ KXOPS_HOST_DEVICE RowSums<acc_t> merge(const RowSums<acc_t>& a, const RowSums<ac
   return {merge(a.neg, b.neg), merge(a.pos, b.pos)};
 }
 
-// A negative's filtered gradient from its unscaled gradient u (see RowGrad): 0 below f, else
-// u * scale. T is acc_t or a CPU vector.
+// A negative's filtered gradient from its term e = w e^{s - max} (see RowGrad): 0 where its
+// unscaled gradient u = e * unscaled_inv is below f, else e * scaled_inv, the unfiltered
+// expression's value bit for bit (not u * scale, which rounds differently under a mean's
+// scale). T is acc_t or a CPU vector.
 template <typename T>
-KXOPS_HOST_DEVICE T filtered(T u, T grad_filter, T scale) {
-  return select(u < grad_filter, T(0), u * scale);
+KXOPS_HOST_DEVICE T filtered(T e, T unscaled_inv, T grad_filter, T scaled_inv) {
+  return select(e * unscaled_inv < grad_filter, T(0), e * scaled_inv);
 }
 
 // The finished row: d loss / d s_j = w_neg e^{s - max_neg} / Z_neg - w_pos e^{-s - max_pos} /
@@ -138,8 +140,8 @@ KXOPS_HOST_DEVICE T filtered(T u, T grad_filter, T scale) {
 //
 // grad_filter f > 0 (the fused heads' negligible-gradient filter): a class in the negative sum
 // only (a negative) whose own gradient u = w_neg e^{s - max_neg} / Z_neg, before the scale, is
-// below f gets 0, and u * scale otherwise; positives are never filtered, a NaN u is kept. f = 0
-// computes exactly the unfiltered expression above.
+// below f gets 0, and the unfiltered expression's value otherwise (bit for bit); positives are
+// never filtered, a NaN u is kept. f = 0 computes exactly the unfiltered expression above.
 template <typename acc_t>
 struct RowGrad {
   acc_t max_neg, inv_neg, max_pos, inv_pos;
@@ -156,7 +158,7 @@ struct RowGrad {
 
   KXOPS_HOST_DEVICE acc_t operator()(acc_t s, acc_t t) const {
     if (grad_filter > acc_t(0) && out_of_positive(s, t)) {
-      return filtered(negative_term(s, t, max_neg, unscaled_inv_neg), grad_filter, scale);
+      return filtered(negative_term(s, t, max_neg), unscaled_inv_neg, grad_filter, inv_neg);
     }
     return negative_term(s, t, max_neg, inv_neg) - positive_term(s, t, max_pos, inv_pos);
   }

@@ -200,7 +200,7 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
         # What must agree across ranks, reduced to a few integers; whether input needs a
         # gradient decides whether backward all-reduces it.
         key = zlib.crc32(repr((shape, str(input.dtype), ignore_index, reduction,
-                               _needs_grad(input))).encode())
+                               _needs_grad(input), grad_filter)).encode())
         row = [1, weight.shape[0], key, int(ids.min()) if ids.numel() else 0,
                int(ids.max()) if ids.numel() else -1]
     except Exception as exc:
@@ -220,8 +220,8 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
                            "invalid arguments (their own error says which)")
     if len({entry[2] for entry in table}) != 1:
         raise ValueError("linear_sparse_zlpr_loss: input, positives (shapes, dtype), "
-                         "ignore_index, reduction and whether input requires grad must be the "
-                         "same on every rank")
+                         "ignore_index, reduction, grad_filter and whether input requires grad "
+                         "must be the same on every rank")
     sizes = [entry[1] for entry in table]
     offset, num_classes = sum(sizes[:rank]), sum(sizes)
     low, high = min(e[3] for e in table), max(e[4] for e in table)

@@ -366,7 +366,8 @@ class _GlobalPointerBase(nn.Module):
 
     def extra_repr(self):
         return (f"heads={self.heads}, head_size={self.head_size}, rope={self.rope}, "
-                f"tril_mask={self.tril_mask}")
+                f"tril_mask={self.tril_mask}"
+                + (f", grad_filter={self.grad_filter}" if self.grad_filter else ""))
 
 
 class GlobalPointer(_GlobalPointerBase):

@@ -259,8 +259,8 @@ template <typename acc_t>
 void negative_grads(acc_t* s, int64_t n, const RowGrad<acc_t>& finish, GradOptions<acc_t> options) {
   using Vec = Vectorized<acc_t>;
   if (options.filter > acc_t(0)) {
-    const Vec inv(finish.unscaled_inv_neg), filter(options.filter), scale(options.scale);
-    at::vec::map([&](Vec e) { return filtered(e * inv, filter, scale); }, s, s, n);
+    const Vec inv(finish.unscaled_inv_neg), filter(options.filter), inv_neg(finish.inv_neg);
+    at::vec::map([&](Vec e) { return filtered(e, inv, filter, inv_neg); }, s, s, n);
   } else {
     const Vec inv_neg(finish.inv_neg);
     at::vec::map([&](Vec e) { return e * inv_neg; }, s, s, n);

@@ -12,6 +12,8 @@ finite terms, NaN at the infinite ones). A NaN label is in both sums. The input 
 the contract that the compiled ops share.
 """
 
+import numbers
+
 import torch
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -182,11 +184,17 @@ def zlpr_row_loss(logits, labels):
 
 def check_grad_filter(grad_filter, prefix=""):
     """grad_filter as a float: a finite number >= 0 (0: no filter), else ValueError."""
-    valid = isinstance(grad_filter, (int, float)) and not isinstance(grad_filter, bool)
-    if not valid or not (0 <= grad_filter < float("inf")):
+    value = None
+    # Any real number (numpy's scalars too), not a bool; an int too large for a float is inf.
+    if isinstance(grad_filter, numbers.Real) and not isinstance(grad_filter, bool):
+        try:
+            value = float(grad_filter)
+        except OverflowError:
+            value = float("inf")
+    if value is None or not (0 <= value < float("inf")):
         raise ValueError(f"{prefix}grad_filter must be a finite number >= 0 (0: no filter), got "
                          f"{grad_filter!r}")
-    return float(grad_filter)
+    return value + 0.0  # -0.0 is 0.0
 
 
 def filter_negative_grads(logits, labels, grad_filter):

@@ -813,6 +813,9 @@ def test_grad_filter_on_the_modules(module):
     head.zero_grad()
     head.loss(hidden, None, positives, grad_filter=0.0).backward()
     assert any(not torch.equal(a, p.grad) for a, p in zip(grads[0], head.parameters()))
+    # In the repr, as LinearZLPR's (only when set).
+    assert f"grad_filter={FILTER}" in repr(head)
+    assert "grad_filter" not in repr(getattr(kxops.nn, module)(8, 2, 4))
 
 
 def test_grad_filter_opcheck():

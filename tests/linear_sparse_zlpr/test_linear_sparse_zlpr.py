@@ -514,12 +514,14 @@ def _label_parallel_worker(rank, world, port, modes, result_dir):
                 b_local = b_local[:-1] if rank == world - 1 else b_local
             if mode == "bad_id":
                 positives[0, 0, 0] = sum(_sizes(world))
+            # Ranks that disagree on grad_filter: each would filter its own slice differently.
+            grad_filter = 2.0**-12 if mode == "bad_filter" and rank == 0 else 0.0
             out = {}
             for reduction in REDUCTIONS:
                 try:
                     loss = kxops.linear_sparse_zlpr_loss(
                         x, w_local, positives, b_local, reduction=reduction,
-                        process_group=dist.group.WORLD, block_rows=5)
+                        process_group=dist.group.WORLD, block_rows=5, grad_filter=grad_filter)
                 except (RuntimeError, ValueError, IndexError) as exc:
                     out[reduction] = type(exc).__name__
                     continue
@@ -573,6 +575,26 @@ def test_label_parallel_bad_argument_raises_on_every_rank(tmp_path):
         for reduction in REDUCTIONS:
             assert bad_rank[reduction] == ("ValueError" if rank == world - 1 else "RuntimeError")
             assert bad_id[reduction] == "IndexError"
+            assert isinstance(ok[reduction], tuple)
+
+
+def test_label_parallel_grad_filter_must_agree_across_ranks(tmp_path):
+    """Ranks given different grad_filter values raise ValueError on every rank (they once ran,
+    all-reducing an input gradient that mixed two filters and matched neither)."""
+    world = 2
+    done = run_isolated(f"""
+        import torch.multiprocessing as mp
+        from tests.test_linear_sparse_zlpr import _label_parallel_worker, _free_port
+        mp.spawn(_label_parallel_worker,
+                 args=({world}, _free_port(), ["bad_filter", "ok"], {str(tmp_path)!r}),
+                 nprocs={world}, join=True)
+    """, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for rank in range(world):
+        bad = torch.load(tmp_path / f"bad_filter-{rank}.pt")
+        ok = torch.load(tmp_path / f"ok-{rank}.pt")
+        for reduction in REDUCTIONS:
+            assert bad[reduction] == "ValueError"
             assert isinstance(ok[reduction], tuple)
 
 
@@ -777,6 +799,56 @@ def test_grad_filter_errors_name_it(bad):
         kxops.linear_sparse_zlpr_loss(x, w, positives, b, grad_filter=bad)
     with pytest.raises(ValueError, match="grad_filter"):
         kxops.nn.LinearZLPR(4, 5, grad_filter=bad)
+
+
+def test_grad_filter_takes_any_real_number():
+    """numpy scalars are numbers (np.float64 was taken, np.float32 and integer scalars were
+    refused); an int too large for a float is a ValueError (was OverflowError)."""
+    np = pytest.importorskip("numpy")
+    x, w, b, positives = trained_like(rows=8, classes=256)
+
+    def grads(f):
+        return torch.autograd.grad(kxops.linear_sparse_zlpr_loss(x, w, positives, b,
+                                                                 grad_filter=f), (x, w, b))
+
+    want = grads(float(np.float32(FILTER)))
+    for f in (np.float32(FILTER), np.float16(FILTER)):
+        assert all(torch.equal(g, r) for g, r in zip(grads(f), want))
+        assert kxops.nn.LinearZLPR(4, 5, grad_filter=f).grad_filter == FILTER
+    assert kxops.nn.LinearZLPR(4, 5, grad_filter=np.int64(0)).grad_filter == 0.0
+    for bad in (2**5000, np.bool_(True), np.float32("nan"), np.float64(-1.0)):
+        with pytest.raises(ValueError, match="grad_filter"):
+            kxops.linear_sparse_zlpr_loss(x, w, positives, b, grad_filter=bad)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "linear_sparse_zlpr_backward (reduction none) scales the dense block gradient by each "
+    "row's grad_loss (g.mul_ in csrc/linear_sparse_zlpr_host.h): a dropped entry's 0 times "
+    "an infinite grad_loss is NaN there, while the sparse products scale only the surviving "
+    "entries (a dropped entry stays 0, as in the filtered reference)"))
+def test_grad_filter_infinite_upstream_same_for_dense_and_sparse_products(monkeypatch):
+    """Reduction none, an infinite upstream gradient: the dropped entries contribute nothing
+    (the reference detaches them), whichever products run."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 2, generator=gen, dtype=torch.float64) * 2
+    b = torch.randn(6, generator=gen, dtype=torch.float64) - 3
+    positives = torch.tensor([[4], [4], [0]])
+    grad_out = torch.full((3,), torch.inf, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = fn(*leaves[:2], positives, leaves[2], reduction="none", grad_filter=0.01)
+        return torch.autograd.grad(loss, leaves, grad_out)
+
+    want = grads(kxops.reference.linear_sparse_zlpr_loss)
+    assert want[2].isnan().any() and want[2].isinf().any()  # some classes all dropped but one
+    for density in ("1", "0"):  # always the sparse products, always the dense GEMMs
+        monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", density)
+        got = grads(kxops.linear_sparse_zlpr_loss)
+        for g, r in zip(got, want):
+            assert torch.equal(g.isnan(), r.isnan()), density
+            torch.testing.assert_close(g, r, equal_nan=True)
 
 
 def test_grad_filter_direct_op_errors_in_a_subprocess():

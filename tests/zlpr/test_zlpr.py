@@ -1026,3 +1026,31 @@ def test_packed_float4_logits_are_a_type_error():
     packed = torch.zeros(3, 5, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         kxops.zlpr_loss(packed, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("classes", [50, 3000])
+def test_grad_filter_keeps_the_mean_gradient_bit_for_bit(dtype, classes):
+    """grad_filter under the mean's scale: each surviving entry is bit for bit the unfiltered
+    mean gradient's (the kernel once gave u * scale, which rounds differently from the
+    unfiltered e * (scale / Z)), the dropped ones those whose unscaled gradient is below f;
+    vector rows and non-finite (exact path) rows alike, through the public wrapper too."""
+    needs_kernel("zlpr", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(7, classes, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    logits[1, 3], logits[2, 5], logits[3] = torch.inf, torch.nan, -100.0
+    positives = torch.randint(0, classes, (7, 4), generator=gen)
+    positives[4], positives[5, 1] = -1, positives[5, 0]
+    labels = ref.positives_to_dense(positives, -1, classes)
+    op = torch.ops.kxops.sparse_zlpr
+    for f in (2.0**-12, 0.01, 0.5):
+        unscaled = op(logits, positives, -1, True, "none")[1]
+        drop = ~labels & (unscaled < f)
+        assert drop.any() and (~drop & ~labels & (unscaled != 0)).any()
+        exact = op(logits, positives, -1, True, "mean")[1]
+        got = op(logits, positives, -1, True, "mean", f)[1]
+        torch.testing.assert_close(got, torch.where(drop, 0, exact), rtol=0, atol=0,
+                                   equal_nan=True)
+        leaf = logits.clone().requires_grad_()
+        kxops.sparse_zlpr_loss(leaf, positives, grad_filter=f).backward()
+        torch.testing.assert_close(leaf.grad, got, rtol=0, atol=0, equal_nan=True)
