@@ -31,6 +31,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -226,6 +227,23 @@ inline bool sparse_head_products(const at::Tensor& g, const at::Tensor& k_cols,
   return true;
 }
 
+// The packing's blocks as sparse_grad sees them (the products' rows are q~'s, columns k~'s).
+inline std::vector<sparse_grad::PackedBlock> packed_blocks(const Packing& packing) {
+  std::vector<sparse_grad::PackedBlock> blocks;
+  for (const auto& blk : packing.blocks) {
+    blocks.push_back({blk.offset, blk.rows, blk.width, blk.row0, blk.col0});
+  }
+  return blocks;
+}
+
+// Whether the filtered gradient can come straight from the CPU kernel in sparse form: fp32/fp64
+// on CPU, operands with unit stride along D.
+inline bool sparse_kernel_output(const at::Tensor& qa, const at::Tensor& ka, double grad_filter) {
+  const auto type = qa.scalar_type();
+  return grad_filter > 0 && qa.is_cpu() && (type == at::kFloat || type == at::kDouble) &&
+         qa.stride(2) == 1 && ka.stride(2) == 1;
+}
+
 inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives_in,
                        const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& start_bias,
@@ -242,13 +260,14 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t start_col = dim, end_col = dim + (has_start ? 1 : 0);
 
   auto row_loss = at::zeros({batch, heads}, acc_options);
-  // Gradients accumulate in fp32 (fp64 for fp64 inputs); zero at padded steps.
+  // Gradients accumulate in fp32 (fp64 for fp64 inputs); zero at padded steps. Each chunk of
+  // heads writes its own slices whole (below), on the thread that computed them.
   at::Tensor grad_q, grad_k, grad_start, grad_end;
   if (compute_grad) {
-    grad_q = at::zeros(q.sizes(), acc_options);
-    grad_k = at::zeros(q.sizes(), acc_options);
-    if (has_start) grad_start = at::zeros({batch, heads, length}, acc_options);
-    if (has_end) grad_end = at::zeros({batch, heads, length}, acc_options);
+    grad_q = at::empty(q.sizes(), acc_options);
+    grad_k = at::empty(q.sizes(), acc_options);
+    if (has_start) grad_start = at::empty({batch, heads, length}, acc_options);
+    if (has_end) grad_end = at::empty({batch, heads, length}, acc_options);
   }
   const auto positives = positives_in.to(at::kLong);
   const auto bad = out_of_range(positives, ignore_index, length * length);
@@ -273,12 +292,14 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     struct Plan {
       Packing packing;
       at::Tensor idx, positives, lower;
+      std::vector<sparse_grad::PackedBlock> blocks;
     };
     std::vector<Plan> plans;
     plans.reserve(batch);
     for (int64_t b = 0; b < batch; ++b) {
-      Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor()};
+      Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor(), {}};
       const auto& packing = plan.packing;
+      plan.blocks = packed_blocks(packing);
       if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
       if (tril) {
         plan.lower =
@@ -309,6 +330,9 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     // The row kernel of this device, called below autograd and any Python kernel (the driver
     // may run on worker threads, which do not inherit the caller's dispatch state).
     const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+    // Set once a chunk's filtered gradient is too dense for the sparse form: the chunks after
+    // it go straight to the dense route (a speed hint only: both routes give the same bits).
+    std::atomic<bool> dense_seen{false};
 
     // Heads [h0, h0 + hc) of batch b, the same on every device: the packed logits (one batched
     // GEMM per block), the row kernel once, then the gradient GEMMs.
@@ -332,9 +356,42 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
         }
       }
-      auto [loss, grad] =
-          sparse_zlpr.redispatch(backend, logits, plan.positives.narrow(0, h0, hc), -1,
-                                 compute_grad, /*reduction=*/"none", grad_filter);
+      const auto chunk_positives = plan.positives.narrow(0, h0, hc);
+      auto scatter = [&](const at::Tensor& dst, const at::Tensor& src) {
+        auto rows = dst[b].narrow(0, h0, hc);
+        if (idx.defined()) {
+          if (idx.size(0) < length) rows.zero_();  // the padded steps
+          rows.index_copy_(1, idx, src);
+        } else {
+          rows.copy_(src);
+        }
+      };
+      auto scatter_all = [&](const at::Tensor& grad_qa, const at::Tensor& grad_ka) {
+        scatter(grad_q, grad_qa.narrow(2, 0, dim));
+        scatter(grad_k, grad_ka.narrow(2, 0, dim));
+        if (has_start) scatter(grad_start, grad_qa.select(2, start_col));
+        if (has_end) scatter(grad_end, grad_ka.select(2, end_col));
+      };
+      // The filtered gradient straight from the CPU kernel in sparse form, its products
+      // taken from there when every block is sparse enough (as the dense route below would
+      // find them); otherwise (nothing, or a dense block) the dense route, the kernel again.
+      if (compute_grad && packing.packed > 0 && !dense_seen.load() &&
+          sparse_kernel_output(qa, ka, grad_filter)) {
+        auto [loss, sparse] =
+            sparse_grad::sparse_zlpr_with_sparse_grad(logits, chunk_positives, -1, grad_filter);
+        if (sparse.has_value() && sparse_grad::blocks_sparse_enough(*sparse, plan.blocks)) {
+          row_loss[b].narrow(0, h0, hc).copy_(loss);
+          logits.reset();
+          auto grad_qa = at::zeros(qa.sizes(), acc_options);
+          auto grad_ka = at::zeros(ka.sizes(), acc_options);
+          sparse_grad::packed_products(*sparse, plan.blocks, ka, qa, grad_qa, grad_ka);
+          scatter_all(grad_qa, grad_ka);
+          return;
+        }
+        if (!sparse.has_value()) dense_seen.store(true);
+      }
+      auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, chunk_positives, -1, compute_grad,
+                                                 /*reduction=*/"none", grad_filter);
       row_loss[b].narrow(0, h0, hc).copy_(loss);
       if (!compute_grad) return;
       logits.reset();
@@ -362,18 +419,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           grad_cols.add_(at::bmm(g.transpose(1, 2), q_rows));
         }
       }
-      auto scatter = [&](const at::Tensor& dst, const at::Tensor& src) {
-        auto rows = dst[b].narrow(0, h0, hc);
-        if (idx.defined()) {
-          rows.index_copy_(1, idx, src);
-        } else {
-          rows.copy_(src);
-        }
-      };
-      scatter(grad_q, grad_qa.narrow(2, 0, dim));
-      scatter(grad_k, grad_ka.narrow(2, 0, dim));
-      if (has_start) scatter(grad_start, grad_qa.select(2, start_col));
-      if (has_end) scatter(grad_end, grad_ka.select(2, end_col));
+      scatter_all(grad_qa, grad_ka);
     };
 
     // Heads per call: the packed logits and their gradient of one batch within a budget.
@@ -389,13 +435,25 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       // its rows single-threaded within its share of the budget: one parallel region per call
       // instead of one per GEMM, which on a busy CPU each wait for a time slice (measured: a
       // step 4-15x slower at L 2048 under load with two threads than with one).
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      // Rows [begin, end) in calls of a few heads of one batch.
+      auto run_rows = [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end;) {
           const int64_t b = row / heads, h0 = row % heads;
           const int64_t hc = std::min({heads_within(b, budget / threads), heads - h0, end - row});
           run_heads(b, h0, hc);
           row += hc;
+        }
+      };
+      // Each thread an equal share of every batch's heads where there are enough heads (the
+      // batches' valid lengths, and so their work, differ), else an equal share of the rows.
+      const bool share_heads = heads >= threads;
+      at::parallel_for(0, share_heads ? threads : rows, 1, [&](int64_t begin, int64_t end) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        if (!share_heads) return run_rows(begin, end);
+        for (int64_t t = begin; t < end; ++t) {
+          for (int64_t b = 0; b < batch; ++b) {
+            run_rows(b * heads + heads * t / threads, b * heads + heads * (t + 1) / threads);
+          }
         }
       });
     } else {

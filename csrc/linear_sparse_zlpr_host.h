@@ -125,6 +125,16 @@ inline Tensor block_logits(const Tensor& x, const Tensor& weight,
   return bias.has_value() ? gemm::addmm(*bias, x, weight.t()) : gemm::mm(x, weight.t());
 }
 
+// The same into out [x rows, C] (the same GEMM call, so the same bits).
+inline void block_logits_out(Tensor& out, const Tensor& x, const Tensor& weight,
+                             const std::optional<Tensor>& bias) {
+  if (bias.has_value()) {
+    gemm::addmm_out(out, *bias, x, weight.t());
+  } else {
+    gemm::mm_out(out, x, weight.t());
+  }
+}
+
 // Gradient accumulators: fp32 (fp64 for fp64) for grad_weight and grad_bias, summed block by
 // block; low-precision block products go through one [C, d] scratch in the input dtype.
 struct WeightGrads {
@@ -154,8 +164,7 @@ struct WeightGrads {
   }
   // The same from g's sparse form (see sparse_grad_host.h): accumulated in place.
   void add(const sparse_grad::SparseRows& g, const Tensor& x, double scale) {
-    if (first && weight.defined()) weight.zero_();
-    sparse_grad::cols_product(g, x, weight, bias, scale);
+    sparse_grad::cols_product(g, x, weight, bias, scale, /*overwrite=*/first);
     first = false;
   }
   // Returned in the parameters' dtype; an empty tensor where not requested.
@@ -232,10 +241,14 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
   const Tensor ids = positives.reshape({rows, positives.size(-1)});
   const int64_t step =
       rows_per_block(rows, weight.size(0), weight, input.element_size(), block_rows);
+  // One logits buffer for every block: a fresh one per block would cost its page faults again
+  // (as much time as a pass over it), each block's logits being done with before the next.
+  const Tensor buffer = at::empty({std::min(step, rows), weight.size(0)}, input.options());
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t n = std::min(step, rows - start);
     const Tensor x_block = x.narrow(0, start, n);
-    const Tensor logits = block_logits(x_block, weight, bias);
+    Tensor logits = buffer.narrow(0, 0, n);
+    block_logits_out(logits, x_block, weight, bias);
     if (want_grad && sparse_kernel_output(input, weight, grad_filter)) {
       auto [row_loss, sparse] = sparse_grad::sparse_zlpr_with_sparse_grad(
           logits, ids.narrow(0, start, n), ignore_index, grad_filter);

@@ -20,6 +20,7 @@
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace kxops::sparse_grad {
 
@@ -53,8 +54,29 @@ std::tuple<at::Tensor, std::optional<SparseRows>> sparse_zlpr_with_sparse_grad(
 void rows_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
                   double scale);
 
-// out and col_sums are each optional (an undefined tensor: not computed).
+// A row of g packing blocks one after the other (the GlobalPointer's spans): the block's
+// entries [offset, offset + rows * width) of the row, row-major, stand for the products' rows
+// row0.. and columns col0...
+struct PackedBlock {
+  int64_t offset, rows, width, row0, col0;
+};
+
+// Whether no block of any row of g holds more than max_density() of its entries: the rule
+// sparse_rows applies to each block on its own.
+bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& blocks);
+
+// For each row h of g (a head) and each of its entries v at (block row i, block column j):
+//   rows_out[h][i] += v * rows_operand[h][j],   cols_out[h][j] += v * cols_operand[h][i],
+// in the row's order: each output row sees the additions rows_product (a row of out) and
+// cols_product (a column of out) make block by block, so the same bits. The operands
+// [heads, steps, d] with unit stride along d; out zeroed by the caller.
+void packed_products(const SparseRows& g, const std::vector<PackedBlock>& blocks,
+                     const at::Tensor& rows_operand, const at::Tensor& cols_operand,
+                     const at::Tensor& rows_out, const at::Tensor& cols_out);
+
+// out and col_sums are each optional (an undefined tensor: not computed). overwrite: out's
+// content is ignored (each row zeroed by the task that sums into it; col_sums still adds).
 void cols_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  const at::Tensor& col_sums, double scale);
+                  const at::Tensor& col_sums, double scale, bool overwrite = false);
 
 }  // namespace kxops::sparse_grad

@@ -107,7 +107,7 @@ void rows_product_impl(const SparseRows& g, const at::Tensor& operand, const at:
 
 template <typename T>
 void cols_product_impl(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                       const at::Tensor& col_sums, T scale) {
+                       const at::Tensor& col_sums, T scale, bool overwrite) {
   const int64_t n = g.row_start.numel() - 1, m = g.cols, nnz = g.value.numel();
   const int64_t* start = g.row_start.const_data_ptr<int64_t>();
   const int64_t* col = g.col.const_data_ptr<int64_t>();
@@ -133,9 +133,40 @@ void cols_product_impl(const SparseRows& g, const at::Tensor& operand, const at:
   const int64_t y_stride = y != nullptr ? out.stride(0) : 0;
   at::parallel_for(0, m, grain_for(m, nnz, d), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
+      if (overwrite && y != nullptr) std::fill(y + j * y_stride, y + j * y_stride + d, T(0));
       for (int64_t k = col_start[j]; k < col_start[j + 1]; ++k) {
         if (y != nullptr) axpy(value_of[k], b + row_of[k] * b_stride, y + j * y_stride, d);
         if (sums != nullptr) sums[j] += value_of[k];
+      }
+    }
+  });
+}
+
+template <typename T>
+void packed_products_impl(const SparseRows& g, const std::vector<PackedBlock>& blocks,
+                          const at::Tensor& rows_operand, const at::Tensor& cols_operand,
+                          const at::Tensor& rows_out, const at::Tensor& cols_out) {
+  const int64_t heads = g.row_start.numel() - 1, d = rows_out.size(2);
+  const int64_t* start = g.row_start.const_data_ptr<int64_t>();
+  const int64_t* col = g.col.const_data_ptr<int64_t>();
+  const T* value = g.value.const_data_ptr<T>();
+  const auto row_of = [](const at::Tensor& t, auto* data, int64_t h, int64_t i) {
+    return data + h * t.stride(0) + i * t.stride(1);
+  };
+  const T* rows_in = rows_operand.const_data_ptr<T>();
+  const T* cols_in = cols_operand.const_data_ptr<T>();
+  T* rows_data = rows_out.mutable_data_ptr<T>();
+  T* cols_data = cols_out.mutable_data_ptr<T>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      size_t t = 0;
+      for (int64_t k = start[h]; k < start[h + 1]; ++k) {
+        while (col[k] >= blocks[t].offset + blocks[t].rows * blocks[t].width) ++t;
+        const PackedBlock& block = blocks[t];
+        const int64_t local = col[k] - block.offset;
+        const int64_t i = block.row0 + local / block.width, j = block.col0 + local % block.width;
+        axpy(value[k], row_of(rows_operand, rows_in, h, j), row_of(rows_out, rows_data, h, i), d);
+        axpy(value[k], row_of(cols_operand, cols_in, h, i), row_of(cols_out, cols_data, h, j), d);
       }
     }
   });
@@ -171,11 +202,37 @@ void rows_product(const SparseRows& g, const at::Tensor& operand, const at::Tens
   });
 }
 
+bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& blocks) {
+  const double density = max_density();
+  const int64_t rows = g.row_start.numel() - 1;
+  const int64_t* start = g.row_start.const_data_ptr<int64_t>();
+  const int64_t* col = g.col.const_data_ptr<int64_t>();
+  for (int64_t h = 0; h < rows; ++h) {
+    int64_t k = start[h];
+    for (const PackedBlock& block : blocks) {
+      const int64_t first = k, block_end = block.offset + block.rows * block.width;
+      while (k < start[h + 1] && col[k] < block_end) ++k;
+      const double limit =
+          density * static_cast<double>(block.rows) * static_cast<double>(block.width);
+      if (static_cast<double>(k - first) > limit) return false;
+    }
+  }
+  return true;
+}
+
+void packed_products(const SparseRows& g, const std::vector<PackedBlock>& blocks,
+                     const at::Tensor& rows_operand, const at::Tensor& cols_operand,
+                     const at::Tensor& rows_out, const at::Tensor& cols_out) {
+  AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "packed_products", [&] {
+    packed_products_impl<scalar_t>(g, blocks, rows_operand, cols_operand, rows_out, cols_out);
+  });
+}
+
 void cols_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  const at::Tensor& col_sums, double scale) {
+                  const at::Tensor& col_sums, double scale, bool overwrite) {
   if (!out.defined() && !col_sums.defined()) return;
   AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "cols_product", [&] {
-    cols_product_impl<scalar_t>(g, operand, out, col_sums, static_cast<scalar_t>(scale));
+    cols_product_impl<scalar_t>(g, operand, out, col_sums, static_cast<scalar_t>(scale), overwrite);
   });
 }
 

@@ -780,6 +780,75 @@ def test_grad_filter_independent_of_chunks_and_threads():
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grad_filter_sparse_kernel_route_is_the_dense_route(biases, masked):
+    """The filtered gradient taken in sparse form straight from the row kernel gives the bits
+    of the kernel's dense gradient scanned block by block: a dense first batch (a random grid,
+    most spans surviving) sends the chunks after it to the dense route, whose products of the
+    second (trained-like) batch must equal that batch's alone (the sparse kernel route)."""
+    q, k, pos, m = trained_like(batch=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    q[0] = 0.3 * torch.randn(q[0].shape, generator=gen)
+    k[0] = torch.randn(k[0].shape, generator=gen)
+    logits = ref.global_pointer_logits(q, k, m).flatten(-2)
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    assert (grad[0] != 0).float().mean() > 0.1 and (grad[1] != 0).float().mean() < 0.01
+    sb = eb = None
+    if biases:
+        sb = torch.randn(q.shape[:3], generator=gen) / 8
+        eb = torch.randn(q.shape[:3], generator=gen) / 8
+    if masked:
+        m[1, -7:] = False
+    def loss_and_sum_grads(batches, **kwargs):
+        leaves = [None if t is None else t[batches].clone().requires_grad_(True)
+                  for t in (q, k, sb, eb)]
+        loss = fused(leaves[0], leaves[1], pos[batches], m[batches], leaves[2], leaves[3],
+                     **kwargs)
+        loss.sum().backward()
+        return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one chunk after the other, batch 0 first
+        both = loss_and_sum_grads(slice(0, 2), grad_filter=FILTER)
+        alone = loss_and_sum_grads(slice(1, 2), grad_filter=FILTER)
+        exact = loss_and_sum_grads(slice(1, 2))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(both[0][1:], alone[0])
+    for g, g_alone in zip(both[1], alone[1]):
+        if g is not None:
+            assert torch.equal(g[1:], g_alone)
+    assert any(not torch.equal(g, e) for g, e in zip(alone[1], exact[1]) if g is not None)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grad_filter_one_dense_block(threads):
+    """Few surviving spans in all, but all in the last row block (more than 5% of it): that
+    block takes the dense GEMMs, the others the sparse products."""
+    gen = torch.Generator().manual_seed(4)
+    length = 300
+    q = 0.05 * torch.randn(1, 2, length, 8, generator=gen, dtype=torch.float64)
+    k = 0.05 * torch.randn(1, 2, length, 8, generator=gen, dtype=torch.float64)
+    q[..., -1], k[..., -1] = 4.0, -3.0
+    q[:, :, 256:, -1] = 0.0  # the spans of the last block (rows 256..) near 0: they survive
+    pos = torch.tensor([[[3 * length + 10, 270 * length + 280]] * 2])
+    logits = ref.global_pointer_logits(q, k, None).flatten(-2)
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    assert 0 < (grad != 0).double().mean() < 0.05
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = loss_and_grads(fused, q, k, pos, None, None, None, grad_filter=FILTER)
+    finally:
+        torch.set_num_threads(saved)
+    want = loss_and_grads(lambda *a, **kw: ref.global_pointer_zlpr_loss(
+        *a[:4], start_bias=a[4], end_bias=a[5], reduction="none", **kw),
+        q, k, pos, None, None, None, grad_filter=FILTER)
+    assert_same(got, want)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None])
 def test_grad_filter_errors_name_it(bad):
     q, k, sb, eb, pos, m = make_problem()
