@@ -433,8 +433,7 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     if (threads > 1 && rows >= threads) {
       // CPU: the (batch, head) rows split among the threads, each running the same work on
       // its rows single-threaded within its share of the budget: one parallel region per call
-      // instead of one per GEMM, which on a busy CPU each wait for a time slice (measured: a
-      // step 4-15x slower at L 2048 under load with two threads than with one).
+      // instead of one per GEMM, which on a busy CPU each wait for a time slice.
       // Rows [begin, end) in calls of a few heads of one batch.
       auto run_rows = [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end;) {

@@ -102,8 +102,7 @@ inline int64_t leading_rows(const Tensor& input) {
 // memory scales with the parameters the step holds anyway (and their gradient), never with
 // N x C. The 128 MiB floor keeps enough rows per block for the GEMMs to stay compute-bound:
 // every block reads the whole weight twice, and below a few hundred rows that traffic shows
-// (measured on CPU at N 1024, d 256, C 65536: 0.77x the materialised path at 128 rows, 0.92x at
-// 256, 1.03x at 1024). block_rows > 0 overrides the choice. At least one row.
+// (docs/design.md has the measurement). block_rows > 0 overrides the choice. At least one row.
 inline int64_t rows_per_block(int64_t rows, int64_t classes, const Tensor& weight,
                               int64_t bytes_per_logit, int64_t block_rows) {
   const int64_t all = std::max<int64_t>(rows, 1);
@@ -336,8 +335,14 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
                        grads.add(start, loss.size(0), *sparse, x_block, weight, 1.0);
                        return;
                      }
-                     // In place: the kernel's gradient is this block's own buffer.
-                     g.mul_(block_grad);
+                     // In place: the kernel's gradient is this block's own buffer. Filtered,
+                     // only the nonzero entries are scaled, as the sparse products do: a
+                     // dropped entry stays 0 under an infinite grad_loss.
+                     if (grad_filter > 0) {
+                       g.mul_(at::where(g != 0, block_grad, at::ones_like(block_grad)));
+                     } else {
+                       g.mul_(block_grad);
+                     }
                      grads.add(start, g, x_block, weight, 1.0, grad_filter > 0);
                    });
   }

@@ -115,3 +115,50 @@ def test_cuda_smoke_adax(optimizer, flags):
         tolerance = 2e-2 if p.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(p.detach().cpu().double(), q.detach(), atol=tolerance,
                                    rtol=tolerance)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("flags", ["fused", "foreach"])
+def test_cuda_smoke_adax_low_bit_state(state_dtype, flags):
+    """Three steps with bf16 or 8-bit state on CUDA against the same steps of the CPU's fused
+    kernel: the same seed, so the same rounding stream (fp32 and bf16 params; sizes around the
+    8-bit block of 128)."""
+    shapes = [(5, 7), (1,), (300,), (129,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32]
+    start = [torch.randn(s).to(dtype) for s, dtype in zip(shapes, dtypes)]
+    runs = {}
+    for device, path in (("cuda", FLAGS[flags]), ("cpu", FLAGS["fused"])):
+        params = [torch.nn.Parameter(p.to(device)) for p in start]
+        opt = kxops.optim.AdaXW(params, lr=1e-2, state_dtype=state_dtype, **path)
+        torch.manual_seed(0)  # the rounding seed is drawn from here at the first step
+        for step in range(3):
+            for p in params:
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+                p.grad = g.to(device, p.dtype)
+            opt.step()
+        runs[device] = [p.detach().cpu().float() for p in params]
+    for ours, theirs in zip(runs["cuda"], runs["cpu"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_smoke_grad_filter(reduction):
+    """Both fused heads with the gradient filter on CUDA against their filtered references."""
+    cuda = torch.device("cuda")
+    x, w, b = torch.randn(9, 16, device=cuda), torch.randn(300, 16, device=cuda) / 4, \
+        torch.randn(300, device=cuda) - 4
+    positives = torch.randint(0, 300, (9, 3), device=cuda)
+
+    def linear(fn):
+        return lambda x, w, b: fn(x, w, positives, b, reduction=reduction, grad_filter=2**-8)
+
+    assert_matches_reference(linear(kxops.linear_sparse_zlpr_loss),
+                             linear(kxops.reference.linear_sparse_zlpr_loss), x, w, b)
+    q, k = torch.randn(2, 3, 20, 8, device=cuda), torch.randn(2, 3, 20, 8, device=cuda)
+    spans = torch.randint(0, 400, (2, 3, 4), device=cuda)
+
+    def pointer(fn):
+        return lambda q, k: fn(q, k, spans, reduction=reduction, grad_filter=2**-8)
+
+    assert_matches_reference(pointer(kxops.global_pointer_zlpr_loss),
+                             pointer(kxops.reference.global_pointer_zlpr_loss), q, k)

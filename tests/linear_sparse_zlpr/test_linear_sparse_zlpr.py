@@ -821,11 +821,6 @@ def test_grad_filter_takes_any_real_number():
             kxops.linear_sparse_zlpr_loss(x, w, positives, b, grad_filter=bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "linear_sparse_zlpr_backward (reduction none) scales the dense block gradient by each "
-    "row's grad_loss (g.mul_ in csrc/linear_sparse_zlpr_host.h): a dropped entry's 0 times "
-    "an infinite grad_loss is NaN there, while the sparse products scale only the surviving "
-    "entries (a dropped entry stays 0, as in the filtered reference)"))
 def test_grad_filter_infinite_upstream_same_for_dense_and_sparse_products(monkeypatch):
     """Reduction none, an infinite upstream gradient: the dropped entries contribute nothing
     (the reference detaches them), whichever products run."""
