@@ -584,7 +584,8 @@ def test_label_parallel_grad_filter_must_agree_across_ranks(tmp_path):
     world = 2
     done = run_isolated(f"""
         import torch.multiprocessing as mp
-        from tests.test_linear_sparse_zlpr import _label_parallel_worker, _free_port
+        from tests.linear_sparse_zlpr.test_linear_sparse_zlpr import (
+            _label_parallel_worker, _free_port)
         mp.spawn(_label_parallel_worker,
                  args=({world}, _free_port(), ["bad_filter", "ok"], {str(tmp_path)!r}),
                  nprocs={world}, join=True)
