@@ -117,8 +117,10 @@ KXOPS_HOST_DEVICE float bits_float(uint32_t b) {
 }
 
 // Chris Wellons' "lowbias32" integer hash: a bijection of 32-bit words with low bias, five
-// cheap vector operations per round (two multiplies, three shift-xors).
-KXOPS_HOST_DEVICE uint32_t mix32(uint32_t x) {
+// cheap vector operations per round (two multiplies, three shift-xors). Word: uint32_t, or a
+// vector of them (the CPU kernel's lanes).
+template <typename Word>
+KXOPS_HOST_DEVICE Word mix32(Word x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;
@@ -137,15 +139,22 @@ KXOPS_HOST_DEVICE uint32_t rounding_key(uint64_t seed, uint32_t step, uint32_t s
   return mix32(k ^ index_high);
 }
 
-// 32 random bits of the element with index (low 32 bits) under key.
-KXOPS_HOST_DEVICE uint32_t random_bits(uint32_t key, uint32_t index) {
-  return mix32(key ^ (index * 0x9e3779b9U));
+// 32 random bits of the element with index (low 32 bits) under key (Word as in mix32).
+template <typename Word>
+KXOPS_HOST_DEVICE Word random_bits(uint32_t key, Word index) {
+  return mix32<Word>(key ^ (index * 0x9e3779b9U));
 }
 
 // The two moments share one random word: m takes its low half, v_hat its high half, each
 // placed in the high bits of a 32-bit word (round_mantissa takes random bits from the top).
-KXOPS_HOST_DEVICE uint32_t mean_random(uint32_t word) { return word << 16; }
-KXOPS_HOST_DEVICE uint32_t square_random(uint32_t word) { return word & 0xffff0000U; }
+template <typename Word>
+KXOPS_HOST_DEVICE Word mean_random(Word word) {
+  return word << 16;
+}
+template <typename Word>
+KXOPS_HOST_DEVICE Word square_random(Word word) {
+  return word & 0xffff0000U;
+}
 
 // fp32 bits rounded to `keep` (0..22) mantissa bits: the dropped bits become 0 after adding
 // either the top 23 - keep bits of `random` (stochastic: up with the probability of the

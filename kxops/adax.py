@@ -105,24 +105,32 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
 def _compact_groups_by_device(lists, compact):
     """{(device, None): the lists' tensors on it} and the op's compact-state arguments of
     each group (an empty tensor stands for the scales of state that is not 8-bit)."""
-    groups, extras, empty = {}, {}, {}
+    params = lists[0]
+    devices = [p.device for p in params]
+    empty = {device: torch.empty(0, device=device) for device in set(devices)}
     scale_lists = {name: _local_shards(compact[name]) if compact[name] is not None else None
                    for name in ("exp_avg_scales", "exp_avg_sq_scales")}
-    for i, param in enumerate(lists[0]):
-        key = (param.device, None)
-        if key not in groups:
-            groups[key] = [[] for _ in lists]
-            extras[key] = dict(exp_avg_scales=[], exp_avg_sq_scales=[], seeds=[],
-                               stochastic_rounding=compact["stochastic_rounding"])
-        for group_list, tensors in zip(groups[key], lists):
-            group_list.append(tensors[i])
+    seeds = compact["seeds"]
+    seeds = [0] * len(params) if seeds is None else [0 if s is None else s for s in seeds]
+
+    def extras_of(indices):
+        out = dict(seeds=[seeds[i] for i in indices],
+                   stochastic_rounding=compact["stochastic_rounding"])
         for name, scales in scale_lists.items():
-            scales = scales[i] if scales is not None else None
-            if scales is None:  # one empty tensor per device stands for every missing one
-                scales = empty.setdefault(param.device, torch.empty(0, device=param.device))
-            extras[key][name].append(scales)
-        seed = compact["seeds"][i] if compact["seeds"] is not None else None
-        extras[key]["seeds"].append(0 if seed is None else seed)
+            # One empty tensor per device stands for every missing scale tensor.
+            out[name] = [empty[devices[i]] if scales is None or scales[i] is None else scales[i]
+                         for i in indices]
+        return out
+
+    if len(empty) == 1:  # the usual case: the lists as they are, without a per-tensor loop
+        key = (devices[0], None)
+        return {key: list(lists)}, {key: extras_of(range(len(params)))}
+    indices = {}
+    for i, device in enumerate(devices):
+        indices.setdefault(device, []).append(i)
+    groups = {(device, None): [[tensors[i] for i in group] for tensors in lists]
+              for device, group in indices.items()}
+    extras = {(device, None): extras_of(group) for device, group in indices.items()}
     return groups, extras
 
 
