@@ -57,6 +57,13 @@ class AdaX(Optimizer):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._step_supports_amp_scaling = True
 
+    def add_param_group(self, param_group):
+        """As ``Optimizer.add_param_group``, with a group's own ``state_dtype`` and
+        ``stochastic_rounding`` checked as the constructor checks them."""
+        check_state_options(param_group.get("state_dtype"),
+                            param_group.get("stochastic_rounding"))
+        super().add_param_group(param_group)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
@@ -76,6 +83,7 @@ class AdaX(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
             _check_saved_state(state_dict["state"].get(saved_id, {}), saved_id, param)
+            _check_saved_seed(state_dict["state"].get(saved_id, {}), saved_id)
         options = [(g["state_dtype"], g["stochastic_rounding"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, (chosen, stochastic) in zip(self.param_groups, options):
@@ -89,7 +97,7 @@ class AdaX(Optimizer):
                     state.pop(key, None)
                 state.update(_converted_moments(saved, param, group["state_dtype"]))
             if "rounding_seed" in saved:
-                state["rounding_seed"] = int(saved["rounding_seed"])
+                state["rounding_seed"] = saved["rounding_seed"]
 
     @staticmethod
     def _step_tensor(step, param, on_param_device):
@@ -158,6 +166,8 @@ class AdaX(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # a group's options changed since: before any step
+            check_state_options(group["state_dtype"], group["stochastic_rounding"])
         for group in self.param_groups:
             lists = ([], [], [], [], [])
             compact = dict(exp_avg_scales=[], exp_avg_sq_scales=[], seeds=[])
@@ -190,7 +200,8 @@ def _zero_moments(p, dtype):
              for key in ("exp_avg", "exp_avg_sq")}
     if dtype == torch.uint8:
         for key in _SCALE_KEYS:
-            state[key] = torch.zeros(ref.blocks_of(real.numel()), device=p.device)
+            state[key] = torch.zeros(ref.blocks_of(real.numel()), dtype=torch.float32,
+                                     device=p.device)
     return state
 
 
@@ -229,7 +240,11 @@ def _check_saved_state(saved, saved_id, p):
     if saved["exp_avg"].dtype != saved["exp_avg_sq"].dtype:
         raise ValueError(f"{where}: exp_avg and exp_avg_sq have dtypes "
                          f"{saved['exp_avg'].dtype} and {saved['exp_avg_sq'].dtype}")
-    if saved["exp_avg"].dtype != torch.uint8:
+    dtype = saved["exp_avg"].dtype
+    if not (dtype.is_floating_point or dtype.is_complex or dtype == torch.uint8):
+        raise ValueError(f"{where}['exp_avg'] and ['exp_avg_sq'] must be floating-point "
+                         f"moments or uint8 codes, got {dtype}")
+    if dtype != torch.uint8:
         return
     blocks = ref.blocks_of(real.numel())
     for key in _SCALE_KEYS:
@@ -238,6 +253,19 @@ def _check_saved_state(saved, saved_id, p):
             shape = list(t.shape) if isinstance(t, torch.Tensor) else t
             raise ValueError(f"{where}['{key}'] must have shape [{blocks}] (one scale per "
                              f"{ref.BLOCK} of the param's {real.numel()} elements), got {shape}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{where}['{key}'] must be float32 (the blocks' scales), got "
+                             f"{t.dtype}")
+
+
+def _check_saved_seed(saved, saved_id):
+    """A saved rounding seed that is not a Python int in [0, 2^63): ValueError."""
+    if "rounding_seed" not in saved:
+        return
+    seed = saved["rounding_seed"]
+    if type(seed) is not int or not 0 <= seed < 2**63:  # bool is no seed; a float is lossy
+        raise ValueError(f"AdaX.load_state_dict: state_dict['state'][{saved_id}]"
+                         f"['rounding_seed'] must be an int in [0, 2**63), got {seed!r}")
 
 
 def _check_fused_param(p):

@@ -45,7 +45,7 @@ def state_dtype(param_dtype: torch.dtype, chosen: torch.dtype = None) -> torch.d
 
 def check_state_options(state_dtype_option, stochastic_rounding):
     """The optimizers' ``state_dtype`` and ``stochastic_rounding`` arguments."""
-    if state_dtype_option not in STATE_DTYPES:
+    if not any(state_dtype_option is choice for choice in STATE_DTYPES):  # no __eq__ calls
         raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16 or "
                          f"torch.uint8, got {state_dtype_option!r}")
     if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
