@@ -89,10 +89,11 @@ inline void check_compact_state(const Arguments& a, size_t i) {
   const auto& p = a.params[i];
   const bool rounds = is_compact(a.exp_avgs[i].scalar_type()) || p.scalar_type() == at::kHalf ||
                       p.scalar_type() == at::kBFloat16;
-  if (a.hyper.stochastic && rounds) {
+  // A seed list is either empty or one per param (every param's seed is read when it is not).
+  if ((a.hyper.stochastic && rounds) || !a.seeds.empty()) {
     TORCH_CHECK_VALUE(a.seeds.size() == a.params.size(),
-                      "kxops.adax_: stochastic_rounding needs "
-                      "one seed per param, got ",
+                      "kxops.adax_: seeds must be empty or one per param (stochastic_rounding "
+                      "needs one per param), got ",
                       a.seeds.size(), " seeds for ", a.params.size(), " params");
   }
   if (!a.seeds.empty()) {

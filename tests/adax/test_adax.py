@@ -1559,9 +1559,6 @@ def test_block_scales_are_float32_whatever_the_default_dtype(path):
         assert state["exp_avg_scales"].dtype == state["exp_avg_sq_scales"].dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/adax_host.h reads seeds[i] for every param when "
-                   "seeds is not empty but checks its length only where stochastic_rounding "
-                   "rounds something: a shorter list is read out of bounds")
 @pytest.mark.parametrize("state_dtype, stochastic", [(torch.uint8, False),
                                                      (torch.float32, True)])
 def test_op_refuses_a_seed_list_of_another_length(state_dtype, stochastic):
