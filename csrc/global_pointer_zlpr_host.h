@@ -244,229 +244,289 @@ inline bool sparse_kernel_output(const at::Tensor& qa, const at::Tensor& ka, dou
          qa.stride(2) == 1 && ka.stride(2) == 1;
 }
 
-inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives_in,
+// Per batch: its packing, its valid steps (undefined without a mask) and its positives as
+// packed ids.
+struct Plan {
+  Packing packing;
+  at::Tensor idx, positives, lower;
+  std::vector<sparse_grad::PackedBlock> blocks;
+};
+
+// The positives of one batch as packed ids: -1 ("ignored") for ignore_index, a masked span or
+// i > j under tril; past the end for an out-of-range id.
+inline at::Tensor packed_positives(const Packing& packing, const at::Tensor& pos,
+                                   const at::Tensor& bad, const at::Tensor& compressed,
+                                   int64_t length, int64_t ignore_index) {
+  if (packing.valid == 0) return at::full_like(pos, -1).masked_fill_(bad, 0);  // no span at all
+  const auto skip = pos.eq(ignore_index).logical_or_(bad);
+  const auto safe = at::where(skip, 0, pos);
+  const auto i = safe.div(length, "floor"), j = safe.remainder(length);
+  at::Tensor ci = i, cj = j;
+  if (compressed.defined()) {
+    ci = compressed.index_select(0, i.flatten()).view_as(i);
+    cj = compressed.index_select(0, j.flatten()).view_as(j);
+  }
+  auto keep = skip.logical_not().logical_and_(ci.ge(0)).logical_and_(cj.ge(0));
+  if (packing.tril) keep.logical_and_(ci.le(cj));
+  return at::where(keep, packing.packed_id(ci.clamp_min(0), cj.clamp_min(0)), -1)
+      .masked_fill_(bad, packing.packed);
+}
+
+// Every batch's plan. The one host synchronisation is here: the buffer sizes depend on the
+// counts of valid steps.
+inline std::vector<Plan> make_plans(const at::Tensor& q, const at::Tensor& positives,
+                                    const std::optional<at::Tensor>& mask, bool tril,
+                                    int64_t ignore_index) {
+  const int64_t batch = q.size(0), length = q.size(2);
+  const auto bad = out_of_range(positives, ignore_index, length * length);
+  // Each batch's valid steps in order (a stable sort puts the kept ones first), and each
+  // step's compressed index (-1 at a padded step).
+  at::Tensor order, compressed;
+  std::vector<int64_t> valid(batch, length);
+  if (mask.has_value()) {
+    const auto keep = mask->ne(0);
+    order = std::get<1>(keep.to(at::kByte).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+    compressed = at::where(keep, keep.cumsum(1, at::kLong) - 1, -1);
+    const auto counts = keep.sum(1).cpu();
+    std::copy_n(counts.const_data_ptr<int64_t>(), batch, valid.begin());
+  }
+  std::vector<Plan> plans;
+  plans.reserve(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor(), {}};
+    plan.blocks = packed_blocks(plan.packing);
+    if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
+    if (tril) {
+      const int64_t n = plan.packing.block_rows;
+      plan.lower = at::ones({n, n}, q.options().dtype(at::kBool)).tril(-1);
+    }
+    plan.positives =
+        packed_positives(plan.packing, positives[b], bad[b],
+                         mask.has_value() ? compressed[b] : at::Tensor(), length, ignore_index);
+    plans.push_back(std::move(plan));
+  }
+  return plans;
+}
+
+// The forward's outputs, filled chunk of heads by chunk of heads: gradients accumulate in fp32
+// (fp64 for fp64 inputs) and are zero at padded steps; each chunk writes its own slices whole,
+// on the thread that computed them.
+struct Results {
+  at::Tensor row_loss, grad_q, grad_k, grad_start, grad_end;
+  Results(const at::Tensor& q, bool has_start, bool has_end, bool compute_grad) {
+    const auto acc = q.options().dtype(at::toOpMathType(q.scalar_type()));
+    const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
+    row_loss = at::zeros({batch, heads}, acc);
+    if (!compute_grad) return;
+    grad_q = at::empty(q.sizes(), acc);
+    grad_k = at::empty(q.sizes(), acc);
+    if (has_start) grad_start = at::empty({batch, heads, length}, acc);
+    if (has_end) grad_end = at::empty({batch, heads, length}, acc);
+  }
+  // Returned in q's dtype; distinct empty tensors where not computed (outputs must not alias).
+  Outputs finish(const at::Tensor& q) const {
+    auto none = [&] { return at::empty({0}, q.options()); };
+    if (!grad_q.defined()) return {row_loss, none(), none(), none(), none()};
+    const auto dtype = q.scalar_type();
+    return {row_loss, grad_q.to(dtype), grad_k.to(dtype),
+            grad_start.defined() ? grad_start.to(dtype) : none(),
+            grad_end.defined() ? grad_end.to(dtype) : none()};
+  }
+};
+
+// The work of heads [h0, h0 + hc) of batch b, the same on every device: the packed logits (one
+// batched GEMM per block), the row kernel once, then the gradient products.
+struct ChunkRunner {
+  const at::Tensor &q, &k;
+  const std::optional<at::Tensor>&start_bias, &end_bias;
+  const std::vector<Plan>& plans;
+  Results& results;
+  bool tril, compute_grad;
+  double grad_filter;
+  // Set once a chunk's filtered gradient is too dense for the sparse form: the chunks after it
+  // go straight to the dense route (a speed hint only: both routes give the same bits).
+  std::atomic<bool> dense_seen{false};
+
+  at::TensorOptions acc_options() const {
+    return q.options().dtype(at::toOpMathType(q.scalar_type()));
+  }
+
+  // The augmented operands q~, k~ of the chunk's heads over the batch's valid steps.
+  std::pair<at::Tensor, at::Tensor> operands(int64_t b, int64_t h0, int64_t hc) const {
+    const bool has_start = start_bias.has_value(), has_end = end_bias.has_value();
+    auto slice = [&](const at::Tensor& t) { return t[b].narrow(0, h0, hc); };
+    const auto& idx = plans[b].idx;
+    return {augmented(slice(q), idx, has_start ? slice(*start_bias) : at::Tensor(), true, has_start,
+                      has_end),
+            augmented(slice(k), idx, has_end ? slice(*end_bias) : at::Tensor(), false, has_start,
+                      has_end)};
+  }
+
+  at::Tensor packed_logits(const Plan& plan, const at::Tensor& qa, const at::Tensor& ka) const {
+    const int64_t hc = qa.size(0);
+    auto logits = at::empty({hc, plan.packing.packed}, q.options());
+    const auto neg_inf = at::Scalar(-std::numeric_limits<double>::infinity());
+    for (const auto& blk : plan.packing.blocks) {
+      auto out = logits.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
+      gemm::mm_out(out, qa.narrow(1, blk.row0, blk.rows),
+                   ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
+      if (tril) {
+        out.narrow(2, 0, blk.rows)
+            .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
+      }
+    }
+    return logits;
+  }
+
+  // The gradients of q~ and k~ into the outputs' slices of the chunk's heads.
+  void scatter(int64_t b, int64_t h0, const at::Tensor& grad_qa, const at::Tensor& grad_ka) {
+    const int64_t dim = q.size(3), length = q.size(2);
+    const auto& idx = plans[b].idx;
+    auto put = [&](const at::Tensor& dst, const at::Tensor& src) {
+      auto rows = dst[b].narrow(0, h0, src.size(0));
+      if (!idx.defined()) return void(rows.copy_(src));
+      if (idx.size(0) < length) rows.zero_();  // the padded steps
+      rows.index_copy_(1, idx, src);
+    };
+    put(results.grad_q, grad_qa.narrow(2, 0, dim));
+    put(results.grad_k, grad_ka.narrow(2, 0, dim));
+    if (start_bias.has_value()) put(results.grad_start, grad_qa.select(2, dim));
+    if (end_bias.has_value()) {
+      put(results.grad_end, grad_ka.select(2, dim + (start_bias.has_value() ? 1 : 0)));
+    }
+  }
+
+  // The filtered gradient straight from the CPU kernel in sparse form, its products taken from
+  // there when every block is sparse enough (as the dense route would find them). False (and
+  // nothing written) otherwise: the caller takes the dense route.
+  bool sparse_route(int64_t b, int64_t h0, at::Tensor& logits, const at::Tensor& positives,
+                    const at::Tensor& qa, const at::Tensor& ka) {
+    const auto& plan = plans[b];
+    if (!compute_grad || plan.packing.packed == 0 || dense_seen.load() ||
+        !sparse_kernel_output(qa, ka, grad_filter)) {
+      return false;
+    }
+    auto [loss, sparse] =
+        sparse_grad::sparse_zlpr_with_sparse_grad(logits, positives, -1, grad_filter);
+    if (!sparse.has_value() || !sparse_grad::blocks_sparse_enough(*sparse, plan.blocks)) {
+      if (!sparse.has_value()) dense_seen.store(true);
+      return false;
+    }
+    results.row_loss[b].narrow(0, h0, qa.size(0)).copy_(loss);
+    logits.reset();
+    auto grad_qa = at::zeros(qa.sizes(), acc_options());
+    auto grad_ka = at::zeros(ka.sizes(), acc_options());
+    sparse_grad::packed_products(*sparse, plan.blocks, ka, qa, grad_qa, grad_ka);
+    scatter(b, h0, grad_qa, grad_ka);
+    return true;
+  }
+
+  // The gradient products block by block: every span of row i lies in i's block, so grad q~
+  // is written once per block and grad k~ gathers every block that reaches its columns.
+  // fp16/bf16 products go through a temporary into the fp32 accumulators.
+  void dense_products(const Plan& plan, const at::Tensor& grad, const at::Tensor& qa,
+                      const at::Tensor& ka, const at::Tensor& grad_qa,
+                      const at::Tensor& grad_ka) const {
+    const int64_t hc = qa.size(0);
+    const bool full_precision = at::toOpMathType(q.scalar_type()) == q.scalar_type();
+    for (const auto& blk : plan.packing.blocks) {
+      const auto g =
+          grad.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
+      const auto q_rows = qa.narrow(1, blk.row0, blk.rows);
+      const auto k_cols = ka.narrow(1, blk.col0, blk.width);
+      auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
+      auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
+      if (grad_filter > 0 && sparse_head_products(g, k_cols, q_rows, grad_rows, grad_cols)) {
+        continue;
+      }
+      if (full_precision) {
+        gemm::mm_out(grad_rows, g, k_cols);
+        gemm::addmm_(grad_cols, g.transpose(1, 2), q_rows);
+      } else {
+        grad_rows.copy_(at::bmm(g, k_cols));
+        grad_cols.add_(at::bmm(g.transpose(1, 2), q_rows));
+      }
+    }
+  }
+
+  void operator()(int64_t b, int64_t h0, int64_t hc) {
+    const auto& plan = plans[b];
+    const auto [qa, ka] = operands(b, h0, hc);
+    auto logits = packed_logits(plan, qa, ka);
+    const auto positives = plan.positives.narrow(0, h0, hc);
+    if (sparse_route(b, h0, logits, positives, qa, ka)) return;
+    // The row kernel of this device, called below autograd and any Python kernel (the driver
+    // may run on worker threads, which do not inherit the caller's dispatch state).
+    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+    auto [loss, grad] = zlpr::sparse_zlpr_op().redispatch(
+        backend, logits, positives, -1, compute_grad, /*reduction=*/"none", grad_filter);
+    results.row_loss[b].narrow(0, h0, hc).copy_(loss);
+    if (!compute_grad) return;
+    logits.reset();
+    auto grad_qa = at::empty(qa.sizes(), acc_options());
+    auto grad_ka = at::zeros(ka.sizes(), acc_options());
+    dense_products(plan, grad, qa, ka, grad_qa, grad_ka);
+    scatter(b, h0, grad_qa, grad_ka);
+  }
+};
+
+// Runs every (batch, head) row in chunks of heads whose packed logits and gradient fit the
+// byte budget. A multi-thread CPU splits the rows among its threads, each running its chunks
+// single-threaded within its share of the budget: one parallel region per call instead of one
+// per GEMM, which on a busy CPU each wait for a time slice.
+inline void schedule(ChunkRunner& run, int64_t budget) {
+  const auto& q = run.q;
+  const int64_t batch = q.size(0), heads = q.size(1), rows = batch * heads;
+  auto heads_within = [&](int64_t b, int64_t bytes) {
+    const int64_t row_bytes = std::max<int64_t>(
+        1, run.plans[b].packing.packed * q.element_size() * (run.compute_grad ? 2 : 1));
+    return std::clamp<int64_t>(bytes / row_bytes, 1, heads);
+  };
+  const int64_t threads = q.is_cpu() ? at::get_num_threads() : 1;
+  if (threads <= 1 || rows < threads) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t chunk = heads_within(b, budget);
+      for (int64_t h0 = 0; h0 < heads; h0 += chunk) run(b, h0, std::min(chunk, heads - h0));
+    }
+    return;
+  }
+  // Rows [begin, end) in calls of a few heads of one batch.
+  auto run_rows = [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / heads, h0 = row % heads;
+      const int64_t hc = std::min({heads_within(b, budget / threads), heads - h0, end - row});
+      run(b, h0, hc);
+      row += hc;
+    }
+  };
+  // Each thread an equal share of every batch's heads where there are enough heads (the
+  // batches' valid lengths, and so their work, differ), else an equal share of the rows.
+  const bool share_heads = heads >= threads;
+  at::parallel_for(0, share_heads ? threads : rows, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (!share_heads) return run_rows(begin, end);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b = 0; b < batch; ++b) {
+        run_rows(b * heads + heads * t / threads, b * heads + heads * (t + 1) / threads);
+      }
+    }
+  });
+}
+
+inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives,
                        const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& start_bias,
                        const std::optional<at::Tensor>& end_bias, bool tril, int64_t ignore_index,
                        bool compute_grad, std::optional<int64_t> block_bytes, double grad_filter) {
-  check_arguments(q, k, positives_in, mask, start_bias, end_bias, block_bytes);
+  check_arguments(q, k, positives, mask, start_bias, end_bias, block_bytes);
   zlpr::check_grad_filter("global_pointer_zlpr", grad_filter);
   const c10::OptionalDeviceGuard guard(q.device());
-  const auto sparse_zlpr = zlpr::sparse_zlpr_op();
-  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
-  const auto dtype = q.scalar_type();
-  const auto acc_options = q.options().dtype(at::toOpMathType(dtype));
-  const bool has_start = start_bias.has_value(), has_end = end_bias.has_value();
-  const int64_t start_col = dim, end_col = dim + (has_start ? 1 : 0);
-
-  auto row_loss = at::zeros({batch, heads}, acc_options);
-  // Gradients accumulate in fp32 (fp64 for fp64 inputs); zero at padded steps. Each chunk of
-  // heads writes its own slices whole (below), on the thread that computed them.
-  at::Tensor grad_q, grad_k, grad_start, grad_end;
-  if (compute_grad) {
-    grad_q = at::empty(q.sizes(), acc_options);
-    grad_k = at::empty(q.sizes(), acc_options);
-    if (has_start) grad_start = at::empty({batch, heads, length}, acc_options);
-    if (has_end) grad_end = at::empty({batch, heads, length}, acc_options);
-  }
-  const auto positives = positives_in.to(at::kLong);
-  const auto bad = out_of_range(positives, ignore_index, length * length);
-
-  if (batch * heads > 0) {
-    // Each batch's valid steps in order (a stable sort puts the kept ones first), and each
-    // step's compressed index (-1 at a padded step).
-    at::Tensor order, compressed;
-    std::vector<int64_t> valid(batch, length);
-    if (mask.has_value()) {
-      const auto keep = mask->ne(0);
-      order = std::get<1>(keep.to(at::kByte).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
-      compressed = at::where(keep, keep.cumsum(1, at::kLong) - 1, -1);
-      // The one host synchronisation: the buffer sizes depend on the counts.
-      const auto counts = keep.sum(1).cpu();
-      std::copy_n(counts.const_data_ptr<int64_t>(), batch, valid.begin());
-    }
-    const int64_t budget = byte_budget(block_bytes, q);
-    const auto neg_inf = at::Scalar(-std::numeric_limits<double>::infinity());
-
-    // Per batch: its packing, its valid steps and its positives as packed ids.
-    struct Plan {
-      Packing packing;
-      at::Tensor idx, positives, lower;
-      std::vector<sparse_grad::PackedBlock> blocks;
-    };
-    std::vector<Plan> plans;
-    plans.reserve(batch);
-    for (int64_t b = 0; b < batch; ++b) {
-      Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor(), {}};
-      const auto& packing = plan.packing;
-      plan.blocks = packed_blocks(packing);
-      if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
-      if (tril) {
-        plan.lower =
-            at::ones({packing.block_rows, packing.block_rows}, q.options().dtype(at::kBool))
-                .tril(-1);
-      }
-      // -1 ("ignored") for ignore_index, a masked span or i > j under tril; past the end for
-      // an out-of-range id.
-      const auto pos = positives[b];
-      if (packing.valid == 0) {  // no span at all (and L may be 0)
-        plan.positives = at::full_like(pos, -1).masked_fill_(bad[b], 0);
-      } else {
-        const auto skip = pos.eq(ignore_index).logical_or_(bad[b]);
-        const auto safe = at::where(skip, 0, pos);
-        const auto i = safe.div(length, "floor"), j = safe.remainder(length);
-        at::Tensor ci = i, cj = j;
-        if (mask.has_value()) {
-          ci = compressed[b].index_select(0, i.flatten()).view_as(i);
-          cj = compressed[b].index_select(0, j.flatten()).view_as(j);
-        }
-        auto keep = skip.logical_not().logical_and_(ci.ge(0)).logical_and_(cj.ge(0));
-        if (tril) keep.logical_and_(ci.le(cj));
-        plan.positives = at::where(keep, packing.packed_id(ci.clamp_min(0), cj.clamp_min(0)), -1);
-        plan.positives.masked_fill_(bad[b], packing.packed);
-      }
-      plans.push_back(std::move(plan));
-    }
-    // The row kernel of this device, called below autograd and any Python kernel (the driver
-    // may run on worker threads, which do not inherit the caller's dispatch state).
-    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
-    // Set once a chunk's filtered gradient is too dense for the sparse form: the chunks after
-    // it go straight to the dense route (a speed hint only: both routes give the same bits).
-    std::atomic<bool> dense_seen{false};
-
-    // Heads [h0, h0 + hc) of batch b, the same on every device: the packed logits (one batched
-    // GEMM per block), the row kernel once, then the gradient GEMMs.
-    auto run_heads = [&](int64_t b, int64_t h0, int64_t hc) {
-      const auto& plan = plans[b];
-      const auto& packing = plan.packing;
-      const auto& idx = plan.idx;
-      auto slice = [&](const at::Tensor& t) { return t[b].narrow(0, h0, hc); };
-      const auto qa = augmented(slice(q), idx, has_start ? slice(*start_bias) : at::Tensor(), true,
-                                has_start, has_end);
-      const auto ka = augmented(slice(k), idx, has_end ? slice(*end_bias) : at::Tensor(), false,
-                                has_start, has_end);
-      auto logits = at::empty({hc, packing.packed}, q.options());
-      for (const auto& blk : packing.blocks) {
-        auto out =
-            logits.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
-        gemm::mm_out(out, qa.narrow(1, blk.row0, blk.rows),
-                     ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
-        if (tril) {
-          out.narrow(2, 0, blk.rows)
-              .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
-        }
-      }
-      const auto chunk_positives = plan.positives.narrow(0, h0, hc);
-      auto scatter = [&](const at::Tensor& dst, const at::Tensor& src) {
-        auto rows = dst[b].narrow(0, h0, hc);
-        if (idx.defined()) {
-          if (idx.size(0) < length) rows.zero_();  // the padded steps
-          rows.index_copy_(1, idx, src);
-        } else {
-          rows.copy_(src);
-        }
-      };
-      auto scatter_all = [&](const at::Tensor& grad_qa, const at::Tensor& grad_ka) {
-        scatter(grad_q, grad_qa.narrow(2, 0, dim));
-        scatter(grad_k, grad_ka.narrow(2, 0, dim));
-        if (has_start) scatter(grad_start, grad_qa.select(2, start_col));
-        if (has_end) scatter(grad_end, grad_ka.select(2, end_col));
-      };
-      // The filtered gradient straight from the CPU kernel in sparse form, its products
-      // taken from there when every block is sparse enough (as the dense route below would
-      // find them); otherwise (nothing, or a dense block) the dense route, the kernel again.
-      if (compute_grad && packing.packed > 0 && !dense_seen.load() &&
-          sparse_kernel_output(qa, ka, grad_filter)) {
-        auto [loss, sparse] =
-            sparse_grad::sparse_zlpr_with_sparse_grad(logits, chunk_positives, -1, grad_filter);
-        if (sparse.has_value() && sparse_grad::blocks_sparse_enough(*sparse, plan.blocks)) {
-          row_loss[b].narrow(0, h0, hc).copy_(loss);
-          logits.reset();
-          auto grad_qa = at::zeros(qa.sizes(), acc_options);
-          auto grad_ka = at::zeros(ka.sizes(), acc_options);
-          sparse_grad::packed_products(*sparse, plan.blocks, ka, qa, grad_qa, grad_ka);
-          scatter_all(grad_qa, grad_ka);
-          return;
-        }
-        if (!sparse.has_value()) dense_seen.store(true);
-      }
-      auto [loss, grad] = sparse_zlpr.redispatch(backend, logits, chunk_positives, -1, compute_grad,
-                                                 /*reduction=*/"none", grad_filter);
-      row_loss[b].narrow(0, h0, hc).copy_(loss);
-      if (!compute_grad) return;
-      logits.reset();
-
-      auto grad_qa = at::empty(qa.sizes(), acc_options);
-      auto grad_ka = at::zeros(ka.sizes(), acc_options);
-      for (const auto& blk : packing.blocks) {
-        const auto g =
-            grad.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
-        const auto q_rows = qa.narrow(1, blk.row0, blk.rows);
-        const auto k_cols = ka.narrow(1, blk.col0, blk.width);
-        // Every span of row i lies in i's block: grad q~ is written once per block; grad k~
-        // gathers every block that reaches its columns. fp16/bf16 products go through a
-        // temporary into the fp32 accumulators.
-        auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
-        auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
-        if (grad_filter > 0 && sparse_head_products(g, k_cols, q_rows, grad_rows, grad_cols)) {
-          continue;
-        }
-        if (at::toOpMathType(dtype) == dtype) {
-          gemm::mm_out(grad_rows, g, k_cols);
-          gemm::addmm_(grad_cols, g.transpose(1, 2), q_rows);
-        } else {
-          grad_rows.copy_(at::bmm(g, k_cols));
-          grad_cols.add_(at::bmm(g.transpose(1, 2), q_rows));
-        }
-      }
-      scatter_all(grad_qa, grad_ka);
-    };
-
-    // Heads per call: the packed logits and their gradient of one batch within a budget.
-    auto heads_within = [&](int64_t b, int64_t bytes) {
-      const int64_t row_bytes =
-          std::max<int64_t>(1, plans[b].packing.packed * q.element_size() * (compute_grad ? 2 : 1));
-      return std::clamp<int64_t>(bytes / row_bytes, 1, heads);
-    };
-    const int64_t rows = batch * heads;
-    const int64_t threads = q.is_cpu() ? at::get_num_threads() : 1;
-    if (threads > 1 && rows >= threads) {
-      // CPU: the (batch, head) rows split among the threads, each running the same work on
-      // its rows single-threaded within its share of the budget: one parallel region per call
-      // instead of one per GEMM, which on a busy CPU each wait for a time slice.
-      // Rows [begin, end) in calls of a few heads of one batch.
-      auto run_rows = [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end;) {
-          const int64_t b = row / heads, h0 = row % heads;
-          const int64_t hc = std::min({heads_within(b, budget / threads), heads - h0, end - row});
-          run_heads(b, h0, hc);
-          row += hc;
-        }
-      };
-      // Each thread an equal share of every batch's heads where there are enough heads (the
-      // batches' valid lengths, and so their work, differ), else an equal share of the rows.
-      const bool share_heads = heads >= threads;
-      at::parallel_for(0, share_heads ? threads : rows, 1, [&](int64_t begin, int64_t end) {
-        const at::AutoDispatchBelowADInplaceOrView below_autograd;
-        if (!share_heads) return run_rows(begin, end);
-        for (int64_t t = begin; t < end; ++t) {
-          for (int64_t b = 0; b < batch; ++b) {
-            run_rows(b * heads + heads * t / threads, b * heads + heads * (t + 1) / threads);
-          }
-        }
-      });
-    } else {
-      for (int64_t b = 0; b < batch; ++b) {
-        const int64_t chunk = heads_within(b, budget);
-        for (int64_t h0 = 0; h0 < heads; h0 += chunk) run_heads(b, h0, std::min(chunk, heads - h0));
-      }
-    }
-  }
-  // Distinct empty tensors: outputs must not alias each other.
-  auto none = [&] { return at::empty({0}, q.options()); };
-  if (!compute_grad) return {row_loss, none(), none(), none(), none()};
-  return {row_loss, grad_q.to(dtype), grad_k.to(dtype), has_start ? grad_start.to(dtype) : none(),
-          has_end ? grad_end.to(dtype) : none()};
+  Results results(q, start_bias.has_value(), end_bias.has_value(), compute_grad);
+  if (q.size(0) * q.size(1) == 0) return results.finish(q);
+  const auto plans = make_plans(q, positives.to(at::kLong), mask, tril, ignore_index);
+  ChunkRunner run{q, k, start_bias, end_bias, plans, results, tril, compute_grad, grad_filter};
+  schedule(run, byte_budget(block_bytes, q));
+  return results.finish(q);
 }
 
 }  // namespace kxops::global_pointer_zlpr
