@@ -190,9 +190,11 @@ def headline_rows(rows):
 
 
 def headline(md_path):
-    """The device's heading line and its headline table (markdown)."""
-    heading = md_path.read_text().splitlines()[0]
-    lines = [heading, "", "| op | provider | mode | shape | ms | peer | peer ms | speed-up |",
+    """The device's heading, its CPU line and its headline table (markdown)."""
+    text = md_path.read_text().splitlines()
+    # The heading and the line naming the CPU model and its GEMM engine.
+    lines = [text[0]] + [f"\n{line}" for line in text[1:3] if line.startswith("CPU:")]
+    lines += ["", "| op | provider | mode | shape | ms | peer | peer ms | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in headline_rows(read_csv(md_path.with_suffix(".csv"))):
         lines.append(f"| {r['op']} | {r['provider']} | {r['mode']} | {r['shape']} | "
@@ -234,6 +236,11 @@ def merged(old_rows, new_rows):
     return sorted(rows, key=lambda r: order.index(r["op"]))
 
 
+def png_name(device, op):
+    """The plot's file name: an op's table name may hold spaces ("... trained-like")."""
+    return f"{device}_{re.sub(r'[^A-Za-z0-9_-]+', '_', op)}.png"
+
+
 def write_device_results(raw, results):
     """<results>/<device>.csv, .md (the device's README section) and one PNG per op; the ops
     this run did not measure keep their earlier rows."""
@@ -251,7 +258,7 @@ def write_device_results(raw, results):
                                  for k, v in r.items()})
         table = markdown(device_rows, peers)
         print(table)
-        pngs = plot(device_rows, peers, name, lambda op, name=name: results / f"{name}_{op}.png")
+        pngs = plot(device_rows, peers, name, lambda op, name=name: results / png_name(name, op))
         images = "".join(f"![{op} on {name}](benchmarks/results/{path.name}) "
                          for op, path in pngs.items())
         first = device_rows[0]
