@@ -92,8 +92,8 @@ inline void check_compact_state(const Arguments& a, size_t i) {
   // A seed list is either empty or one per param (every param's seed is read when it is not).
   if ((a.hyper.stochastic && rounds) || !a.seeds.empty()) {
     TORCH_CHECK_VALUE(a.seeds.size() == a.params.size(),
-                      "kxops.adax_: seeds must be empty or one per param (stochastic_rounding "
-                      "needs one per param), got ",
+                      "kxops.adax_: seeds must be empty or one seed per param (stochastic_rounding "
+                      "needs one seed per param), got ",
                       a.seeds.size(), " seeds for ", a.params.size(), " params");
   }
   if (!a.seeds.empty()) {
