@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from loss_curves import plot_loss_curves
 from torch import nn
 
 import kxops
@@ -134,20 +135,7 @@ def compare(args, steps, device):
     for name, (_, f1) in runs.items():
         print(f"{name:24s} span micro-F1 {f1:.3f}")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, (losses, _) in runs.items():
-            ax.plot(losses, label=name, linewidth=1)
-        ax.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
-               title="Nested NER, EfficientGlobalPointer")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"loss curves: {args.plot}")
+        plot_loss_curves(runs, args.plot, "Nested NER, EfficientGlobalPointer")
 
 
 def main():

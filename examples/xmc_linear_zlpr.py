@@ -19,6 +19,7 @@ import argparse
 import time
 
 import torch
+from loss_curves import plot_loss_curves
 
 import kxops
 
@@ -112,20 +113,7 @@ def compare(args):
     for name, (_, precision) in runs.items():
         print(f"{name:24s}" + "  ".join(f"{p:.3f}" for p in precision))
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, (losses, _) in runs.items():
-            ax.plot(losses, label=name, linewidth=1)
-        ax.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
-               title="LinearZLPR on synthetic Amazon-670K-like data")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"loss curves: {args.plot}")
+        plot_loss_curves(runs, args.plot, "LinearZLPR on synthetic Amazon-670K-like data")
 
 
 def train(args, grad_filter):
