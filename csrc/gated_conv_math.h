@@ -17,12 +17,6 @@ KXOPS_HOST_DEVICE int64_t gapped_row(int64_t row, int64_t time, int64_t gap) {
   return row + row / time * gap;
 }
 
-// x if it is NaN, else value. The CPU vector exponential clamps its argument (a NaN becomes a
-// finite number), so NaN in the gate is carried past it explicitly; cpu/gated_conv.cpp adds the
-// at::vec overload. (x != x: true for NaN only, as no kxops build uses fast math.)
-KXOPS_HOST_DEVICE float nan_or(float x, float value) { return x != x ? x : value; }
-KXOPS_HOST_DEVICE double nan_or(double x, double value) { return x != x ? x : value; }
-
 template <typename T>
 KXOPS_HOST_DEVICE T sigmoid(T x) {
   return nan_or(x, T(1) / (T(1) + exponential(T(0) - x)));

@@ -455,11 +455,7 @@ struct ChunkRunner {
     auto logits = packed_logits(plan, qa, ka);
     const auto positives = plan.positives.narrow(0, h0, hc);
     if (sparse_route(b, h0, logits, positives, qa, ka)) return;
-    // The row kernel of this device, called below autograd and any Python kernel (the driver
-    // may run on worker threads, which do not inherit the caller's dispatch state).
-    const c10::DispatchKeySet backend(q.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
-    auto [loss, grad] = zlpr::sparse_zlpr_op().redispatch(
-        backend, logits, positives, -1, compute_grad, /*reduction=*/"none", grad_filter);
+    auto [loss, grad] = zlpr::sparse_zlpr_rows(logits, positives, -1, compute_grad, grad_filter);
     results.row_loss[b].narrow(0, h0, hc).copy_(loss);
     if (!compute_grad) return;
     logits.reset();

@@ -27,6 +27,12 @@ KXOPS_HOST_DEVICE T select(bool mask, T if_true, T if_false) {
 }
 KXOPS_HOST_DEVICE bool all_lanes(bool mask) { return mask; }
 
+// x if it is NaN, else value. The CPU vector exponential clamps its argument (a NaN becomes a
+// finite number), so math that must carry a NaN past it does so with this. (x != x: true for
+// NaN only, as no kxops build uses fast math.)
+KXOPS_HOST_DEVICE float nan_or(float x, float value) { return x != x ? x : value; }
+KXOPS_HOST_DEVICE double nan_or(double x, double value) { return x != x ? x : value; }
+
 }  // namespace kxops
 
 #if !defined(__CUDACC__)

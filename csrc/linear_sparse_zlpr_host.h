@@ -256,8 +256,8 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
         continue;
       }
     }
-    auto [row_loss, g] = zlpr::sparse_zlpr_op().call(logits, ids.narrow(0, start, n), ignore_index,
-                                                     want_grad, /*reduction=*/"none", grad_filter);
+    auto [row_loss, g] = zlpr::sparse_zlpr_rows(logits, ids.narrow(0, start, n), ignore_index,
+                                                want_grad, grad_filter);
     block(start, x_block, row_loss, want_grad ? g : Tensor(), nullptr);
   }
 }

@@ -158,14 +158,21 @@ void impl_forward_ops(torch::Library& m) {
          });
 }
 
-// kxops::sparse_zlpr through the dispatcher, for the fused heads' host drivers: the same driver
-// then reaches the CPU or the CUDA row kernel.
-inline auto sparse_zlpr_op() {
+// kxops::sparse_zlpr's row kernel for the logits' device, the one way a kxops driver calls
+// another op: through the dispatcher, straight at the device's key (below autograd and any
+// Python kernel), because the fused heads' drivers may run on worker threads, which do not
+// inherit the caller's dispatch state. Returns (row losses, their gradient or an empty tensor).
+inline std::tuple<at::Tensor, at::Tensor> sparse_zlpr_rows(const at::Tensor& logits,
+                                                           const at::Tensor& positives,
+                                                           int64_t ignore_index, bool compute_grad,
+                                                           double grad_filter) {
   using Signature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                        int64_t, bool, c10::string_view, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("kxops::sparse_zlpr", "").typed<Signature>();
-  return op;
+  const c10::DispatchKeySet backend(logits.is_cuda() ? c10::DispatchKey::CUDA
+                                                     : c10::DispatchKey::CPU);
+  return op.redispatch(backend, logits, positives, ignore_index, compute_grad, "none", grad_filter);
 }
 
 }  // namespace kxops::zlpr

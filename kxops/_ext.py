@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from kxops._checks import KERNEL_DTYPES
+
 # Each block's ops; a block runs compiled on a device only if all of them have a kernel there.
 # Kept by hand, one entry per block: which ops a wrapper needs together is a design choice that
 # no schema records, the list must be known when the extension did not load (`python -m kxops`
@@ -126,45 +128,12 @@ def transform_active() -> bool:
             or torch.autograd.forward_ad._current_level >= 0)
 
 
-# The floating dtypes the compiled loss kernels take; for any other the wrappers run the
-# references.
-KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 def runs_compiled(block: str, tensor: torch.Tensor) -> bool:
     """Whether a wrapper runs the block's compiled ops on inputs like ``tensor``: every op of
     the block has a kernel for its device, the kernels take its dtype, and no transform is
     active (see transform_active)."""
     return (block_has_kernels(block, tensor.device.type) and tensor.dtype in KERNEL_DTYPES
             and not transform_active())
-
-
-def check_kernel_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
-    """A fake kernel's check of a tensor that the C++ kernels take in KERNEL_DTYPES only."""
-    if tensor.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"kxops.{op}: {name} must be a float64, float32, float16 or bfloat16 "
-                        f"tensor, got {tensor.dtype}")
-
-
-def check_grad_loss(op: str, grad_loss: torch.Tensor, rows_shape, rows_name: str) -> None:
-    """A fake kernel's check of a backward op's grad_loss: one value per row."""
-    check_kernel_dtype(op, "grad_loss", grad_loss)
-    if grad_loss.shape != rows_shape:
-        raise ValueError(f"kxops.{op}: grad_loss shape {tuple(grad_loss.shape)} must be "
-                         f"{rows_name} = {tuple(rows_shape)}")
-
-
-def check_devices(op: str, anchor_name: str, anchor, **tensors) -> None:
-    """The fake (meta) kernels run for every call with a meta tensor among its arguments, so a
-    mix of meta and real tensors reaches them: they refuse it as the C++ kernels' device check
-    does, instead of returning empty tensors. Lists of tensors are checked element by element."""
-    for name, value in tensors.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for i, t in enumerate(items):
-            if isinstance(t, torch.Tensor) and t.device != anchor.device:
-                label = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
-                raise RuntimeError(f"kxops.{op}: {label} is on {t.device} but {anchor_name} is "
-                                   f"on {anchor.device}; put all inputs on one device")
 
 
 def build_info() -> dict:

@@ -5,7 +5,7 @@ import math
 import torch
 from torch.optim.optimizer import Optimizer
 
-from kxops import _ext
+from kxops import _checks, _ext
 from kxops.reference import adax as ref
 
 
@@ -77,7 +77,7 @@ def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_s
         _local_shards(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
     # The op checks the lists itself (shapes, dtypes, devices, sparse grads), but torch's
     # grouping below asserts equal lengths before the op could say so in its words.
-    ref.check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    _checks.check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if compact is None:
         groups = _by_device_and_dtype(lists)
@@ -145,7 +145,7 @@ def _device_inverse_bias_corrections(steps, beta2):
 
 def _foreach_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, compact=None,
                   **kwargs):
-    ref.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    _checks.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     found_inf = kwargs["found_inf"]
     if found_inf is not None and bool(found_inf.item()):
         return
@@ -328,7 +328,7 @@ if _ext.LOADED:
                    exp_avg_scales=None, exp_avg_sq_scales=None, seeds=(),
                    stochastic_rounding=False):
         if params:
-            _ext.check_devices("adax_", "params[0]", params[0], params=params, grads=grads,
+            _checks.check_devices("adax_", "params[0]", params[0], params=params, grads=grads,
                                exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                                state_steps=state_steps, lr=lr, grad_scale=grad_scale,
                                found_inf=found_inf, exp_avg_scales=exp_avg_scales or [],

@@ -2,7 +2,7 @@
 
 import torch
 
-from kxops import _ext
+from kxops import _checks, _ext
 from kxops.reference import gated_conv as ref
 
 
@@ -28,7 +28,7 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
         x, weight, bias, residual_weight, residual_bias = (
             None if t is None else t.to(dtype)
             for t in (x, weight, bias, residual_weight, residual_bias))
-    out_channels, dilation, drop_gate = ref.check_gated_conv_inputs(
+    out_channels, dilation, drop_gate = _checks.check_gated_conv_inputs(
         x, weight, bias, mask, dilation, drop_gate, residual, residual_weight, residual_bias)
     keep = ref.gate_keep_mask(x, out_channels, drop_gate) if training and drop_gate > 0 else None
     args = (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
@@ -63,10 +63,10 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::gated_conv")
     def _gated_conv_fake(x, weight, bias, mask, gate_keep, residual_weight, residual_bias,
                          dilation, drop_gate, residual):
-        _ext.check_devices("gated_conv", "x", x, weight=weight, bias=bias, mask=mask,
+        _checks.check_devices("gated_conv", "x", x, weight=weight, bias=bias, mask=mask,
                            gate_keep=gate_keep, residual_weight=residual_weight,
                            residual_bias=residual_bias)
-        ref.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
+        _checks.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
                                     residual_weight, residual_bias)
         batch, time, _ = x.shape
         two_out = weight.shape[0]
@@ -76,10 +76,10 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
                                   residual_bias, has_bias, dilation, drop_gate, residual):
-        _ext.check_devices("gated_conv_backward", "x", x, grad_y=grad_y, z=z, weight=weight,
+        _checks.check_devices("gated_conv_backward", "x", x, grad_y=grad_y, z=z, weight=weight,
                            mask=mask, gate_keep=gate_keep, residual_weight=residual_weight,
                            residual_bias=residual_bias)
-        ref.check_gated_conv_inputs(x, weight, None, mask, dilation, drop_gate, residual,
+        _checks.check_gated_conv_inputs(x, weight, None, mask, dilation, drop_gate, residual,
                                     residual_weight, residual_bias)
         out_channels = weight.shape[0] // 2
         batch, time, _ = x.shape

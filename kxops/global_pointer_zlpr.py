@@ -5,9 +5,10 @@ import operator
 
 import torch
 
-from kxops import _ext
+from kxops import _checks, _ext
+from kxops._checks import check_grad_filter
 from kxops.reference import global_pointer_zlpr as ref
-from kxops.reference.zlpr import check_grad_filter, opmath_dtype, reduce_loss
+from kxops.reference.zlpr import opmath_dtype, reduce_loss
 
 
 def _autocast_enabled(device_type):
@@ -82,10 +83,10 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
         q, k, start_bias, end_bias = (
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (q, k, start_bias, end_bias))
-    ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+    _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                     ignore_index, reduction)
     block_bytes = _check_block_bytes(block_bytes)
-    grad_filter = check_grad_filter(grad_filter)
+    grad_filter = check_grad_filter("global_pointer_zlpr", grad_filter)
     if not _ext.runs_compiled("global_pointer_zlpr", q):
         return ref.global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start_bias,
                                             end_bias=end_bias, tril=tril,
@@ -104,12 +105,12 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::global_pointer_zlpr")
     def _global_pointer_zlpr_fake(q, k, positives, mask, start_bias, end_bias, tril,
                                   ignore_index, compute_grad, block_bytes=None, grad_filter=0.0):
-        check_grad_filter(grad_filter, "kxops.global_pointer_zlpr: ")
-        _ext.check_devices("global_pointer_zlpr", "q", q, k=k, positives=positives, mask=mask,
+        check_grad_filter("global_pointer_zlpr", grad_filter)
+        _checks.check_devices("global_pointer_zlpr", "q", q, k=k, positives=positives, mask=mask,
                            start_bias=start_bias, end_bias=end_bias)
-        ref.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+        _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                         ignore_index, "none")
-        _ext.check_kernel_dtype("global_pointer_zlpr", "q", q)
+        _checks.check_kernel_dtype("global_pointer_zlpr", "q", q)
         _check_block_bytes(block_bytes)
         row_loss = q.new_empty(q.shape[:2], dtype=opmath_dtype(q.dtype))
         if not compute_grad:

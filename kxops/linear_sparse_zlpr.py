@@ -5,11 +5,11 @@ import zlib
 
 import torch
 
-from kxops import _ext
+from kxops import _checks, _ext
 from kxops.reference import linear_sparse_zlpr as ref
 from kxops.reference import zlpr as zlpr_ref
 
-_REDUCTIONS = zlpr_ref.REDUCTIONS
+_REDUCTIONS = _checks.REDUCTIONS
 
 
 def _check_strided(**tensors):
@@ -97,7 +97,7 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
     any other device or dtype, keeps the dense GEMMs). ``f`` must be a finite number >= 0
     (``ValueError`` otherwise).
     """
-    grad_filter = zlpr_ref.check_grad_filter(grad_filter)
+    grad_filter = _checks.check_grad_filter("linear_sparse_zlpr", grad_filter)
     if (isinstance(input, torch.Tensor) and _autocast_enabled(input.device.type)
             and input.is_floating_point() and input.dtype != torch.float64):
         # The logits GEMM runs in the autocast dtype, as F.linear's would.
@@ -108,7 +108,7 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
         return _label_parallel(input, weight, bias, positives, ignore_index, reduction,
                                block_rows, process_group, grad_filter)
     block = _check_block_rows(block_rows)
-    ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
     if not _ext.runs_compiled("linear_sparse_zlpr", input) or any(
             isinstance(t, torch.Tensor) and t.layout != torch.strided
             for t in (input, weight, bias, positives)):
@@ -193,7 +193,7 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
     error, row = None, [0, 0, 0, 0, -1]
     try:  # whatever fails here (a layout no kernel takes, meta tensors) must reach every rank
         block = _check_block_rows(block_rows)
-        ref.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+        _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
         _check_strided(input=input, weight=weight, bias=bias, positives=positives)
         ids = positives.long()[positives.long() != ignore_index]
         shape = [input.dim(), *input.shape[:-1], input.shape[-1], positives.shape[-1]]
@@ -250,11 +250,11 @@ if _ext.LOADED:
 
     def _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter=0.0,
                     **others):
-        zlpr_ref.check_grad_filter(grad_filter, f"kxops.{op}: ")
-        _ext.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
+        _checks.check_grad_filter(op, grad_filter)
+        _checks.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
                            **others)
-        ref.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
-        _ext.check_kernel_dtype(op, "input", input)
+        _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
+        _checks.check_kernel_dtype(op, "input", input)
         if block_rows < 0:
             raise ValueError(f"kxops.{op}: block_rows must be >= 0, got {block_rows}")
 
@@ -269,7 +269,7 @@ if _ext.LOADED:
                       block_rows, grad_filter=0.0):
         _check_fake("linear_sparse_zlpr", input, weight, bias, positives, ignore_index,
                     block_rows, grad_filter)
-        zlpr_ref.check_reduction(reduction)
+        _checks.check_reduction("linear_sparse_zlpr", reduction)
         loss = input.new_empty(input.shape[:-1] if reduction == "none" else (),
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
         return (loss, *_grads_fake(input, weight, bias, grad_mask))
@@ -280,7 +280,7 @@ if _ext.LOADED:
         op = "linear_sparse_zlpr_backward"
         _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
                     grad_loss=grad_loss)
-        _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
+        _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         return _grads_fake(input, weight, bias, grad_mask)
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_partials")
@@ -300,7 +300,7 @@ if _ext.LOADED:
         _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
                     grad_loss=grad_loss, log_z=log_z)
         _check_slice_fake(op, weight, class_offset, num_classes)
-        _ext.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
+        _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         if log_z.dtype != zlpr_ref.opmath_dtype(input.dtype):
             raise TypeError(f"kxops.{op}: log_z must be {zlpr_ref.opmath_dtype(input.dtype)}, "
                             f"got {log_z.dtype}")

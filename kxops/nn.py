@@ -7,11 +7,10 @@ import operator
 import torch
 from torch import nn
 
+from kxops._checks import check_dilation, check_drop_gate, check_grad_filter
 from kxops.gated_conv import dilated_gated_conv1d
 from kxops.global_pointer_zlpr import global_pointer_zlpr_loss
-from kxops.reference.gated_conv import check_dilation, check_drop_gate
 from kxops.reference.global_pointer_zlpr import global_pointer_logits
-from kxops.reference.zlpr import check_grad_filter
 from kxops.zlpr import sparse_zlpr_loss, zlpr_loss
 
 __all__ = ["DGCNN", "DilatedGatedConv1d", "EfficientGlobalPointer", "GlobalPointer",
@@ -205,7 +204,7 @@ class LinearZLPR(nn.Module):
         self.reduction = reduction
         self.process_group = process_group
         self.block_rows = block_rows
-        self.grad_filter = check_grad_filter(grad_filter)
+        self.grad_filter = check_grad_filter("linear_sparse_zlpr", grad_filter)
         self.weight = nn.Parameter(torch.empty(num_labels, in_features, device=device,
                                                dtype=dtype))
         self.register_parameter("bias", nn.Parameter(torch.empty(
@@ -300,7 +299,7 @@ class _GlobalPointerBase(nn.Module):
 
     def __init__(self, heads, head_size, rope, tril_mask, grad_filter):
         super().__init__()
-        self.grad_filter = check_grad_filter(grad_filter)
+        self.grad_filter = check_grad_filter("global_pointer_zlpr", grad_filter)
         heads, head_size = operator.index(heads), operator.index(head_size)
         if heads < 1 or head_size < 1:
             raise ValueError(f"heads and head_size must be >= 1, got {heads}, {head_size}")

@@ -3,9 +3,9 @@
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
+from kxops._checks import check_hyperparameters, check_state_options
 from kxops.adax import adax, fused_devices, resolve_path
 from kxops.reference import adax as ref
-from kxops.reference.adax import check_hyperparameters, check_state_options
 
 __all__ = ["AdaX", "AdaXW"]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from kxops import _ext
+from kxops import _checks, _ext
 from kxops.reference import zlpr as ref
 
 
@@ -58,7 +58,7 @@ def zlpr_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "m
     finite terms of its sum. Second derivatives (double backward) run through the
     reference's autograd.
     """
-    ref.check_zlpr_inputs(logits, labels, reduction)
+    _checks.check_zlpr_inputs(logits, labels, reduction)
     labels = labels.detach()
     if _ext.runs_compiled("zlpr", logits):
         loss = _op_loss(torch.ops.kxops.zlpr, logits, (labels,), reduction)
@@ -80,8 +80,8 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
     every negative entry ``e^{s_j} / (1 + sum_neg e^s)`` below it is set to 0 (positives never);
     the loss is unchanged. See ``linear_sparse_zlpr_loss`` for its bound and use.
     """
-    ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
-    grad_filter = ref.check_grad_filter(grad_filter)
+    _checks.check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    grad_filter = _checks.check_grad_filter("sparse_zlpr", grad_filter)
     if _ext.runs_compiled("zlpr", logits):
         # The op's grad_filter argument only when set: its default call stays the one of before.
         options = (grad_filter,) if grad_filter else ()
@@ -93,7 +93,7 @@ def sparse_zlpr_loss(logits: torch.Tensor, positives: torch.Tensor, *, ignore_in
 
 
 def _fake_forward(logits, compute_grad, reduction):
-    ref.check_reduction(reduction)
+    _checks.check_reduction("zlpr", reduction)
     loss = logits.new_empty(logits.shape[:-1] if reduction == "none" else (),
                             dtype=ref.opmath_dtype(logits.dtype))
     # The kernels return a contiguous gradient whatever the logits' strides.
@@ -225,28 +225,28 @@ if _ext.LOADED:
     # a meta tensor among real ones.
     @torch.library.register_fake("kxops::zlpr")
     def _zlpr_fake(logits, labels, compute_grad, reduction="none"):
-        _ext.check_devices("zlpr", "logits", logits, labels=labels)
-        ref.check_zlpr_inputs(logits, labels, "none")
-        _ext.check_kernel_dtype("zlpr", "logits", logits)
+        _checks.check_devices("zlpr", "logits", logits, labels=labels)
+        _checks.check_zlpr_inputs(logits, labels, "none")
+        _checks.check_kernel_dtype("zlpr", "logits", logits)
         return _fake_forward(logits, compute_grad, reduction)
 
     @torch.library.register_fake("kxops::sparse_zlpr")
     def _sparse_zlpr_fake(logits, positives, ignore_index, compute_grad, reduction="none",
                           grad_filter=0.0):
-        ref.check_grad_filter(grad_filter, "kxops.sparse_zlpr: ")
-        _ext.check_devices("sparse_zlpr", "logits", logits, positives=positives)
-        ref.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
-        _ext.check_kernel_dtype("sparse_zlpr", "logits", logits)
+        _checks.check_grad_filter("sparse_zlpr", grad_filter)
+        _checks.check_devices("sparse_zlpr", "logits", logits, positives=positives)
+        _checks.check_sparse_zlpr_inputs(logits, positives, ignore_index, "none")
+        _checks.check_kernel_dtype("sparse_zlpr", "logits", logits)
         return _fake_forward(logits, compute_grad, reduction)
 
     @torch.library.register_fake("kxops::zlpr_backward")
     def _zlpr_backward_fake(grad_loss, grad):
-        _ext.check_devices("zlpr_backward", "grad", grad, grad_loss=grad_loss)
-        _ext.check_kernel_dtype("zlpr_backward", "grad", grad)
+        _checks.check_devices("zlpr_backward", "grad", grad, grad_loss=grad_loss)
+        _checks.check_kernel_dtype("zlpr_backward", "grad", grad)
         if grad.dim() == 0:
             raise ValueError("kxops.zlpr_backward: grad must have at least 1 dim (the class "
                              "dim), got a 0-dim tensor")
-        _ext.check_grad_loss("zlpr_backward", grad_loss, grad.shape[:-1], "grad.shape[:-1]")
+        _checks.check_grad_loss("zlpr_backward", grad_loss, grad.shape[:-1], "grad.shape[:-1]")
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def _zlpr_backward(ctx, grad_loss, grad_of_grad):

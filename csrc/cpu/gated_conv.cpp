@@ -10,16 +10,6 @@
 
 #include <vector>
 
-namespace kxops::gated_conv {
-// The vector overload of gated_conv_math.h's nan_or, declared before that header's sigmoid().
-template <typename T>
-at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
-                              const at::vec::Vectorized<T>& value) {
-  return at::vec::Vectorized<T>::blendv(value, x, x.isnan());
-}
-}  // namespace kxops::gated_conv
-
-#include "cpu/vec_math.h"
 #include "gated_conv_host.h"
 #include "gated_conv_math.h"
 

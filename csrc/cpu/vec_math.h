@@ -38,6 +38,12 @@ at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& mask,
 }
 
 template <typename T>
+at::vec::Vectorized<T> nan_or(const at::vec::Vectorized<T>& x,
+                              const at::vec::Vectorized<T>& value) {
+  return at::vec::Vectorized<T>::blendv(value, x, x.isnan());
+}
+
+template <typename T>
 bool all_lanes(const at::vec::Vectorized<T>& mask) {
   return mask.zero_mask() == 0;
 }

@@ -20,14 +20,14 @@ optimizers do.
 """
 
 import math
-import sys
 
 import torch
+
+from kxops import _checks
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)
 COMPACT = (torch.bfloat16, torch.uint8)  # state stored in fewer bits than its fp32 math
 BLOCK = 128  # elements per 8-bit block (one fp32 scale per block per moment)
 MEAN_WIDTH, SQUARE_WIDTH = 7, 8  # magnitude bits of m's (plus a sign bit) and v_hat's codes
@@ -41,16 +41,6 @@ def state_dtype(param_dtype: torch.dtype, chosen: torch.dtype = None) -> torch.d
     if chosen is not None and param_dtype not in (torch.float64, torch.complex128):
         return chosen
     return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
-
-
-def check_state_options(state_dtype_option, stochastic_rounding):
-    """The optimizers' ``state_dtype`` and ``stochastic_rounding`` arguments."""
-    if not any(state_dtype_option is choice for choice in STATE_DTYPES):  # no __eq__ calls
-        raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16 or "
-                         f"torch.uint8, got {state_dtype_option!r}")
-    if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
-        raise TypeError(f"stochastic_rounding must be None, True or False, got "
-                        f"{stochastic_rounding!r}")
 
 
 def rounds_stochastically(param_dtype, moment_dtype, stochastic_rounding, state_dtype_option):
@@ -324,47 +314,6 @@ def eps_term(eps: float, inv_bc: float, dtype: torch.dtype) -> float:
     return max(term, torch.finfo(dtype).tiny) if term == term else term  # NaN eps stays NaN
 
 
-def check_hyperparameters(lr, betas, eps, weight_decay):
-    """The optimizer constructors' argument checks, in torch.optim.Adam's words (ValueError);
-    unlike Adam's, infinities are rejected too (beta2 has no upper bound in AdaX)."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps < math.inf:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (need 0 <= beta1 < 1)")
-    # 1 / B_1 = 1 / beta2 must be finite: beta2 at least the smallest normal double.
-    if not sys.float_info.min <= betas[1] < math.inf:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need "
-                         f"{sys.float_info.min} <= beta2 < inf)")
-    if not 0.0 <= weight_decay < math.inf:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-
-
-def check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-    """The lists are of one length (in the op's words, csrc/adax_host.h)."""
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if len({len(tensors) for tensors in lists}) > 1:
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
-                         f"same length, got {', '.join(str(len(t)) for t in lists)}")
-
-
-def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-    """The list checks of the paths without the compiled op, in the op's words (it also checks
-    dtypes, devices and layouts, which torch's own ops check on these paths)."""
-    check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse:
-            raise RuntimeError("AdaX does not support sparse gradients")
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {list(g.shape)} but params[{i}] has shape "
-                             f"{list(p.shape)}")
-
-
 def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
          eps, decoupled, maximize, grad_scale=None, found_inf=None, exp_avg_scales=None,
          exp_avg_sq_scales=None, seeds=None, stochastic_rounding=False):
@@ -377,7 +326,7 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
     rounds every value stored in fewer bits than fp32 stochastically with each param's seed in
     ``seeds``.
     """
-    check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    _checks.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if found_inf is not None and bool(found_inf.item()):
         return
     params, grads, exp_avgs, exp_avg_sqs = as_real(params, grads, exp_avgs, exp_avg_sqs)

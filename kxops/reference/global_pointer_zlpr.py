@@ -10,55 +10,8 @@ their values (even NaN) reach neither the loss nor a gradient, which is zero the
 
 import torch
 
+from kxops import _checks
 from kxops.reference import zlpr
-
-
-def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
-                                ignore_index, reduction):
-    """The contract the compiled op shares: types (TypeError), shapes and values (ValueError)."""
-    for name, t in (("q", q), ("k", k), ("positives", positives), ("mask", mask),
-                    ("start_bias", start_bias), ("end_bias", end_bias)):
-        if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_quantized):
-            raise TypeError(f"{name} must be a dense (strided, unquantized) tensor, got "
-                            f"{'a quantized tensor' if t.is_quantized else t.layout}")
-    zlpr.check_logits(q, "q")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, heads, L, D], got shape {tuple(q.shape)}")
-    batch, heads, length, _ = q.shape
-    zlpr.check_like("k", k, "q", q)
-    if k.shape != q.shape:
-        raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
-    for name, bias in (("start_bias", start_bias), ("end_bias", end_bias)):
-        if bias is None:
-            continue
-        zlpr.check_like(name, bias, "q", q)
-        if bias.shape != (batch, heads, length):
-            raise ValueError(f"{name} must be [batch, heads, L] = {(batch, heads, length)}, got "
-                             f"{tuple(bias.shape)}")
-    zlpr.check_tensor("positives", positives)
-    if positives.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"positives must be an int32 or int64 tensor of span ids, got "
-                        f"{positives.dtype}")
-    if positives.dim() != 3 or positives.shape[:2] != (batch, heads):
-        raise ValueError(f"positives must be [batch, heads, P] = {(batch, heads)} + (P,), got "
-                         f"{tuple(positives.shape)}")
-    if positives.device != q.device:
-        raise ValueError(f"positives are on {positives.device} but q is on {q.device}; put all "
-                         "inputs on the same device")
-    if mask is not None:
-        zlpr.check_tensor("mask", mask)
-        if mask.is_complex() or mask.dtype == torch.float4_e2m1fn_x2:
-            raise TypeError(f"mask must be bool, integer or floating point, got {mask.dtype}")
-        if mask.shape != (batch, length):
-            raise ValueError(f"mask must be [batch, L] = {(batch, length)}, got "
-                             f"{tuple(mask.shape)}")
-        zlpr.check_on_device("mask", mask, "q", q)
-    if not isinstance(tril, bool):
-        raise TypeError(f"tril must be a bool, got {type(tril).__name__}")
-    if length * length >= 2**63:
-        raise ValueError(f"L = {length} is too long (L * L span ids must fit in int64)")
-    zlpr.check_ignore_index(ignore_index)
-    zlpr.check_reduction(reduction)
 
 
 def span_keep(mask, length, tril, device):
@@ -95,10 +48,11 @@ def global_pointer_zlpr_loss(q, k, positives, mask=None, *, start_bias=None, end
                              tril=True, ignore_index=-1, reduction="mean", grad_filter=0.0):
     """Sparse ZLPR over each (batch, head)'s span grid; ``none`` keeps ``[B, heads]``;
     ``grad_filter`` as ``zlpr.filter_negative_grads``."""
-    check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril, ignore_index,
-                                reduction)
+    _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+                                        ignore_index, reduction)
     length = q.shape[2]
-    zlpr.check_positives_in_range(positives, ignore_index, length * length)
+    _checks.check_positives_in_range("global_pointer_zlpr", positives, ignore_index,
+                                     length * length)
     logits = global_pointer_logits(q, k, mask, start_bias=start_bias, end_bias=end_bias,
                                    tril=tril)
     return zlpr.sparse_zlpr_loss(logits.flatten(-2), positives, ignore_index=ignore_index,

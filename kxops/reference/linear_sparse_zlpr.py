@@ -8,39 +8,16 @@ label-parallel split of the same loss (each process holds the classes
 
 import torch
 
+from kxops import _checks
 from kxops.reference import zlpr
-
-
-def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction):
-    """The arguments' contract, shared by the compiled ops' fake kernels."""
-    zlpr.check_logits(input, "input")
-    zlpr.check_like("weight", weight, "input", input)
-    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"weight must be [num_classes, in_features={input.shape[-1]}], got "
-                         f"{tuple(weight.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-        zlpr.check_like("bias", bias, "input", input)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be [num_classes={weight.shape[0]}], got "
-                             f"{tuple(bias.shape)}")
-    # The positives' rules are the sparse ZLPR loss's, against the logits' shape (on meta:
-    # free); the device check is then against input's.
-    zlpr.check_tensor("positives", positives)
-    logits = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device="meta")
-    zlpr.check_sparse_zlpr_inputs(logits, positives.to("meta"), ignore_index, reduction)
-    if positives.device != input.device:
-        raise ValueError(f"positives are on {positives.device} but input is on {input.device}; "
-                         "put all inputs on the same device")
 
 
 def linear_sparse_zlpr_loss(input, weight, positives, bias=None, *, ignore_index=-1,
                             reduction="mean", grad_filter=0.0):
     """``sparse_zlpr_loss(F.linear(input, weight, bias), positives)``, the full logits held;
     ``grad_filter`` as ``zlpr.filter_negative_grads``."""
-    check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-    grad_filter = zlpr.check_grad_filter(grad_filter)
+    _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
+    grad_filter = _checks.check_grad_filter("linear_sparse_zlpr", grad_filter)
     logits = torch.nn.functional.linear(input, weight, bias)
     return zlpr.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index,
                                  reduction=reduction, grad_filter=grad_filter)
@@ -48,7 +25,7 @@ def linear_sparse_zlpr_loss(input, weight, positives, bias=None, *, ignore_index
 
 def _slice(logits, positives, ignore_index, class_offset, num_classes):
     """(logits in fp32/fp64, bool [..., C] of the slice's positives)."""
-    zlpr.check_positives_in_range(positives, ignore_index, num_classes)
+    _checks.check_positives_in_range("linear_sparse_zlpr", positives, ignore_index, num_classes)
     classes = logits.shape[-1]
     local = positives.long() - class_offset
     mine = (positives.long() != ignore_index) & (local >= 0) & (local < classes)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kxops
+from kxops import _checks
 from kxops.reference import zlpr as ref
 from tests.utils import DEVICES, assert_close, needs_kernel, run_isolated
 
@@ -78,7 +79,7 @@ def problems(draw, sparse=False):
 
     logits_leaf, logits_view = make((*lead, n), draw(st.sampled_from(LAYOUTS)), fill_logits)
     problem = {"logits_leaf": logits_leaf, "logits_view": logits_view,
-               "reduction": draw(st.sampled_from(ref.REDUCTIONS))}
+               "reduction": draw(st.sampled_from(_checks.REDUCTIONS))}
     if sparse:
         index_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
         # Past int32's range, an ignore_index marks nothing in int32 positives (no wrap).

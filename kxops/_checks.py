@@ -1,0 +1,419 @@
+"""Every Python argument check of kxops, shared by the wrappers, the references and the fake
+kernels (docs/design.md §4, "The op contract"). The registered C++ ops check the same in the
+same words (csrc/checks.h and csrc/<op>_host.h): every message starts with ``kxops.<op>:``,
+the registered op's name, and prints shapes as tuples and dtypes as torch prints them. Error
+types: TypeError for a wrong type or dtype, ValueError for a bad value or shape, IndexError
+for an out-of-range id, RuntimeError for tensors on different devices.
+
+This module imports torch only: the references import it, never the other way round.
+"""
+
+import math
+import numbers
+import operator
+import sys
+
+import torch
+
+# The floating dtypes of every compiled kernel (csrc/checks.h is_kernel_float).
+KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_kernel_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
+    """A tensor that the C++ kernels take in KERNEL_DTYPES only."""
+    if tensor.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"kxops.{op}: {name} must be a float64, float32, float16 or bfloat16 "
+                        f"tensor, got {tensor.dtype}")
+
+
+def check_grad_loss(op: str, grad_loss: torch.Tensor, rows_shape, rows_name: str) -> None:
+    """A backward op's grad_loss: one value per row."""
+    check_kernel_dtype(op, "grad_loss", grad_loss)
+    if grad_loss.shape != rows_shape:
+        raise ValueError(f"kxops.{op}: grad_loss shape {tuple(grad_loss.shape)} must be "
+                         f"{rows_name} = {tuple(rows_shape)}")
+
+
+def check_devices(op: str, anchor_name: str, anchor, **tensors) -> None:
+    """Every tensor on the anchor's device. The fake (meta) kernels run for every call with a
+    meta tensor among its arguments, so a mix of meta and real tensors reaches them: they refuse
+    it as the C++ kernels' device check does, instead of returning empty tensors. Lists of
+    tensors are checked element by element."""
+    for name, value in tensors.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(items):
+            if isinstance(t, torch.Tensor) and t.device != anchor.device:
+                label = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise RuntimeError(f"kxops.{op}: {label} is on {t.device} but {anchor_name} is "
+                                   f"on {anchor.device}; put all inputs on one device")
+
+
+# ---- zlpr ------------------------------------------------------------------------------
+
+
+# ---- shared by every op -----------------------------------------------------------------
+
+REDUCTIONS = ("none", "sum", "mean")
+
+# The integer dtypes of a tensor of one value per element (the C++ kernels' isIntegralType with
+# bool): not the bit or sub-byte types.
+INTEGER_LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                        torch.int64, torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_reduction(op, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kxops.{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_tensor(op, name, t):
+    """A tensor argument at all."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"kxops.{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def check_dense(op, name, t):
+    """A dense (strided) tensor: sparse, nested and mkldnn tensors are refused by name."""
+    check_tensor(op, name, t)
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"kxops.{op}: {name} must be a dense (strided) tensor, got {kind}")
+
+
+def check_logits(op, logits, name="logits"):
+    """A dense floating-point tensor with a class (or feature) dim."""
+    check_dense(op, name, logits)
+    if not logits.is_floating_point() or logits.dtype == torch.float4_e2m1fn_x2:
+        raise TypeError(f"kxops.{op}: {name} must be a floating-point tensor, got dtype "
+                        f"{logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"kxops.{op}: {name} must have at least 1 dim (the class dim), got a "
+                         "0-dim tensor")
+
+
+def check_real_values(op, name, t):
+    """A dense tensor of one bool, integer or floating-point value per element (labels,
+    masks)."""
+    check_dense(op, name, t)
+    floating = t.is_floating_point() and t.dtype != torch.float4_e2m1fn_x2
+    if not floating and t.dtype not in INTEGER_LABEL_DTYPES:
+        raise TypeError(f"kxops.{op}: {name} must be bool, integer or floating point, got "
+                        f"{t.dtype}")
+
+
+def check_ids(op, name, t, what="class indices"):
+    """A dense int32 or int64 tensor of ids."""
+    check_dense(op, name, t)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kxops.{op}: {name} must be an int32 or int64 tensor of {what}, got "
+                        f"{t.dtype}")
+
+
+def check_same_device(op, name, t, anchor_name, anchor):
+    if t.device != anchor.device:
+        raise RuntimeError(f"kxops.{op}: {name} is on {t.device} but {anchor_name} is on "
+                           f"{anchor.device}; put all inputs on one device")
+
+
+def check_like(op, name, t, anchor_name, anchor):
+    """A dense tensor of the anchor's dtype, on its device (an operand of its GEMM)."""
+    check_dense(op, name, t)
+    check_same_device(op, name, t, anchor_name, anchor)
+    if t.dtype != anchor.dtype:
+        raise TypeError(f"kxops.{op}: {name} has dtype {t.dtype} but {anchor_name} has dtype "
+                        f"{anchor.dtype}; they must match")
+
+
+def check_ignore_index(op, ignore_index):
+    """ignore_index is any int64 (compared with the ids as int64)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"kxops.{op}: ignore_index must be an int, got "
+                        f"{type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"kxops.{op}: ignore_index must fit in int64, got {ignore_index}")
+
+
+def check_positives_in_range(op, positives, ignore_index, num_classes):
+    """Every index that is not ignore_index must lie in [0, num_classes). Syncs on CUDA. Under
+    a torch.func transform (vmap: no branching on values) the scatter's own bounds check
+    stands in."""
+    if torch._C._are_functorch_transforms_active():
+        return
+    positives = positives.long()  # as in positives_to_dense
+    bad = (positives != ignore_index) & ((positives < 0) | (positives >= num_classes))
+    if bool(bad.any()):
+        value = positives[bad][0].item()
+        raise IndexError(
+            f"kxops.{op}: positives holds class index {value}, out of range for {num_classes} "
+            f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index} for padding)"
+        )
+
+
+def check_grad_filter(op, grad_filter):
+    """grad_filter as a float: a finite number >= 0 (0: no filter), else ValueError."""
+    value = None
+    # Any real number (numpy's scalars too), not a bool; an int too large for a float is inf.
+    if isinstance(grad_filter, numbers.Real) and not isinstance(grad_filter, bool):
+        try:
+            value = float(grad_filter)
+        except OverflowError:
+            value = float("inf")
+    if value is None or not (0 <= value < float("inf")):
+        raise ValueError(f"kxops.{op}: grad_filter must be a finite number >= 0 (0: no filter), "
+                         f"got {grad_filter!r}")
+    return value + 0.0  # -0.0 is 0.0
+
+
+# ---- zlpr, sparse_zlpr, zlpr_backward ----------------------------------------------------
+
+def check_zlpr_inputs(logits, labels, reduction, op="zlpr"):
+    check_logits(op, logits)
+    check_reduction(op, reduction)
+    check_real_values(op, "labels", labels)
+    if labels.shape != logits.shape:
+        raise ValueError(f"kxops.{op}: labels shape {tuple(labels.shape)} must equal logits "
+                         f"shape {tuple(logits.shape)}")
+    check_same_device(op, "labels", labels, "logits", logits)
+
+
+def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction, op="sparse_zlpr"):
+    check_logits(op, logits)
+    check_reduction(op, reduction)
+    check_ids(op, "positives", positives)
+    check_ignore_index(op, ignore_index)
+    if positives.dim() != logits.dim() or positives.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"kxops.{op}: positives shape {tuple(positives.shape)} must be logits.shape[:-1] + "
+            f"(P,) = {tuple(logits.shape[:-1])} + (P,)"
+        )
+    check_same_device(op, "positives", positives, "logits", logits)
+
+
+# ---- gated_conv ------------------------------------------------------------------------
+
+
+_INT64_MAX = 2**63 - 1
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+def _shape(t):
+    return tuple(t.shape)
+
+def check_dilation(dilation):
+    """The dilation as a Python int (NumPy and other integer types accepted)."""
+    try:
+        value = None if isinstance(dilation, bool) else operator.index(dilation)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+    if value > _INT64_MAX:
+        raise ValueError(f"dilation must be at most 2**63 - 1, got {dilation!r} (any dilation "
+                         "of at least the sequence length gives the same result)")
+    return value
+
+def check_drop_gate(drop_gate):
+    """The gate dropout probability as a float in [0, 1]."""
+    if isinstance(drop_gate, bool) or not isinstance(drop_gate, numbers.Real):
+        raise TypeError(f"drop_gate must be a real number, got {type(drop_gate).__name__}")
+    if not 0.0 <= float(drop_gate) <= 1.0:  # NaN fails too
+        raise ValueError(f"drop_gate must be in [0, 1], got {drop_gate!r}")
+    return float(drop_gate)
+
+def check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
+                            residual_weight, residual_bias):
+    """Validate the arguments of dilated_gated_conv1d; return (out_channels, dilation as an
+    int, drop_gate as a float)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError("x must be a floating-point tensor (float64, float32, float16 or "
+                        f"bfloat16), got dtype {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, time, channels], got shape {_shape(x)}")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [2*out_channels, in_channels, kernel_size] (the "
+                         f"nn.Conv1d layout), got shape {_shape(weight)}")
+    two_out, in_channels, kernel_size = weight.shape
+    if in_channels != x.shape[-1]:
+        raise ValueError(f"channel mismatch: x has {x.shape[-1]} channels but weight expects "
+                         f"{in_channels} (weight shape {_shape(weight)})")
+    if two_out == 0 or two_out % 2:
+        raise ValueError(f"weight.shape[0] must be 2*out_channels (value and gate halves), got "
+                         f"{two_out}")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd for a 'same' convolution, got {kernel_size}")
+    dilation = check_dilation(dilation)
+    drop_gate = check_drop_gate(drop_gate)
+    out_channels = two_out // 2
+    tensors = {"weight": weight, "bias": bias, "mask": mask, "residual_weight": residual_weight,
+               "residual_bias": residual_bias}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put all inputs "
+                             "on the same device")
+        if name != "mask" and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must "
+                            "match")
+    if bias is not None and _shape(bias) != (two_out,):
+        raise ValueError(f"bias must have shape ({two_out},), got {_shape(bias)}")
+    if mask is not None:
+        if _shape(mask) != _shape(x)[:2]:
+            raise ValueError(f"mask must be [batch, time] = {_shape(x)[:2]}, got {_shape(mask)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool or real, got {mask.dtype}")
+    if residual_weight is not None and not residual:
+        raise ValueError("residual_weight is given but residual=False: the projection belongs "
+                         "to the residual branch (drop it, or set residual=True)")
+    if residual_weight is None:
+        if residual_bias is not None:
+            raise ValueError("residual_bias needs residual_weight (the 1x1 projection)")
+        if residual and out_channels != in_channels:
+            raise ValueError(
+                f"residual=True with out_channels={out_channels} != in_channels={in_channels} "
+                "needs residual_weight [out_channels, in_channels, 1] (a 1x1 projection of x)")
+    else:
+        if _shape(residual_weight) != (out_channels, in_channels, 1):
+            raise ValueError(f"residual_weight must have shape ({out_channels}, {in_channels}, "
+                             f"1), got {_shape(residual_weight)}")
+        if residual_bias is not None and _shape(residual_bias) != (out_channels,):
+            raise ValueError(f"residual_bias must have shape ({out_channels},), got "
+                             f"{_shape(residual_bias)}")
+    return out_channels, dilation, drop_gate
+
+
+# ---- global_pointer_zlpr ---------------------------------------------------------------
+
+
+def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+                                ignore_index, reduction):
+    """The contract the compiled op shares: types (TypeError), shapes and values (ValueError)."""
+    for name, t in (("q", q), ("k", k), ("positives", positives), ("mask", mask),
+                    ("start_bias", start_bias), ("end_bias", end_bias)):
+        if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_quantized):
+            raise TypeError(f"{name} must be a dense (strided, unquantized) tensor, got "
+                            f"{'a quantized tensor' if t.is_quantized else t.layout}")
+    check_logits("global_pointer_zlpr", q, "q")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, heads, L, D], got shape {tuple(q.shape)}")
+    batch, heads, length, _ = q.shape
+    check_like("global_pointer_zlpr", "k", k, "q", q)
+    if k.shape != q.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
+    for name, bias in (("start_bias", start_bias), ("end_bias", end_bias)):
+        if bias is None:
+            continue
+        check_like("global_pointer_zlpr", name, bias, "q", q)
+        if bias.shape != (batch, heads, length):
+            raise ValueError(f"{name} must be [batch, heads, L] = {(batch, heads, length)}, got "
+                             f"{tuple(bias.shape)}")
+    check_tensor("global_pointer_zlpr", "positives", positives)
+    if positives.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"positives must be an int32 or int64 tensor of span ids, got "
+                        f"{positives.dtype}")
+    if positives.dim() != 3 or positives.shape[:2] != (batch, heads):
+        raise ValueError(f"positives must be [batch, heads, P] = {(batch, heads)} + (P,), got "
+                         f"{tuple(positives.shape)}")
+    if positives.device != q.device:
+        raise ValueError(f"positives are on {positives.device} but q is on {q.device}; put all "
+                         "inputs on the same device")
+    if mask is not None:
+        check_tensor("global_pointer_zlpr", "mask", mask)
+        if mask.is_complex() or mask.dtype == torch.float4_e2m1fn_x2:
+            raise TypeError(f"mask must be bool, integer or floating point, got {mask.dtype}")
+        if mask.shape != (batch, length):
+            raise ValueError(f"mask must be [batch, L] = {(batch, length)}, got "
+                             f"{tuple(mask.shape)}")
+        check_same_device("global_pointer_zlpr", "mask", mask, "q", q)
+    if not isinstance(tril, bool):
+        raise TypeError(f"tril must be a bool, got {type(tril).__name__}")
+    if length * length >= 2**63:
+        raise ValueError(f"L = {length} is too long (L * L span ids must fit in int64)")
+    check_ignore_index("global_pointer_zlpr", ignore_index)
+    check_reduction("global_pointer_zlpr", reduction)
+
+
+# ---- linear_sparse_zlpr ----------------------------------------------------------------
+
+
+def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction):
+    """The arguments' contract, shared by the compiled ops' fake kernels."""
+    check_logits("linear_sparse_zlpr", input, "input")
+    check_like("linear_sparse_zlpr", "weight", weight, "input", input)
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"weight must be [num_classes, in_features={input.shape[-1]}], got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        check_like("linear_sparse_zlpr", "bias", bias, "input", input)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be [num_classes={weight.shape[0]}], got "
+                             f"{tuple(bias.shape)}")
+    # The positives' rules are the sparse ZLPR loss's, against the logits' shape (on meta:
+    # free); the device check is then against input's.
+    check_tensor("linear_sparse_zlpr", "positives", positives)
+    logits = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device="meta")
+    check_sparse_zlpr_inputs(logits, positives.to("meta"), ignore_index, reduction,
+                             "linear_sparse_zlpr")
+    if positives.device != input.device:
+        raise ValueError(f"positives are on {positives.device} but input is on {input.device}; "
+                         "put all inputs on the same device")
+
+
+# ---- adax ------------------------------------------------------------------------------
+
+
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)
+
+def check_state_options(state_dtype_option, stochastic_rounding):
+    """The optimizers' ``state_dtype`` and ``stochastic_rounding`` arguments."""
+    if not any(state_dtype_option is choice for choice in STATE_DTYPES):  # no __eq__ calls
+        raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16 or "
+                         f"torch.uint8, got {state_dtype_option!r}")
+    if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
+        raise TypeError(f"stochastic_rounding must be None, True or False, got "
+                        f"{stochastic_rounding!r}")
+
+def check_hyperparameters(lr, betas, eps, weight_decay):
+    """The optimizer constructors' argument checks, in torch.optim.Adam's words (ValueError);
+    unlike Adam's, infinities are rejected too (beta2 has no upper bound in AdaX)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (need 0 <= beta1 < 1)")
+    # 1 / B_1 = 1 / beta2 must be finite: beta2 at least the smallest normal double.
+    if not sys.float_info.min <= betas[1] < math.inf:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (need "
+                         f"{sys.float_info.min} <= beta2 < inf)")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+def check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    """The lists are of one length (in the op's words, csrc/adax_host.h)."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if len({len(tensors) for tensors in lists}) > 1:
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
+                         f"same length, got {', '.join(str(len(t)) for t in lists)}")
+
+def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    """The list checks of the paths without the compiled op, in the op's words (it also checks
+    dtypes, devices and layouts, which torch's own ops check on these paths)."""
+    check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse:
+            raise RuntimeError("AdaX does not support sparse gradients")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {list(g.shape)} but params[{i}] has shape "
+                             f"{list(p.shape)}")
