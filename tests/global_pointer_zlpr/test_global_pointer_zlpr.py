@@ -610,7 +610,8 @@ def test_fused_loss_and_parameter_grads_as_bert4torch(bert4torch_layers, name, o
 def test_decode_as_bert4torch(bert4torch_layers, name, ours_cls, threshold, monkeypatch):
     theirs, ours = _pair(bert4torch_layers, name, ours_cls)
     x, mask = _inputs(length=30)
-    monkeypatch.setattr(kxops.nn, "_DECODE_SCORES", 3 * 30 * 7)  # blocks of 7 start rows
+    # Blocks of 7 start rows.
+    monkeypatch.setattr(kxops.nn.global_pointer_zlpr, "_DECODE_SCORES", 3 * 30 * 7)
     spans = ours.decode(x, mask, threshold=threshold)
     expected = (theirs(x, mask) > threshold).nonzero()
     assert spans.dtype == torch.long and len(expected) > 0
