@@ -145,32 +145,38 @@ def plot(rows, peers, device_label, path_for):
     times = [r for r in rows if r["metric"] == "time"]
     paths = {}
     for op in dict.fromkeys(r["op"] for r in times):
-        op_rows = [r for r in times if r["op"] == op]
-        modes = {r["mode"] for r in op_rows}
-        mode = "full" if "full" in modes else sorted(modes)[0]
-        op_rows = [r for r in op_rows if r["mode"] == mode]
-        cases = list(dict.fromkeys(r["shape"] for r in op_rows))
-        providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p != peers[op]]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / max(len(providers), 1)
-        for i, provider in enumerate(providers):
-            speedups = []
-            for case in cases:
-                cell = {r["provider"]: r for r in op_rows if r["shape"] == case}
-                ref = peer_value(cell, provider, peers[op])
-                speedups.append(ref / cell[provider]["p50"] if provider in cell and ref else 0.0)
-            ax.bar(np.arange(len(cases)) + i * width, speedups, width, label=provider)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(np.arange(len(cases)) + width * (len(providers) - 1) / 2)
-        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
-        ax.set_ylabel(f"speed-up over {peers[op]} ({mode})")
-        ax.set_title(f"{op} on {device_label}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = _speedup_figure(plt, [r for r in times if r["op"] == op], op, peers[op],
+                              device_label)
         paths[op] = path_for(op)
         fig.savefig(paths[op], dpi=100)
         plt.close(fig)
     return paths
+
+
+def _speedup_figure(plt, op_rows, op, peer, device_label):
+    """One op's bars: each provider's speed-up over ``peer`` per shape, in the op's main mode."""
+    modes = {r["mode"] for r in op_rows}
+    mode = "full" if "full" in modes else sorted(modes)[0]
+    op_rows = [r for r in op_rows if r["mode"] == mode]
+    cases = list(dict.fromkeys(r["shape"] for r in op_rows))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p != peer]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(providers), 1)
+    for i, provider in enumerate(providers):
+        speedups = []
+        for case in cases:
+            cell = {r["provider"]: r for r in op_rows if r["shape"] == case}
+            ref = peer_value(cell, provider, peer)
+            speedups.append(ref / cell[provider]["p50"] if provider in cell and ref else 0.0)
+        ax.bar(np.arange(len(cases)) + i * width, speedups, width, label=provider)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(cases)) + width * (len(providers) - 1) / 2)
+    ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(f"speed-up over {peer} ({mode})")
+    ax.set_title(f"{op} on {device_label}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 # The README shows a few headline rows per device; the full tables stay in results/<device>.md.
