@@ -13,11 +13,12 @@ import torch
 
 from kxops._checks import KERNEL_DTYPES
 
-# Each block's ops; a block runs compiled on a device only if all of them have a kernel there.
-# Kept by hand, one entry per block: which ops a wrapper needs together is a design choice that
-# no schema records, the list must be known when the extension did not load (`python -m kxops`
-# still reports every block), and torch has no public query for a namespace's ops.
-BLOCK_OPS = {
+# Each op family's ops (what one wrapper calls); a family runs compiled on a device only if all
+# of them have a kernel there. Kept by hand: which ops a wrapper needs together is a design
+# choice that no schema records, the list must be known when the extension did not load
+# (`python -m kxops` still reports every family), and torch has no public query for a
+# namespace's ops.
+OP_FAMILIES = {
     "gated_conv": ("gated_conv", "gated_conv_backward"),
     "zlpr": ("zlpr", "sparse_zlpr", "zlpr_backward"),
     "adax": ("adax_",),
@@ -101,7 +102,7 @@ def _dispatcher_has_kernel(op: str, dispatch_key: str) -> bool:
 def _registered_kernels():
     if not LOADED:
         return frozenset()
-    return frozenset((op, device) for ops in BLOCK_OPS.values() for op in ops
+    return frozenset((op, device) for ops in OP_FAMILIES.values() for op in ops
                      for device, key in DEVICE_KEYS.items() if _dispatcher_has_kernel(op, key))
 
 
@@ -115,8 +116,8 @@ def has_kernel(op: str, device: torch.device) -> bool:
     return (op, device.type) in KERNELS
 
 
-def block_has_kernels(block: str, device_type: str) -> bool:
-    return all((op, device_type) in KERNELS for op in BLOCK_OPS[block])
+def family_has_kernels(family: str, device_type: str) -> bool:
+    return all((op, device_type) in KERNELS for op in OP_FAMILIES[family])
 
 
 def transform_active() -> bool:
@@ -128,11 +129,11 @@ def transform_active() -> bool:
             or torch.autograd.forward_ad._current_level >= 0)
 
 
-def runs_compiled(block: str, tensor: torch.Tensor) -> bool:
-    """Whether a wrapper runs the block's compiled ops on inputs like ``tensor``: every op of
-    the block has a kernel for its device, the kernels take its dtype, and no transform is
+def runs_compiled(family: str, tensor: torch.Tensor) -> bool:
+    """Whether a wrapper runs the family's compiled ops on inputs like ``tensor``: every op of
+    the family has a kernel for its device, the kernels take its dtype, and no transform is
     active (see transform_active)."""
-    return (block_has_kernels(block, tensor.device.type) and tensor.dtype in KERNEL_DTYPES
+    return (family_has_kernels(family, tensor.device.type) and tensor.dtype in KERNEL_DTYPES
             and not transform_active())
 
 

@@ -9,8 +9,8 @@ from kxops import _ext
 from kxops._version import __version__
 
 
-def _backend(block, device_type):
-    if _ext.block_has_kernels(block, device_type):
+def _backend(family, device_type):
+    if _ext.family_has_kernels(family, device_type):
         return "kernel"
     if device_type == "cuda" and torch.version.cuda is None:
         return "unavailable"  # this torch cannot run anything on CUDA
@@ -56,8 +56,8 @@ def info() -> dict:
         "cpu_gemm": cpu_gemm_engine(),
         "extension": _ext.LOAD_STATUS,
         "build": _ext.build_info(),
-        "ops": {block: {dev: _backend(block, dev) for dev in _ext.DEVICE_KEYS}
-                for block in _ext.BLOCK_OPS},
+        "ops": {family: {dev: _backend(family, dev) for dev in _ext.DEVICE_KEYS}
+                for family in _ext.OP_FAMILIES},
     }
 
 

@@ -602,7 +602,7 @@ def test_label_parallel_grad_filter_must_agree_across_ranks(tmp_path):
 def test_block_ops_registered():
     for op in OPS:
         assert _ext.has_kernel(op, torch.device("cpu"))
-    assert _ext.block_has_kernels("linear_sparse_zlpr", "cpu")
+    assert _ext.family_has_kernels("linear_sparse_zlpr", "cpu")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
