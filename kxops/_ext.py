@@ -137,6 +137,29 @@ def runs_compiled(family: str, tensor: torch.Tensor) -> bool:
             and not transform_active())
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def autocast(anchor, *tensors):
+    """``tensors``, their floating ones cast to the autocast dtype where autocast is on for the
+    device of ``anchor`` (a floating tensor other than float64, which autocast leaves alone), as
+    a matmul or convolution there would run; else as they are."""
+    if not (isinstance(anchor, torch.Tensor) and anchor.is_floating_point()
+            and anchor.dtype != torch.float64):
+        return tensors
+    device_type = anchor.device.type
+    # is_autocast_enabled raises for device types without autocast (meta, ...).
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in tensors)
+
+
 def build_info() -> dict:
     """How the loaded binary was built, parsed from kxops::_build_info()."""
     if not LOADED:
