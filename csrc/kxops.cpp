@@ -99,6 +99,9 @@ TORCH_LIBRARY(kxops, m) {
       "Tensor weight, Tensor? bias, Tensor positives, int ignore_index, int class_offset, "
       "int num_classes, bool[3] grad_mask, int block_rows, float grad_filter=0.) "
       "-> (Tensor, Tensor, Tensor)");
+  // The rows of logits per block that linear_sparse_zlpr picks for block_rows 0 (from weight's
+  // shape and dtype only; LinearZLPR.predict's blocks).
+  m.def("linear_sparse_zlpr_block_rows(Tensor weight, int rows) -> int");
   // GlobalPointer span grid + sparse ZLPR without the grid. Returns (loss per (batch, head) row
   // in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias): d row_loss / d input of each
   // row, computed in the forward when compute_grad (empty tensors otherwise, and for a None

@@ -26,6 +26,7 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
 #include "gemm.h"
 #include "sparse_grad_host.h"
 #include "zlpr_host.h"
@@ -34,61 +35,76 @@ namespace kxops::linear_sparse_zlpr {
 
 using at::Tensor;
 
-// ---- argument checks (every op checks every argument before touching memory) ----
-
-inline void check_like_input(const char* op, const char* name, const Tensor& t,
-                             const Tensor& input) {
-  TORCH_CHECK(t.layout() == at::kStrided, "kxops ", op, ": ", name,
-              " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device() == input.device(), "kxops ", op, ": ", name, " is on ", t.device(),
-              " but input is on ", input.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "kxops ", op, ": ", name, " has dtype ",
-                   t.scalar_type(), " but input has dtype ", input.scalar_type());
-}
+// ---- argument checks (every op checks every argument before touching memory; the same
+// words as kxops/_checks.py's linear_sparse_zlpr section) ----
 
 // input [..., d], weight [C, d], bias [C], positives [..., P] (int32/int64 class ids).
 inline void check_arguments(const char* op, const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, const Tensor& positives,
                             int64_t block_rows) {
-  TORCH_CHECK(input.layout() == at::kStrided, "kxops ", op,
-              ": input must be a dense (strided) tensor, got layout ", input.layout());
-  TORCH_CHECK_TYPE(zlpr::is_kernel_float(input.scalar_type()), "kxops ", op,
-                   ": input must be float64, float32, float16 or bfloat16, got ",
-                   input.scalar_type());
-  TORCH_CHECK_VALUE(input.dim() >= 1, "kxops ", op,
+  check_kernel_float(op, "input", input);
+  TORCH_CHECK_VALUE(input.dim() >= 1, "kxops.", op,
                     ": input must have at least 1 dim (the feature dim), got a 0-dim tensor");
-  check_like_input(op, "weight", weight, input);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(-1), "kxops ", op,
-                    ": weight must be [num_classes, in_features=", input.size(-1), "], got ",
-                    weight.sizes());
+  check_like(op, "weight", weight, "input", input);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(-1), "kxops.", op,
+                    ": weight must be (num_classes, in_features=", input.size(-1), "), got ",
+                    py(weight.sizes()));
   if (bias.has_value()) {
-    check_like_input(op, "bias", *bias, input);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "kxops ", op,
-                      ": bias must be [num_classes=", weight.size(0), "], got ", bias->sizes());
+    check_like(op, "bias", *bias, "input", input);
+    check_shape(op, "bias", *bias, {weight.size(0)});
   }
-  TORCH_CHECK(positives.layout() == at::kStrided, "kxops ", op,
-              ": positives must be a dense (strided) tensor, got layout ", positives.layout());
-  TORCH_CHECK(positives.device() == input.device(), "kxops ", op, ": positives are on ",
-              positives.device(), " but input is on ", input.device());
-  TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
-                   "kxops ", op, ": positives must be an int32 or int64 tensor, got ",
-                   positives.scalar_type());
-  TORCH_CHECK_VALUE(positives.dim() == input.dim() && positives.sizes().slice(0, input.dim() - 1) ==
-                                                          input.sizes().slice(0, input.dim() - 1),
-                    "kxops ", op, ": positives shape ", positives.sizes(),
-                    " must be input.shape[:-1] + (P,) with input shape ", input.sizes());
-  TORCH_CHECK_VALUE(block_rows >= 0, "kxops ", op,
+  check_ids(op, "positives", positives);
+  check_same_device(op, "positives", positives, "input", input);
+  const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
+  TORCH_CHECK_VALUE(
+      positives.dim() == input.dim() && positives.sizes().slice(0, input.dim() - 1) == rows_shape,
+      "kxops.", op, ": positives shape ", py(positives.sizes()),
+      " must be input.shape[:-1] + (P,) = ", py(rows_shape), " + (P,)");
+  TORCH_CHECK_VALUE(block_rows >= 0, "kxops.", op,
                     ": block_rows must be >= 0 (0: chosen from the sizes), got ", block_rows);
 }
 
 // This weight's classes are [class_offset, class_offset + C) of num_classes in all.
 inline void check_slice(const char* op, const Tensor& weight, int64_t class_offset,
                         int64_t num_classes) {
-  TORCH_CHECK_VALUE(class_offset >= 0, "kxops ", op, ": class_offset must be >= 0, got ",
-                    class_offset);
-  TORCH_CHECK_VALUE(num_classes >= 0 && class_offset <= num_classes - weight.size(0), "kxops ", op,
-                    ": the weight's ", weight.size(0), " classes from class_offset ", class_offset,
-                    " do not fit in num_classes=", num_classes);
+  TORCH_CHECK_VALUE(
+      class_offset >= 0 && num_classes >= 0 && class_offset <= num_classes - weight.size(0),
+      "kxops.", op, ": the weight's ", weight.size(0), " classes from class_offset ", class_offset,
+      " do not fit in num_classes=", num_classes);
+}
+
+// A backward's grad_loss: one value per row (input.shape[:-1]).
+inline void check_grad_loss(const char* op, const Tensor& grad_loss, const Tensor& input) {
+  check_kernel_float(op, "grad_loss", grad_loss);
+  check_same_device(op, "grad_loss", grad_loss, "input", input);
+  const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == rows_shape, "kxops.", op, ": grad_loss shape ",
+                    py(grad_loss.sizes()), " must be input.shape[:-1] = ", py(rows_shape));
+}
+
+// The merged log-sums: input.shape[:-1] + (2,) in the partials' dtype (fp32, fp64 for fp64).
+inline void check_log_z(const char* op, const Tensor& log_z, const Tensor& input) {
+  const auto opmath = at::toOpMathType(input.scalar_type());
+  check_tensor(op, "log_z", log_z);
+  check_same_device(op, "log_z", log_z, "input", input);
+  TORCH_CHECK_TYPE(log_z.scalar_type() == opmath, "kxops.", op, ": log_z must be ", py(opmath),
+                   " (the partials' dtype), got ", py(log_z.scalar_type()));
+  auto shape = input.sizes().vec();
+  shape.back() = 2;
+  check_shape(op, "log_z", log_z, shape);
+}
+
+// Every id but ignore_index in [0, num_classes), the last check of an op: it reads the ids (a
+// sync on CUDA, where the fused ops leave it to the row kernel's device-side assert).
+inline void check_positives_in_range(const char* op, const Tensor& positives, int64_t ignore_index,
+                                     int64_t num_classes) {
+  const Tensor ids = positives.to(at::kLong);
+  const Tensor bad = (ids != ignore_index) & ((ids < 0) | (ids >= num_classes));
+  if (!bad.any().item<bool>()) return;
+  TORCH_CHECK_INDEX(false, "kxops.", op, ": positives holds class index ",
+                    ids.masked_select(bad)[0].item<int64_t>(), ", out of range for ", num_classes,
+                    " classes (valid: 0..", num_classes - 1, ", or ignore_index=", ignore_index,
+                    " for padding)");
 }
 
 inline int64_t leading_rows(const Tensor& input) {
@@ -272,8 +288,9 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
     std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr";
   check_arguments(op, input, weight, bias, positives, block_rows);
-  zlpr::check_grad_filter(op, grad_filter);
-  zlpr::check_reduction(op, reduction);
+  check_grad_filter(op, grad_filter);
+  check_reduction(op, reduction);
+  if (input.is_cpu()) check_positives_in_range(op, positives, ignore_index, weight.size(0));
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   Tensor row_loss = at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
@@ -295,19 +312,6 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
   return {loss, grad_input, grad_weight, grad_bias};
 }
 
-inline void check_grad_loss(const char* op, const Tensor& grad_loss, const Tensor& input) {
-  const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
-  TORCH_CHECK(grad_loss.layout() == at::kStrided, "kxops ", op,
-              ": grad_loss must be a dense (strided) tensor");
-  TORCH_CHECK(grad_loss.device() == input.device(), "kxops ", op, ": grad_loss is on ",
-              grad_loss.device(), " but input is on ", input.device());
-  TORCH_CHECK_TYPE(zlpr::is_kernel_float(grad_loss.scalar_type()), "kxops ", op,
-                   ": grad_loss must be a float64, float32, float16 or bfloat16 tensor, got ",
-                   grad_loss.scalar_type());
-  TORCH_CHECK_VALUE(grad_loss.sizes() == rows_shape, "kxops ", op, ": grad_loss shape ",
-                    grad_loss.sizes(), " must be input.shape[:-1] = ", rows_shape);
-}
-
 // Backward of reduction "none": the gradients of sum(grad_loss * row_loss), each block's logits
 // recomputed (the weight's gradient needs every row's own grad_loss, known only now) and its
 // kernel gradient scaled per row: four GEMMs per block over forward and backward.
@@ -317,8 +321,9 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
     std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr_backward";
   check_arguments(op, input, weight, bias, positives, block_rows);
-  zlpr::check_grad_filter(op, grad_filter);
+  check_grad_filter(op, grad_filter);
   check_grad_loss(op, grad_loss, input);
+  if (input.is_cpu()) check_positives_in_range(op, positives, ignore_index, weight.size(0));
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   const Tensor row_grad = grad_loss.reshape({rows, 1});
@@ -353,23 +358,16 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
 
 // The ids of the rows' positives in this slice, once each: index [N, P] int64 where each entry
 // is its local class or, for an id of another slice, ignore_index or a repeat, the spare column
-// C; valid marks the entries that are a local positive. Global ids are checked against
-// num_classes (reads the ids: a sync on CUDA).
+// C; valid marks the entries that are a local positive (the ids checked by
+// check_positives_in_range).
 struct SlicePositives {
   Tensor index, valid;
 };
 
 inline SlicePositives slice_positives(const Tensor& ids, int64_t ignore_index, int64_t class_offset,
-                                      int64_t classes, int64_t num_classes) {
+                                      int64_t classes) {
   const Tensor global = ids.to(at::kLong);
   const Tensor padding = global == ignore_index;
-  const Tensor bad = padding.logical_not() & ((global < 0) | (global >= num_classes));
-  if (bad.any().item<bool>()) {
-    TORCH_CHECK_INDEX(false, "kxops linear_sparse_zlpr: positives holds class index ",
-                      global.masked_select(bad)[0].item<int64_t>(), ", out of range for ",
-                      num_classes, " classes (valid: 0..", num_classes - 1,
-                      ", or ignore_index=", ignore_index, " for padding)");
-  }
   const Tensor local = global - class_offset;
   const Tensor mine = padding.logical_not() & (local >= 0) & (local < classes);
   // Sorted, a repeat follows its first occurrence: only the first stays valid.
@@ -431,11 +429,12 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
                                           const Tensor& positives, int64_t ignore_index,
                                           int64_t class_offset, int64_t num_classes,
                                           int64_t block_rows) {
-  const auto a = slice_args("linear_sparse_zlpr_partials", input, weight, bias, positives,
-                            class_offset, num_classes, block_rows);
+  constexpr const char* op = "linear_sparse_zlpr_partials";
+  const auto a =
+      slice_args(op, input, weight, bias, positives, class_offset, num_classes, block_rows);
+  check_positives_in_range(op, positives, ignore_index, num_classes);
   NoAutocast no_autocast;
-  const auto [index, valid] =
-      slice_positives(a.ids, ignore_index, class_offset, a.classes, num_classes);
+  const auto [index, valid] = slice_positives(a.ids, ignore_index, class_offset, a.classes);
   auto out_shape = input.sizes().vec();
   out_shape.back() = 2;
   Tensor sums =
@@ -468,24 +467,13 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
   constexpr const char* op = "linear_sparse_zlpr_partials_backward";
   const auto a =
       slice_args(op, input, weight, bias, positives, class_offset, num_classes, block_rows);
-  zlpr::check_grad_filter(op, grad_filter);
-  const auto opmath = at::toOpMathType(input.scalar_type());
-  const auto rows_shape = input.sizes().slice(0, input.dim() - 1);
+  check_grad_filter(op, grad_filter);
   check_grad_loss(op, grad_loss, input);
-  TORCH_CHECK(log_z.layout() == at::kStrided && log_z.device() == input.device(), "kxops ", op,
-              ": log_z must be a dense tensor on input's device ", input.device(), ", got one on ",
-              log_z.device());
-  TORCH_CHECK_TYPE(log_z.scalar_type() == opmath, "kxops ", op, ": log_z must be ", opmath,
-                   " (the partials' dtype), got ", log_z.scalar_type());
-  TORCH_CHECK_VALUE(log_z.dim() == input.dim() &&
-                        log_z.sizes().slice(0, input.dim() - 1) == rows_shape &&
-                        log_z.size(-1) == 2,
-                    "kxops ", op, ": log_z shape ", log_z.sizes(),
-                    " must be input.shape[:-1] + (2,) = ", rows_shape, " + (2,)");
+  check_log_z(op, log_z, input);
+  check_positives_in_range(op, positives, ignore_index, num_classes);
   NoAutocast no_autocast;
-  const auto [index, valid] =
-      slice_positives(a.ids, ignore_index, class_offset, a.classes, num_classes);
-  const Tensor row_grad = grad_loss.reshape({a.rows, 1}).to(opmath);
+  const auto [index, valid] = slice_positives(a.ids, ignore_index, class_offset, a.classes);
+  const Tensor row_grad = grad_loss.reshape({a.rows, 1}).to(at::toOpMathType(input.scalar_type()));
   const Tensor z = log_z.reshape({a.rows, 2});
   BlockGrads grads(a.rows, input, weight, grad_mask, bias.has_value());
   const double neg_inf = -std::numeric_limits<double>::infinity();
@@ -512,12 +500,24 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
   return grads.finish(input, weight);
 }
 
-// The drivers are device-generic: each device registers the same four.
-inline void impl_ops(torch::Library& m) {
+// The rows per block that linear_sparse_zlpr picks for block_rows 0 (logits in weight's dtype):
+// LinearZLPR.predict asks here, so the rule exists in rows_per_block alone.
+inline int64_t linear_sparse_zlpr_block_rows(const Tensor& weight, int64_t rows) {
+  constexpr const char* op = "linear_sparse_zlpr_block_rows";
+  check_tensor(op, "weight", weight);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "kxops.", op,
+                    ": weight must be (num_classes, in_features), got ", py(weight.sizes()));
+  TORCH_CHECK_VALUE(rows >= 0, "kxops.", op, ": rows must be >= 0, got ", rows);
+  return rows_per_block(rows, weight.size(0), weight, weight.element_size(), 0);
+}
+
+// The drivers are device-generic: each device file registers the same ones with this call.
+inline void register_ops(torch::Library& m) {
   m.impl("linear_sparse_zlpr", &linear_sparse_zlpr);
   m.impl("linear_sparse_zlpr_backward", &linear_sparse_zlpr_backward);
   m.impl("linear_sparse_zlpr_partials", &linear_sparse_zlpr_partials);
   m.impl("linear_sparse_zlpr_partials_backward", &linear_sparse_zlpr_partials_backward);
+  m.impl("linear_sparse_zlpr_block_rows", &linear_sparse_zlpr_block_rows);
 }
 
 }  // namespace kxops::linear_sparse_zlpr

@@ -338,32 +338,109 @@ def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tri
     check_reduction("global_pointer_zlpr", reduction)
 
 
-# ---- linear_sparse_zlpr ----------------------------------------------------------------
+# ---- linear_sparse_zlpr -------------------------------------------------------------------
+# The fused linear head's four ops (linear_sparse_zlpr, linear_sparse_zlpr_backward,
+# linear_sparse_zlpr_partials, linear_sparse_zlpr_partials_backward): the words of
+# csrc/linear_sparse_zlpr_host.h's checks, for the wrapper, the reference and the fake kernels.
 
 
-def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction):
-    """The arguments' contract, shared by the compiled ops' fake kernels."""
-    check_logits("linear_sparse_zlpr", input, "input")
-    check_like("linear_sparse_zlpr", "weight", weight, "input", input)
+def check_linear_inputs(input, weight, bias, positives, ignore_index, reduction,
+                        op="linear_sparse_zlpr", kernel_dtypes=False):
+    """input [..., d], weight [C, d], bias [C] or None, positives [..., P] of int32/int64
+    ids (host header: check_arguments). ``kernel_dtypes``: input of the C++ kernels' dtypes
+    (the ops), else any floating dtype (the wrapper and the reference)."""
+    check_dense(op, "input", input)
+    if kernel_dtypes:
+        check_kernel_dtype(op, "input", input)
+    elif not input.is_floating_point() or input.dtype == torch.float4_e2m1fn_x2:
+        raise TypeError(f"kxops.{op}: input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() < 1:
+        raise ValueError(f"kxops.{op}: input must have at least 1 dim (the feature dim), got a "
+                         "0-dim tensor")
+    check_like(op, "weight", weight, "input", input)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"weight must be [num_classes, in_features={input.shape[-1]}], got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"kxops.{op}: weight must be (num_classes, in_features="
+                         f"{input.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-        check_like("linear_sparse_zlpr", "bias", bias, "input", input)
+        check_like(op, "bias", bias, "input", input)
         if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be [num_classes={weight.shape[0]}], got "
+            raise ValueError(f"kxops.{op}: bias must have shape {tuple(weight.shape[:1])}, got "
                              f"{tuple(bias.shape)}")
-    # The positives' rules are the sparse ZLPR loss's, against the logits' shape (on meta:
-    # free); the device check is then against input's.
-    check_tensor("linear_sparse_zlpr", "positives", positives)
-    logits = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device="meta")
-    check_sparse_zlpr_inputs(logits, positives.to("meta"), ignore_index, reduction,
-                             "linear_sparse_zlpr")
-    if positives.device != input.device:
-        raise ValueError(f"positives are on {positives.device} but input is on {input.device}; "
-                         "put all inputs on the same device")
+    check_ids(op, "positives", positives)
+    check_same_device(op, "positives", positives, "input", input)
+    rows = tuple(input.shape[:-1])
+    if positives.dim() != input.dim() or tuple(positives.shape[:-1]) != rows:
+        raise ValueError(f"kxops.{op}: positives shape {tuple(positives.shape)} must be "
+                         f"input.shape[:-1] + (P,) = {rows} + (P,)")
+    check_ignore_index(op, ignore_index)
+    check_reduction(op, reduction)
+
+
+def check_block_rows(block_rows, op="linear_sparse_zlpr"):
+    """The public block_rows (None: chosen from the sizes) as the ops' int (0: chosen)."""
+    if block_rows is None:
+        return 0
+    if not isinstance(block_rows, int) or isinstance(block_rows, bool):
+        raise TypeError(f"kxops.{op}: block_rows must be an int or None, got "
+                        f"{type(block_rows).__name__}")
+    if block_rows < 1:
+        raise ValueError(f"kxops.{op}: block_rows must be >= 1 (or None: chosen from the "
+                         f"sizes), got {block_rows}")
+    return min(block_rows, 2**62)  # more rows than any tensor holds: one block, in int64
+
+
+def check_linear_op_arguments(op, input, weight, bias, positives, ignore_index, block_rows,
+                              grad_filter=0.0, **others):
+    """What the C++ ops check of their common arguments (the fake kernels: every tensor on
+    input's device, meta among them included; ``others``: the op's further tensors)."""
+    check_devices(op, "input", input, weight=weight, bias=bias, positives=positives, **others)
+    check_linear_inputs(input, weight, bias, positives, ignore_index, "none", op,
+                        kernel_dtypes=True)
+    if block_rows < 0:
+        raise ValueError(f"kxops.{op}: block_rows must be >= 0 (0: chosen from the sizes), got "
+                         f"{block_rows}")
+    check_grad_filter(op, grad_filter)
+
+
+def check_class_slice(op, weight, class_offset, num_classes):
+    """The weight's classes are [class_offset, class_offset + C) of num_classes."""
+    if not 0 <= class_offset <= num_classes - weight.shape[0]:
+        raise ValueError(f"kxops.{op}: the weight's {weight.shape[0]} classes from class_offset "
+                         f"{class_offset} do not fit in num_classes={num_classes}")
+
+
+def check_log_z(op, log_z, input):
+    """The merged log-sums: input.shape[:-1] + (2,), in the partials' dtype."""
+    check_tensor(op, "log_z", log_z)
+    check_same_device(op, "log_z", log_z, "input", input)
+    opmath = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if log_z.dtype != opmath:
+        raise TypeError(f"kxops.{op}: log_z must be {opmath} (the partials' dtype), got "
+                        f"{log_z.dtype}")
+    shape = (*input.shape[:-1], 2)
+    if log_z.shape != shape:
+        raise ValueError(f"kxops.{op}: log_z must have shape {shape}, got "
+                         f"{tuple(log_z.shape)}")
+
+
+def check_ranks_agree(table, ignore_index, op="linear_sparse_zlpr"):
+    """Label parallel: ``table`` holds every rank's (arguments valid, classes, key of what must
+    agree, lowest id, highest id), gathered before the first data collective, so that every
+    rank raises the same error."""
+    bad = [rank for rank, entry in enumerate(table) if not entry[0]]
+    if bad:
+        raise RuntimeError(f"kxops.{op}: rank(s) {bad} of the process group got invalid "
+                           "arguments (their own error says which)")
+    if len({entry[2] for entry in table}) != 1:
+        raise ValueError(f"kxops.{op}: input, positives (shapes, dtype), ignore_index, "
+                         "reduction, grad_filter and whether input requires grad must be the "
+                         "same on every rank")
+    num_classes = sum(entry[1] for entry in table)
+    low, high = min(e[3] for e in table), max(e[4] for e in table)
+    if low < 0 or high >= num_classes:
+        raise IndexError(f"kxops.{op}: positives holds class index {low if low < 0 else high}, "
+                         f"out of range for {num_classes} classes (valid: 0..{num_classes - 1}, "
+                         f"or ignore_index={ignore_index} for padding)")
 
 
 # ---- adax ------------------------------------------------------------------------------

@@ -9,17 +9,6 @@ from kxops import _checks, _ext
 from kxops.reference import linear_sparse_zlpr as ref
 from kxops.reference import zlpr as zlpr_ref
 
-_REDUCTIONS = _checks.REDUCTIONS
-
-
-def _check_strided(**tensors):
-    """Label parallel takes dense tensors only (one process falls back to the reference,
-    whose F.linear takes a sparse input)."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
-            raise TypeError(f"linear_sparse_zlpr_loss with a process_group: {name} must be a "
-                            f"dense (strided) tensor, got layout {t.layout}")
-
 
 def _needs_grad(t):
     return t is not None and torch.is_grad_enabled() and t.requires_grad
@@ -30,23 +19,15 @@ def _autocast_enabled(device_type):
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def _check_block_rows(block_rows):
-    if block_rows is None:
-        return 0
-    if not isinstance(block_rows, int) or isinstance(block_rows, bool):
-        raise TypeError(f"block_rows must be an int or None, got {type(block_rows).__name__}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1 (or None: chosen from the sizes), got "
-                         f"{block_rows}")
-    return min(block_rows, 2**62)  # more rows than any tensor holds: one block, in int64
-
-
 def block_rows_for(rows, weight):
-    """The rows of logits per block that the C++ driver picks (its rows_per_block): a block
-    holds at most max(weight bytes, 128 MiB) of logits, at least one row."""
-    budget = max(weight.numel() * weight.element_size(), 128 * 2**20)
-    per_row = max(weight.shape[0], 1) * weight.element_size()
-    return max(1, min(budget // per_row, rows))
+    """The rows of logits per block that the loss picks for ``rows`` rows and this weight
+    (block_rows None): the C++ driver's rule, asked of its CPU op (weight's shape and dtype
+    only, on a zero-stride stand-in, whatever weight's device). Without the compiled ops, all
+    rows: the reference holds every row's logits."""
+    if not _ext.has_kernel("linear_sparse_zlpr", torch.device("cpu")):
+        return max(rows, 1)
+    shape_only = torch.empty((), dtype=weight.dtype).expand(weight.shape)
+    return torch.ops.kxops.linear_sparse_zlpr_block_rows(shape_only, rows)
 
 
 def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,
@@ -107,11 +88,9 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
     if process_group is not None:
         return _label_parallel(input, weight, bias, positives, ignore_index, reduction,
                                block_rows, process_group, grad_filter)
-    block = _check_block_rows(block_rows)
+    block = _checks.check_block_rows(block_rows)
     _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-    if not _ext.runs_compiled("linear_sparse_zlpr", input) or any(
-            isinstance(t, torch.Tensor) and t.layout != torch.strided
-            for t in (input, weight, bias, positives)):
+    if not _ext.runs_compiled("linear_sparse_zlpr", input):
         return ref.linear_sparse_zlpr_loss(input, weight, positives, bias,
                                            ignore_index=ignore_index, reduction=reduction,
                                            grad_filter=grad_filter)
@@ -191,10 +170,9 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
     import torch.distributed as dist
 
     error, row = None, [0, 0, 0, 0, -1]
-    try:  # whatever fails here (a layout no kernel takes, meta tensors) must reach every rank
-        block = _check_block_rows(block_rows)
+    try:  # whatever fails here (a bad argument, meta tensors) must reach every rank
+        block = _checks.check_block_rows(block_rows)
         _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, reduction)
-        _check_strided(input=input, weight=weight, bias=bias, positives=positives)
         ids = positives.long()[positives.long() != ignore_index]
         shape = [input.dim(), *input.shape[:-1], input.shape[-1], positives.shape[-1]]
         # What must agree across ranks, reduced to a few integers; whether input needs a
@@ -214,29 +192,12 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
     table = torch.stack(table).tolist()
     if error is not None:
         raise error
-    bad = [r for r, entry in enumerate(table) if not entry[0]]
-    if bad:
-        raise RuntimeError(f"linear_sparse_zlpr_loss: rank(s) {bad} of the process group got "
-                           "invalid arguments (their own error says which)")
-    if len({entry[2] for entry in table}) != 1:
-        raise ValueError("linear_sparse_zlpr_loss: input, positives (shapes, dtype), "
-                         "ignore_index, reduction, grad_filter and whether input requires grad "
-                         "must be the same on every rank")
+    _checks.check_ranks_agree(table, ignore_index)
     sizes = [entry[1] for entry in table]
     offset, num_classes = sum(sizes[:rank]), sum(sizes)
-    low, high = min(e[3] for e in table), max(e[4] for e in table)
-    if low < 0 or high >= num_classes:
-        raise IndexError(f"positives holds class index {low if low < 0 else high}, out of range "
-                         f"for {num_classes} classes (valid: 0..{num_classes - 1}, or "
-                         f"ignore_index={ignore_index} for padding)")
     row_loss = _Recompute.apply(input, weight, bias, positives, ignore_index, block, group,
                                 offset, num_classes, grad_filter)
     return zlpr_ref.reduce_loss(row_loss, reduction, input.dtype)
-
-
-_NO_DOUBLE_BACKWARD = (
-    "kxops.linear_sparse_zlpr_loss does not support double backward (second-order "
-    "gradients); use kxops.reference.linear_sparse_zlpr_loss for them")
 
 
 if _ext.LOADED:
@@ -248,27 +209,11 @@ if _ext.LOADED:
         return tuple(input.new_empty(shape if want else (0,))
                      for want, shape in zip(present, shapes))
 
-    def _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter=0.0,
-                    **others):
-        _checks.check_grad_filter(op, grad_filter)
-        _checks.check_devices(op, "input", input, weight=weight, bias=bias, positives=positives,
-                           **others)
-        _checks.check_linear_inputs(input, weight, bias, positives, ignore_index, "none")
-        _checks.check_kernel_dtype(op, "input", input)
-        if block_rows < 0:
-            raise ValueError(f"kxops.{op}: block_rows must be >= 0, got {block_rows}")
-
-    def _check_slice_fake(op, weight, class_offset, num_classes):
-        if class_offset < 0 or class_offset > num_classes - weight.shape[0]:
-            raise ValueError(f"kxops.{op}: the weight's {weight.shape[0]} classes from "
-                             f"class_offset {class_offset} do not fit in num_classes="
-                             f"{num_classes}")
-
     @torch.library.register_fake("kxops::linear_sparse_zlpr")
     def _forward_fake(input, weight, bias, positives, ignore_index, reduction, grad_mask,
                       block_rows, grad_filter=0.0):
-        _check_fake("linear_sparse_zlpr", input, weight, bias, positives, ignore_index,
-                    block_rows, grad_filter)
+        _checks.check_linear_op_arguments("linear_sparse_zlpr", input, weight, bias, positives,
+                                          ignore_index, block_rows, grad_filter)
         _checks.check_reduction("linear_sparse_zlpr", reduction)
         loss = input.new_empty(input.shape[:-1] if reduction == "none" else (),
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
@@ -278,17 +223,18 @@ if _ext.LOADED:
     def _backward_fake(grad_loss, input, weight, bias, positives, ignore_index, grad_mask,
                        block_rows, grad_filter=0.0):
         op = "linear_sparse_zlpr_backward"
-        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
-                    grad_loss=grad_loss)
+        _checks.check_linear_op_arguments(op, input, weight, bias, positives, ignore_index,
+                                          block_rows, grad_filter, grad_loss=grad_loss)
         _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         return _grads_fake(input, weight, bias, grad_mask)
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_partials")
     def _partials_fake(input, weight, bias, positives, ignore_index, class_offset, num_classes,
                        block_rows):
-        _check_fake("linear_sparse_zlpr_partials", input, weight, bias, positives,
-                    ignore_index, block_rows)
-        _check_slice_fake("linear_sparse_zlpr_partials", weight, class_offset, num_classes)
+        op = "linear_sparse_zlpr_partials"
+        _checks.check_linear_op_arguments(op, input, weight, bias, positives, ignore_index,
+                                          block_rows)
+        _checks.check_class_slice(op, weight, class_offset, num_classes)
         return input.new_empty((*input.shape[:-1], 2),
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
 
@@ -297,16 +243,12 @@ if _ext.LOADED:
                                 class_offset, num_classes, grad_mask, block_rows,
                                 grad_filter=0.0):
         op = "linear_sparse_zlpr_partials_backward"
-        _check_fake(op, input, weight, bias, positives, ignore_index, block_rows, grad_filter,
-                    grad_loss=grad_loss, log_z=log_z)
-        _check_slice_fake(op, weight, class_offset, num_classes)
+        _checks.check_linear_op_arguments(op, input, weight, bias, positives, ignore_index,
+                                          block_rows, grad_filter, grad_loss=grad_loss,
+                                          log_z=log_z)
+        _checks.check_class_slice(op, weight, class_offset, num_classes)
         _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
-        if log_z.dtype != zlpr_ref.opmath_dtype(input.dtype):
-            raise TypeError(f"kxops.{op}: log_z must be {zlpr_ref.opmath_dtype(input.dtype)}, "
-                            f"got {log_z.dtype}")
-        if log_z.shape != (*input.shape[:-1], 2):
-            raise ValueError(f"kxops.{op}: log_z must have shape {(*input.shape[:-1], 2)}, got "
-                             f"{tuple(log_z.shape)}")
+        _checks.check_log_z(op, log_z, input)
         return _grads_fake(input, weight, bias, grad_mask)
 
     def _setup_context(ctx, inputs, output):
@@ -371,7 +313,7 @@ if _ext.LOADED:
     def _not_differentiable(op):
         def backward(ctx, *grads):
             raise NotImplementedError(
-                f"kxops::{op} is not differentiable by autograd; kxops.linear_sparse_zlpr_loss "
+                f"kxops.{op}: not differentiable by autograd; kxops.linear_sparse_zlpr_loss "
                 "differentiates it (it is part of a custom backward)")
         return backward
 

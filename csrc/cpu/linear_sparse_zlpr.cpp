@@ -4,8 +4,4 @@
 
 #include "linear_sparse_zlpr_host.h"
 
-namespace kxops::linear_sparse_zlpr {
-
-TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_ops(m); }
-
-}  // namespace kxops::linear_sparse_zlpr
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { kxops::linear_sparse_zlpr::register_ops(m); }

@@ -5,8 +5,4 @@
 
 #include "linear_sparse_zlpr_host.h"
 
-namespace kxops::linear_sparse_zlpr {
-
-TORCH_LIBRARY_IMPL(kxops, CUDA, m) { impl_ops(m); }
-
-}  // namespace kxops::linear_sparse_zlpr
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) { kxops::linear_sparse_zlpr::register_ops(m); }

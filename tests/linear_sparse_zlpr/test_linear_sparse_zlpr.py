@@ -14,7 +14,13 @@ import torch.nn.functional as F
 import kxops
 from benchmarks.harness import peak_extra_bytes, peak_rss_growth_bytes
 from kxops import _ext
-from tests.utils import assert_close, assert_error_rule, needs_kernel, run_isolated
+from tests.utils import (
+    assert_close,
+    assert_error_rule,
+    direct_call_outcomes,
+    needs_kernel,
+    run_isolated,
+)
 
 OPS = ("linear_sparse_zlpr", "linear_sparse_zlpr_backward", "linear_sparse_zlpr_partials",
        "linear_sparse_zlpr_partials_backward")
@@ -283,7 +289,7 @@ def test_functorch_falls_back_to_the_reference():
     (dict(weight=torch.zeros(5, 4)), TypeError, "weight has dtype"),
     (dict(weight=torch.zeros(5, 3, dtype=torch.float64)), ValueError, "weight must be"),
     (dict(weight=torch.zeros(5, dtype=torch.float64)), ValueError, "weight must be"),
-    (dict(bias=torch.zeros(4, dtype=torch.float64)), ValueError, "bias must be"),
+    (dict(bias=torch.zeros(4, dtype=torch.float64)), ValueError, "bias must have shape"),
     (dict(bias=torch.zeros(5)), TypeError, "bias has dtype"),
     (dict(bias=3), TypeError, "bias must be a Tensor"),
     (dict(positives=torch.zeros(3, 2)), TypeError, "int32 or int64"),
@@ -296,6 +302,9 @@ def test_functorch_falls_back_to_the_reference():
     (dict(block_rows=0), ValueError, "block_rows"),
     (dict(block_rows=2.0), TypeError, "block_rows"),
     (dict(input=torch.zeros((), dtype=torch.float64)), ValueError, "at least 1 dim"),
+    (dict(weight=torch.zeros(5, 4, dtype=torch.float64).to_sparse()), TypeError, "dense"),
+    (dict(weight=torch.zeros(5, 4, dtype=torch.float64, device="meta")), RuntimeError,
+     "weight is on meta but input is on cpu"),
 ])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_public_errors(kwargs, error, match, reduction):
@@ -304,8 +313,136 @@ def test_public_errors(kwargs, error, match, reduction):
                 positives=torch.zeros(3, 2, dtype=torch.int64),
                 bias=torch.zeros(5, dtype=torch.float64), reduction=reduction)
     args.update(kwargs)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=rf"^kxops\.linear_sparse_zlpr: .*{match}"):
         kxops.linear_sparse_zlpr_loss(**args)
+
+
+def test_public_block_rows_beyond_int64_works():
+    """block_rows is any int >= 1 and the results do not depend on it."""
+    x, w, b, positives = make()
+    assert_close(kxops.linear_sparse_zlpr_loss(x, w, positives, b, block_rows=2**64),
+                 kxops.linear_sparse_zlpr_loss(x, w, positives, b))
+
+
+# A bad argument of each kind: the wrapper, the C++ op and its fake kernel (meta tensors) say
+# the same words, the registered op's name first.
+SAME_WORDS = {
+    "input dtype": dict(input=torch.zeros(3, 4, dtype=torch.int64)),
+    "weight dtype": dict(weight=torch.zeros(5, 4)),
+    "weight shape": dict(weight=torch.zeros(5, 3, dtype=torch.float64)),
+    "bias shape": dict(bias=torch.zeros(4, dtype=torch.float64)),
+    "positives shape": dict(positives=torch.zeros(4, 2, dtype=torch.int64)),
+    "input 0-dim": dict(input=torch.zeros((), dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_WORDS))
+def test_wrapper_op_and_fake_kernel_raise_the_same_message(case):
+    args = dict(input=torch.zeros(3, 4, dtype=torch.float64),
+                weight=torch.zeros(5, 4, dtype=torch.float64),
+                bias=torch.zeros(5, dtype=torch.float64),
+                positives=torch.zeros(3, 2, dtype=torch.int64))
+    args.update(SAME_WORDS[case])
+    messages = []
+    for device in ("cpu", "meta"):
+        x, w, b, p = (t.to(device) for t in (args["input"], args["weight"], args["bias"],
+                                             args["positives"]))
+        with pytest.raises(Exception) as op_error:
+            torch.ops.kxops.linear_sparse_zlpr(x, w, b, p, -1, "mean", [True] * 3, 0)
+        messages.append((type(op_error.value), str(op_error.value).splitlines()[0]))
+    with pytest.raises(Exception) as wrapper_error:
+        kxops.linear_sparse_zlpr_loss(args["input"], args["weight"], args["positives"],
+                                      args["bias"])
+    if case != "input dtype":  # the wrapper takes any float dtype (int64: "floating-point")
+        messages.append((type(wrapper_error.value), str(wrapper_error.value)))
+    assert len(set(messages)) == 1, messages
+    error, message = messages[0]
+    assert error in (TypeError, ValueError) and message.startswith("kxops.linear_sparse_zlpr: ")
+
+
+# Each op's arguments in schema order, as expressions over the good tensors of ATTACK_PRELUDE.
+ATTACK_CALLS = {
+    "linear_sparse_zlpr": ("x", "w", "b", "p", "-1", "'mean'", "m", "0", "0.0"),
+    "linear_sparse_zlpr_backward": ("g", "x", "w", "b", "p", "-1", "m", "0", "0.0"),
+    "linear_sparse_zlpr_partials": ("x", "w", "b", "p", "-1", "0", "5", "0"),
+    "linear_sparse_zlpr_partials_backward": ("g", "z", "x", "w", "b", "p", "-1", "0", "5", "m",
+                                             "0", "0.0"),
+}
+ATTACK_PRELUDE = """
+f = torch.float64
+x, w, b = torch.zeros(3, 4, dtype=f), torch.zeros(5, 4, dtype=f), torch.zeros(5, dtype=f)
+p, m = torch.zeros(3, 2, dtype=torch.int64), [True, True, True]
+g, z = torch.zeros(3, dtype=f), torch.ones(3, 2, dtype=f)
+"""
+ATTACK_TENSOR_VARIANTS = {"None": "None", "dtype": "{}.to(torch.int8)",
+                          "shape": "{}.unsqueeze(0)", "meta": "{}.to('meta')"}
+# The one variant that is a valid argument: no bias.
+ATTACK_VALID = {("b", "None")}
+
+
+def _attack_cases():
+    """{case: call}: each argument of each op wrong in turn."""
+    cases = {}
+    for op, args in ATTACK_CALLS.items():
+        for i, arg in enumerate(args):
+            if arg in ("x", "w", "b", "p", "g", "z"):
+                variants = {k: v.format(arg) for k, v in ATTACK_TENSOR_VARIANTS.items()}
+            elif arg == "m":
+                variants = {"grad_mask short": "[True, True]", "grad_mask long": "[True] * 4"}
+            elif arg == "'mean'":
+                variants = {"reduction": "'avg'"}
+            elif arg == "0.0":
+                variants = {"grad_filter": "float('nan')"}
+            else:  # the ints: ignore_index takes any int64; the others must be >= 0
+                variants = {"negative": "-7"} if arg != "-1" else {}
+            for name, value in variants.items():
+                call = ", ".join((*args[:i], value, *args[i + 1:]))
+                cases[f"{op} {i}:{arg} {name}"] = f"torch.ops.kxops.{op}({call})"
+    return cases
+
+
+def test_every_argument_wrong_in_turn_in_a_subprocess():
+    """Each argument of the four ops wrong in turn (None, dtype, shape, meta device, grad_mask
+    length, bad values): never a crash (one subprocess for all), always an exception; the op's
+    own checks name it first (a grad_mask of the wrong length is torch's schema error)."""
+    outcomes = direct_call_outcomes(_attack_cases(), ATTACK_PRELUDE)
+    assert len(outcomes) == len(_attack_cases())
+    for case, outcome in outcomes.items():
+        op, position, variant = case.split(" ", 2)
+        arg = position.partition(":")[2]
+        if (arg, variant) in ATTACK_VALID:
+            assert outcome == "no error", (case, outcome)
+            continue
+        error, _, message = outcome.partition(" ")
+        assert error in ("TypeError", "ValueError", "RuntimeError", "IndexError"), (case, outcome)
+        if not variant.startswith("grad_mask"):
+            assert message.startswith(f"kxops.{op}: "), (case, outcome)
+
+
+# Where the shared checks' words differ today between csrc/checks.h and kxops/_checks.py
+# (check_ids: "tensor of class indices"; check_reduction: "one of (...)"): type and op only.
+SHARED_WORDS_DIFFER = ("3:p dtype", "4:p dtype", "5:p dtype", "'mean' reduction")
+
+
+def test_fake_kernels_say_what_the_cpp_ops_say():
+    """Each wrong dtype, shape or value of ATTACK_CALLS: the fake kernels (every tensor on
+    meta, in this process: Python only) raise what the C++ ops raise on CPU."""
+    cases = {case: call for case, call in _attack_cases().items()
+             if not case.endswith(("None", "meta")) and "grad_mask" not in case}
+    on_cpu = direct_call_outcomes(cases, ATTACK_PRELUDE)
+    scope = {"torch": torch}
+    exec(ATTACK_PRELUDE, scope)
+    scope.update({k: scope[k].to("meta") for k in ("x", "w", "b", "p", "g", "z")})
+    on_meta = {}
+    for case, call in cases.items():
+        with pytest.raises(Exception) as error:
+            eval(call, scope)
+        on_meta[case] = f"{type(error.value).__name__} {str(error.value).splitlines()[0]}"
+    for case in cases:
+        if case.endswith(SHARED_WORDS_DIFFER):
+            assert on_cpu[case].split(":")[0] == on_meta[case].split(":")[0], case
+        else:
+            assert on_cpu[case] == on_meta[case], case
 
 
 def test_direct_op_errors_in_a_subprocess():
@@ -462,6 +599,35 @@ def test_predict_block_by_block(rows):
         head.predict(x[..., :3], k=1)
 
 
+def test_block_rows_for_asks_the_driver():
+    """predict's blocks are the driver's (a block holds max(weight bytes, 128 MiB) of logits,
+    at least one row): the C++ op answers for a weight on any device, from its shape and
+    dtype only, and checks its arguments."""
+    block_rows_for = kxops.linear_sparse_zlpr.block_rows_for
+    issue_shape = torch.empty(2**19, 64, device="meta")  # 2 MiB of fp32 logits per row
+    assert block_rows_for(10**6, issue_shape) == 64
+    assert block_rows_for(10**6, issue_shape.half()) == 128  # fp16 logits: 1 MiB a row
+    assert block_rows_for(10, issue_shape) == 10
+    big = torch.empty(2**20, 2**9, dtype=torch.float64, device="meta")  # 4 GiB: its own budget
+    assert block_rows_for(10**6, big) == 2**9
+    assert block_rows_for(0, issue_shape) == 1
+    assert block_rows_for(5, torch.empty(0, 3)) == 5  # no classes: one block
+    with pytest.raises(ValueError, match=r"^kxops\.linear_sparse_zlpr_block_rows: weight must"):
+        torch.ops.kxops.linear_sparse_zlpr_block_rows(torch.zeros(3), 5)
+    with pytest.raises(ValueError, match=r"^kxops\.linear_sparse_zlpr_block_rows: rows must"):
+        torch.ops.kxops.linear_sparse_zlpr_block_rows(torch.zeros(3, 2), -1)
+
+
+def test_predict_under_autocast_matches_logits_topk():
+    head = kxops.nn.LinearZLPR(16, 10)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        scores, indices = head.predict(x, k=3)
+        want_scores, want_indices = head.logits(x).topk(3)
+    assert scores.dtype == want_scores.dtype == torch.bfloat16
+    assert torch.equal(scores, want_scores) and torch.equal(indices, want_indices)
+
+
 # The issue's shape: 1 GiB of fp32 logits (2 GiB with their gradient).
 MEMORY_SETUP = """
 import torch, torch.nn.functional as F, kxops
@@ -496,7 +662,7 @@ def _free_port():
 
 
 def _sizes(world):
-    return {2: [5, 12], 3: [7, 2, 8]}[world]
+    return {2: [5, 12], 3: [0, 9, 8]}[world]  # uneven, an empty slice
 
 
 def _label_parallel_worker(rank, world, port, modes, result_dir):
@@ -516,11 +682,13 @@ def _label_parallel_worker(rank, world, port, modes, result_dir):
                 positives[0, 0, 0] = sum(_sizes(world))
             # Ranks that disagree on grad_filter: each would filter its own slice differently.
             grad_filter = 2.0**-12 if mode == "bad_filter" and rank == 0 else 0.0
+            # A rank whose input needs no gradient would skip the all-reduce of its gradient.
+            x_rank = x.detach() if mode == "no_input_grad" and rank == world - 1 else x
             out = {}
             for reduction in REDUCTIONS:
                 try:
                     loss = kxops.linear_sparse_zlpr_loss(
-                        x, w_local, positives, b_local, reduction=reduction,
+                        x_rank, w_local, positives, b_local, reduction=reduction,
                         process_group=dist.group.WORLD, block_rows=5, grad_filter=grad_filter)
                 except (RuntimeError, ValueError, IndexError) as exc:
                     out[reduction] = type(exc).__name__
@@ -578,24 +746,26 @@ def test_label_parallel_bad_argument_raises_on_every_rank(tmp_path):
             assert isinstance(ok[reduction], tuple)
 
 
-def test_label_parallel_grad_filter_must_agree_across_ranks(tmp_path):
-    """Ranks given different grad_filter values raise ValueError on every rank (they once ran,
-    all-reducing an input gradient that mixed two filters and matched neither)."""
+def test_label_parallel_ranks_that_disagree_raise_on_every_rank(tmp_path):
+    """Ranks given different grad_filter values (they once ran, all-reducing an input gradient
+    that mixed two filters and matched neither), or one rank's input without a gradient (it
+    would skip the all-reduce that the others wait in): ValueError on every rank, no hang."""
     world = 2
+    modes = ["bad_filter", "no_input_grad"]
     done = run_isolated(f"""
         import torch.multiprocessing as mp
         from tests.linear_sparse_zlpr.test_linear_sparse_zlpr import (
             _label_parallel_worker, _free_port)
         mp.spawn(_label_parallel_worker,
-                 args=({world}, _free_port(), ["bad_filter", "ok"], {str(tmp_path)!r}),
+                 args=({world}, _free_port(), {[*modes, "ok"]!r}, {str(tmp_path)!r}),
                  nprocs={world}, join=True)
     """, timeout=120)
     assert done.returncode == 0, done.stderr
     for rank in range(world):
-        bad = torch.load(tmp_path / f"bad_filter-{rank}.pt")
         ok = torch.load(tmp_path / f"ok-{rank}.pt")
         for reduction in REDUCTIONS:
-            assert bad[reduction] == "ValueError"
+            for mode in modes:
+                assert torch.load(tmp_path / f"{mode}-{rank}.pt")[reduction] == "ValueError"
             assert isinstance(ok[reduction], tuple)
 
 
