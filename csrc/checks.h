@@ -35,7 +35,7 @@ inline bool is_kernel_float(at::ScalarType type) {
 // A tensor argument at all (None reaches a Tensor argument as an undefined tensor), dense and
 // strided: a sparse, nested or mkldnn tensor would reach ATen's internals.
 inline void check_tensor(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.defined(), "kxops.", op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(t.defined(), "kxops.", op, ": ", name, " must be a Tensor, got None");
   TORCH_CHECK_TYPE(!t.is_nested(), "kxops.", op, ": ", name,
                    " must be a dense (strided) tensor, got a nested tensor");
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, "kxops.", op, ": ", name,
@@ -53,8 +53,8 @@ inline void check_kernel_float(const char* op, const char* name, const at::Tenso
 // A dense tensor of int32 or int64 ids (class or span ids).
 inline void check_ids(const char* op, const char* name, const at::Tensor& t) {
   check_tensor(op, name, t);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "kxops.", op,
-                   ": ", name, " must be an int32 or int64 tensor, got ", py(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "kxops.", op, ": ",
+                   name, " must be an int32 or int64 tensor, got ", py(t.scalar_type()));
 }
 
 // A dense tensor of one value per element: bool, integer or floating point (labels, masks;
@@ -64,8 +64,8 @@ inline void check_real_values(const char* op, const char* name, const at::Tensor
   const auto type = t.scalar_type();
   TORCH_CHECK_TYPE(at::isIntegralType(type, /*includeBool=*/true) ||
                        (at::isFloatingType(type) && type != at::kFloat4_e2m1fn_x2),
-                   "kxops.", op, ": ", name, " must be a bool, integer or floating-point tensor, got ",
-                   py(type));
+                   "kxops.", op, ": ", name,
+                   " must be a bool, integer or floating-point tensor, got ", py(type));
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
@@ -80,8 +80,8 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t,
                        const char* anchor_name, const at::Tensor& anchor) {
   check_tensor(op, name, t);
   check_same_device(op, name, t, anchor_name, anchor);
-  TORCH_CHECK_TYPE(t.scalar_type() == anchor.scalar_type(), "kxops.", op, ": ", name,
-                   " has dtype ", py(t.scalar_type()), " but ", anchor_name, " has dtype ",
+  TORCH_CHECK_TYPE(t.scalar_type() == anchor.scalar_type(), "kxops.", op, ": ", name, " has dtype ",
+                   py(t.scalar_type()), " but ", anchor_name, " has dtype ",
                    py(anchor.scalar_type()), "; they must match");
 }
 
@@ -92,8 +92,8 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
 }
 
 inline void check_reduction(const char* op, c10::string_view reduction) {
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops.",
-                    op, ": reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "kxops.", op,
+                    ": reduction must be one of ('none', 'sum', 'mean'), got '", reduction, "'");
 }
 
 // grad_filter (the ops with a ZLPR row): a finite number >= 0, 0 meaning no filter.

@@ -69,7 +69,8 @@ def check_reduction(op, reduction):
 def check_tensor(op, name, t):
     """A tensor argument at all."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"kxops.{op}: {name} must be a Tensor, got {type(t).__name__}")
+        kind = "None" if t is None else type(t).__name__
+        raise TypeError(f"kxops.{op}: {name} must be a Tensor, got {kind}")
 
 
 def check_dense(op, name, t):
@@ -101,12 +102,11 @@ def check_real_values(op, name, t):
                         f"{t.dtype}")
 
 
-def check_ids(op, name, t, what="class indices"):
+def check_ids(op, name, t):
     """A dense int32 or int64 tensor of ids."""
     check_dense(op, name, t)
     if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"kxops.{op}: {name} must be an int32 or int64 tensor of {what}, got "
-                        f"{t.dtype}")
+        raise TypeError(f"kxops.{op}: {name} must be an int32 or int64 tensor, got {t.dtype}")
 
 
 def check_same_device(op, name, t, anchor_name, anchor):
