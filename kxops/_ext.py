@@ -24,7 +24,7 @@ OP_FAMILIES = {
     "adax": ("adax_",),
     "linear_sparse_zlpr": ("linear_sparse_zlpr", "linear_sparse_zlpr_backward",
                            "linear_sparse_zlpr_partials", "linear_sparse_zlpr_partials_backward",
-                           "sparse_zlpr"),
+                           "linear_sparse_zlpr_block_rows", "sparse_zlpr"),
     "global_pointer_zlpr": ("global_pointer_zlpr", "sparse_zlpr"),
 }
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
