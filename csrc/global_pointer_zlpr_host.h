@@ -29,8 +29,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -38,14 +40,15 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "gemm.h"
 #include "sparse_grad_host.h"
 #include "zlpr_host.h"
 
 namespace kxops::global_pointer_zlpr {
 
-// (loss per row [B, heads] in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias); the
-// gradients are empty tensors when not computed (or when their bias is None).
+// (loss in fp32/fp64: [B, heads] for reduction "none", else 0-dim; grad q, grad k, grad
+// start_bias, grad end_bias): empty tensors where grad_mask is false or the bias is None.
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Rows per block: a multiple of kRowQuantum giving at most about kMaxBlocks blocks per batch.
@@ -62,73 +65,58 @@ constexpr int64_t kMinDefaultBudget = int64_t(8) << 20;
 // L * L (the number of span ids) must fit in int64.
 constexpr int64_t kMaxLength = 3037000499;
 
-inline void check_float_like(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.layout() == at::kStrided, "kxops global_pointer_zlpr: ", name,
-              " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device() == q.device(), "kxops global_pointer_zlpr: ", name, " is on ", t.device(),
-              " but q is on ", q.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "kxops global_pointer_zlpr: ", name,
-                   " has dtype ", t.scalar_type(), " but q has dtype ", q.scalar_type());
-}
+constexpr const char* kOp = "global_pointer_zlpr";
 
-inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives,
-                            const std::optional<at::Tensor>& mask,
-                            const std::optional<at::Tensor>& start_bias,
-                            const std::optional<at::Tensor>& end_bias,
-                            std::optional<int64_t> block_bytes) {
-  TORCH_CHECK(q.layout() == at::kStrided,
-              "kxops global_pointer_zlpr: q must be a dense (strided) tensor");
-  TORCH_CHECK_TYPE(zlpr::is_kernel_float(q.scalar_type()),
-                   "kxops global_pointer_zlpr: q must be float64, float32, float16 or bfloat16, "
-                   "got ",
-                   q.scalar_type());
-  TORCH_CHECK_VALUE(q.dim() == 4, "kxops global_pointer_zlpr: q must be [batch, heads, L, D], got ",
-                    q.sizes());
-  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
-  TORCH_CHECK_VALUE(length <= kMaxLength, "kxops global_pointer_zlpr: L = ", length,
+// q, k and the biases: the GEMMs' operands, all of q's dtype and device.
+inline void check_operands(const at::Tensor& q, const at::Tensor& k,
+                           const std::optional<at::Tensor>& start_bias,
+                           const std::optional<at::Tensor>& end_bias) {
+  check_kernel_float(kOp, "q", q);
+  TORCH_CHECK_VALUE(q.dim() == 4, "kxops.global_pointer_zlpr: q must be [batch, heads, L, D] ",
+                    "(4 dims), got shape ", py(q.sizes()));
+  const int64_t length = q.size(2);
+  TORCH_CHECK_VALUE(length <= kMaxLength, "kxops.global_pointer_zlpr: L = ", length,
                     " is too long (L * L span ids must fit in int64)");
-  check_float_like("k", k, q);
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "kxops global_pointer_zlpr: k shape ", k.sizes(),
-                    " must equal q shape ", q.sizes());
+  check_like(kOp, "k", k, "q", q);
+  check_shape(kOp, "k", k, q.sizes());
   auto check_bias = [&](const char* name, const std::optional<at::Tensor>& bias) {
     if (!bias.has_value()) return;
-    check_float_like(name, *bias, q);
-    TORCH_CHECK_VALUE(bias->dim() == 3 && bias->size(0) == batch && bias->size(1) == heads &&
-                          bias->size(2) == length,
-                      "kxops global_pointer_zlpr: ", name, " must be [batch, heads, L] = [", batch,
-                      ", ", heads, ", ", length, "], got ", bias->sizes());
+    check_like(kOp, name, *bias, "q", q);
+    check_shape(kOp, name, *bias, {q.size(0), q.size(1), length});
   };
   check_bias("start_bias", start_bias);
   check_bias("end_bias", end_bias);
-  TORCH_CHECK(positives.layout() == at::kStrided,
-              "kxops global_pointer_zlpr: positives must be a dense (strided) tensor");
-  TORCH_CHECK_TYPE(positives.scalar_type() == at::kInt || positives.scalar_type() == at::kLong,
-                   "kxops global_pointer_zlpr: positives must be an int32 or int64 tensor, got ",
-                   positives.scalar_type());
+}
+
+// positives [batch, heads, P] of span ids; mask [batch, L] of any real values.
+inline void check_positives_and_mask(const at::Tensor& q, const at::Tensor& positives,
+                                     const std::optional<at::Tensor>& mask) {
+  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
+  check_ids(kOp, "positives", positives);
   TORCH_CHECK_VALUE(
       positives.dim() == 3 && positives.size(0) == batch && positives.size(1) == heads,
-      "kxops global_pointer_zlpr: positives must be [batch, heads, P] = [", batch, ", ", heads,
-      ", P], got ", positives.sizes());
-  TORCH_CHECK(positives.device() == q.device(), "kxops global_pointer_zlpr: positives are on ",
-              positives.device(), " but q is on ", q.device());
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->layout() == at::kStrided,
-                "kxops global_pointer_zlpr: mask must be a dense (strided) tensor");
-    const auto type = mask->scalar_type();
-    TORCH_CHECK_TYPE(at::isIntegralType(type, /*includeBool=*/true) ||
-                         (at::isFloatingType(type) && type != at::kFloat4_e2m1fn_x2),
-                     "kxops global_pointer_zlpr: mask must be a bool, integer or floating-point "
-                     "tensor, got ",
-                     type);
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == length,
-                      "kxops global_pointer_zlpr: mask must be [batch, L] = [", batch, ", ", length,
-                      "], got ", mask->sizes());
-    TORCH_CHECK(mask->device() == q.device(), "kxops global_pointer_zlpr: mask is on ",
-                mask->device(), " but q is on ", q.device());
-  }
+      "kxops.global_pointer_zlpr: positives must be [batch, heads, P] = ", py({batch, heads}),
+      " + (P,), got shape ", py(positives.sizes()));
+  check_same_device(kOp, "positives", positives, "q", q);
+  if (!mask.has_value()) return;
+  check_real_values(kOp, "mask", *mask);
+  check_shape(kOp, "mask", *mask, {batch, length});
+  check_same_device(kOp, "mask", *mask, "q", q);
+}
+
+// Every argument, before any memory is touched.
+inline void check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives,
+                            const std::optional<at::Tensor>& mask,
+                            const std::optional<at::Tensor>& start_bias,
+                            const std::optional<at::Tensor>& end_bias, c10::string_view reduction,
+                            std::optional<int64_t> block_bytes, double grad_filter) {
+  check_operands(q, k, start_bias, end_bias);
+  check_positives_and_mask(q, positives, mask);
+  check_reduction(kOp, reduction);
   TORCH_CHECK_VALUE(!block_bytes.has_value() || *block_bytes > 0,
-                    "kxops global_pointer_zlpr: block_bytes must be positive, got ",
+                    "kxops.global_pointer_zlpr: block_bytes must be positive, got ",
                     block_bytes.value_or(0));
+  check_grad_filter(kOp, grad_filter);
 }
 
 // Span ids out of [0, L*L) that are not ignore_index: IndexError on CPU. On CUDA (where a check
@@ -139,7 +127,7 @@ inline at::Tensor out_of_range(const at::Tensor& positives, int64_t ignore_index
       positives.ne(ignore_index).logical_and_(positives.lt(0).logical_or_(positives.ge(spans)));
   if (positives.is_cpu() && bad.any().item<bool>()) {
     const int64_t value = positives.masked_select(bad)[0].item<int64_t>();
-    TORCH_CHECK_INDEX(false, "kxops global_pointer_zlpr: positives holds span id ", value,
+    TORCH_CHECK_INDEX(false, "kxops.global_pointer_zlpr: positives holds span id ", value,
                       ", out of range for L * L = ", spans, " spans (valid: 0..", spans - 1,
                       ", or ignore_index=", ignore_index, " for padding)");
   }
@@ -310,27 +298,42 @@ inline std::vector<Plan> make_plans(const at::Tensor& q, const at::Tensor& posit
 
 // The forward's outputs, filled chunk of heads by chunk of heads: gradients accumulate in fp32
 // (fp64 for fp64 inputs) and are zero at padded steps; each chunk writes its own slices whole,
-// on the thread that computed them.
+// on the thread that computed them. Only the gradients asked for (grad_mask: q, k, start_bias,
+// end_bias; never a None bias's) are allocated.
 struct Results {
   at::Tensor row_loss, grad_q, grad_k, grad_start, grad_end;
-  Results(const at::Tensor& q, bool has_start, bool has_end, bool compute_grad) {
+  // The gradients' factor for reduction "mean": 1 / rows, divided in the accumulation type (as
+  // torch's mean divides) and applied there, before the one rounding to q's dtype.
+  std::optional<at::Scalar> mean_scale;
+
+  Results(const at::Tensor& q, c10::string_view reduction, std::array<bool, 4> grad_mask,
+          bool has_start, bool has_end) {
     const auto acc = q.options().dtype(at::toOpMathType(q.scalar_type()));
     const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2);
+    const int64_t rows = batch * heads;
+    if (reduction == "mean" && rows > 0) {
+      mean_scale = acc.dtype() == at::kDouble ? at::Scalar(1.0 / static_cast<double>(rows))
+                                              : at::Scalar(1.0f / static_cast<float>(rows));
+    }
     row_loss = at::zeros({batch, heads}, acc);
-    if (!compute_grad) return;
-    grad_q = at::empty(q.sizes(), acc);
-    grad_k = at::empty(q.sizes(), acc);
-    if (has_start) grad_start = at::empty({batch, heads, length}, acc);
-    if (has_end) grad_end = at::empty({batch, heads, length}, acc);
+    if (grad_mask[0]) grad_q = at::empty(q.sizes(), acc);
+    if (grad_mask[1]) grad_k = at::empty(q.sizes(), acc);
+    if (grad_mask[2] && has_start) grad_start = at::empty({batch, heads, length}, acc);
+    if (grad_mask[3] && has_end) grad_end = at::empty({batch, heads, length}, acc);
   }
-  // Returned in q's dtype; distinct empty tensors where not computed (outputs must not alias).
-  Outputs finish(const at::Tensor& q) const {
-    auto none = [&] { return at::empty({0}, q.options()); };
-    if (!grad_q.defined()) return {row_loss, none(), none(), none(), none()};
-    const auto dtype = q.scalar_type();
-    return {row_loss, grad_q.to(dtype), grad_k.to(dtype),
-            grad_start.defined() ? grad_start.to(dtype) : none(),
-            grad_end.defined() ? grad_end.to(dtype) : none()};
+
+  bool any_grad() const {
+    return grad_q.defined() || grad_k.defined() || grad_start.defined() || grad_end.defined();
+  }
+
+  // The loss reduced by `reduction` (checked) and its gradients in q's dtype; distinct empty
+  // tensors where not asked for (outputs must not alias).
+  Outputs finish(const at::Tensor& q, c10::string_view reduction) const {
+    auto out = [&](const at::Tensor& grad) {
+      return grad.defined() ? grad.to(q.scalar_type()) : at::empty({0}, q.options());
+    };
+    return {zlpr::reduce_rows(row_loss, reduction), out(grad_q), out(grad_k), out(grad_start),
+            out(grad_end)};
   }
 };
 
@@ -341,7 +344,7 @@ struct ChunkRunner {
   const std::optional<at::Tensor>&start_bias, &end_bias;
   const std::vector<Plan>& plans;
   Results& results;
-  bool tril, compute_grad;
+  bool tril;
   double grad_filter;
   // Set once a chunk's filtered gradient is too dense for the sparse form: the chunks after it
   // go straight to the dense route (a speed hint only: both routes give the same bits).
@@ -378,11 +381,14 @@ struct ChunkRunner {
     return logits;
   }
 
-  // The gradients of q~ and k~ into the outputs' slices of the chunk's heads.
+  // The gradients of q~ and k~ (the chunk's own buffers) into the outputs' slices of the
+  // chunk's heads, times the mean's factor.
   void scatter(int64_t b, int64_t h0, const at::Tensor& grad_qa, const at::Tensor& grad_ka) {
     const int64_t dim = q.size(3), length = q.size(2);
     const auto& idx = plans[b].idx;
     auto put = [&](const at::Tensor& dst, const at::Tensor& src) {
+      if (!dst.defined()) return;  // not asked for
+      if (results.mean_scale.has_value()) src.mul_(*results.mean_scale);
       auto rows = dst[b].narrow(0, h0, src.size(0));
       if (!idx.defined()) return void(rows.copy_(src));
       if (idx.size(0) < length) rows.zero_();  // the padded steps
@@ -402,7 +408,7 @@ struct ChunkRunner {
   bool sparse_route(int64_t b, int64_t h0, at::Tensor& logits, const at::Tensor& positives,
                     const at::Tensor& qa, const at::Tensor& ka) {
     const auto& plan = plans[b];
-    if (!compute_grad || plan.packing.packed == 0 || dense_seen.load() ||
+    if (!results.any_grad() || plan.packing.packed == 0 || dense_seen.load() ||
         !sparse_kernel_output(qa, ka, grad_filter)) {
       return false;
     }
@@ -455,6 +461,7 @@ struct ChunkRunner {
     auto logits = packed_logits(plan, qa, ka);
     const auto positives = plan.positives.narrow(0, h0, hc);
     if (sparse_route(b, h0, logits, positives, qa, ka)) return;
+    const bool compute_grad = results.any_grad();
     auto [loss, grad] = zlpr::sparse_zlpr_rows(logits, positives, -1, compute_grad, grad_filter);
     results.row_loss[b].narrow(0, h0, hc).copy_(loss);
     if (!compute_grad) return;
@@ -475,7 +482,7 @@ inline void schedule(ChunkRunner& run, int64_t budget) {
   const int64_t batch = q.size(0), heads = q.size(1), rows = batch * heads;
   auto heads_within = [&](int64_t b, int64_t bytes) {
     const int64_t row_bytes = std::max<int64_t>(
-        1, run.plans[b].packing.packed * q.element_size() * (run.compute_grad ? 2 : 1));
+        1, run.plans[b].packing.packed * q.element_size() * (run.results.any_grad() ? 2 : 1));
     return std::clamp<int64_t>(bytes / row_bytes, 1, heads);
   };
   const int64_t threads = q.is_cpu() ? at::get_num_threads() : 1;
@@ -509,20 +516,27 @@ inline void schedule(ChunkRunner& run, int64_t budget) {
   });
 }
 
+// kxops::global_pointer_zlpr: the loss reduced by `reduction` over the (batch, head) rows and
+// the gradients of that loss (for "none", of the rows' sum) asked for by grad_mask.
 inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positives,
                        const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& start_bias,
                        const std::optional<at::Tensor>& end_bias, bool tril, int64_t ignore_index,
-                       bool compute_grad, std::optional<int64_t> block_bytes, double grad_filter) {
-  check_arguments(q, k, positives, mask, start_bias, end_bias, block_bytes);
-  zlpr::check_grad_filter("global_pointer_zlpr", grad_filter);
+                       c10::string_view reduction, std::array<bool, 4> grad_mask,
+                       std::optional<int64_t> block_bytes, double grad_filter) {
+  check_arguments(q, k, positives, mask, start_bias, end_bias, reduction, block_bytes, grad_filter);
   const c10::OptionalDeviceGuard guard(q.device());
-  Results results(q, start_bias.has_value(), end_bias.has_value(), compute_grad);
-  if (q.size(0) * q.size(1) == 0) return results.finish(q);
-  const auto plans = make_plans(q, positives.to(at::kLong), mask, tril, ignore_index);
-  ChunkRunner run{q, k, start_bias, end_bias, plans, results, tril, compute_grad, grad_filter};
-  schedule(run, byte_budget(block_bytes, q));
-  return results.finish(q);
+  Results results(q, reduction, grad_mask, start_bias.has_value(), end_bias.has_value());
+  if (q.size(0) * q.size(1) > 0) {
+    const auto plans = make_plans(q, positives.to(at::kLong), mask, tril, ignore_index);
+    ChunkRunner run{q, k, start_bias, end_bias, plans, results, tril, grad_filter};
+    schedule(run, byte_budget(block_bytes, q));
+  }
+  return results.finish(q, reduction);
 }
+
+// Both devices register the same checked driver (the device's own kernels are reached through
+// the dispatcher: the GEMMs and kxops::sparse_zlpr's row kernel).
+inline void register_ops(torch::Library& m) { m.impl("global_pointer_zlpr", &forward); }
 
 }  // namespace kxops::global_pointer_zlpr

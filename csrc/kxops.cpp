@@ -102,14 +102,17 @@ TORCH_LIBRARY(kxops, m) {
   // The rows of logits per block that linear_sparse_zlpr picks for block_rows 0 (from weight's
   // shape and dtype only; LinearZLPR.predict's blocks).
   m.def("linear_sparse_zlpr_block_rows(Tensor weight, int rows) -> int");
-  // GlobalPointer span grid + sparse ZLPR without the grid. Returns (loss per (batch, head) row
-  // in fp32/fp64, grad q, grad k, grad start_bias, grad end_bias): d row_loss / d input of each
-  // row, computed in the forward when compute_grad (empty tensors otherwise, and for a None
-  // bias). block_bytes: budget of the packed logits and their gradient (None: the default).
+  // GlobalPointer span grid + sparse ZLPR without the grid. Returns (loss over the (batch, head)
+  // rows reduced by "mean", "sum" or "none" ([batch, heads]) in fp32/fp64, grad q, grad k,
+  // grad start_bias, grad end_bias): the gradients of that loss (for "none", of the rows' sum),
+  // computed in the forward, empty where grad_mask (q, k, start_bias, end_bias) is false or the
+  // bias is None. block_bytes: budget of the packed logits and their gradient (None: the
+  // default).
   m.def(
       "global_pointer_zlpr(Tensor q, Tensor k, Tensor positives, Tensor? mask, "
-      "Tensor? start_bias, Tensor? end_bias, bool tril, int ignore_index, bool compute_grad, "
-      "int? block_bytes=None, float grad_filter=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? start_bias, Tensor? end_bias, bool tril, int ignore_index, str reduction, "
+      "bool[4] grad_mask, int? block_bytes=None, float grad_filter=0.) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // One AdaX / AdaX-W step over lists of tensors; increments state_steps unless found_inf.
   // bf16 or uint8 exp_avgs/exp_avg_sqs are compact state (uint8: with one fp32 scale per 128

@@ -290,52 +290,85 @@ def check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual
 # ---- global_pointer_zlpr ---------------------------------------------------------------
 
 
-def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
-                                ignore_index, reduction):
-    """The contract the compiled op shares: types (TypeError), shapes and values (ValueError)."""
-    for name, t in (("q", q), ("k", k), ("positives", positives), ("mask", mask),
-                    ("start_bias", start_bias), ("end_bias", end_bias)):
-        if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_quantized):
-            raise TypeError(f"{name} must be a dense (strided, unquantized) tensor, got "
-                            f"{'a quantized tensor' if t.is_quantized else t.layout}")
-    check_logits("global_pointer_zlpr", q, "q")
+_GP = "global_pointer_zlpr"
+
+
+def _check_not_quantized(**tensors):
+    """A quantized tensor would reach the dispatcher, which has no quantized kernel for it."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_quantized:
+            raise TypeError(f"kxops.{_GP}: {name} must be a dense (strided) tensor, got a "
+                            "quantized tensor")
+
+
+def _check_global_pointer_operands(q, k, start_bias, end_bias):
+    """q, k and the biases: the GEMMs' operands, all of q's dtype and device."""
+    check_logits(_GP, q, "q")
     if q.dim() != 4:
-        raise ValueError(f"q must be [batch, heads, L, D], got shape {tuple(q.shape)}")
+        raise ValueError(f"kxops.{_GP}: q must be [batch, heads, L, D] (4 dims), got shape "
+                         f"{tuple(q.shape)}")
     batch, heads, length, _ = q.shape
-    check_like("global_pointer_zlpr", "k", k, "q", q)
+    if length * length >= 2**63:
+        raise ValueError(f"kxops.{_GP}: L = {length} is too long (L * L span ids must fit in "
+                         "int64)")
+    check_like(_GP, "k", k, "q", q)
     if k.shape != q.shape:
-        raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
+        raise ValueError(f"kxops.{_GP}: k must have shape {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
     for name, bias in (("start_bias", start_bias), ("end_bias", end_bias)):
         if bias is None:
             continue
-        check_like("global_pointer_zlpr", name, bias, "q", q)
+        check_like(_GP, name, bias, "q", q)
         if bias.shape != (batch, heads, length):
-            raise ValueError(f"{name} must be [batch, heads, L] = {(batch, heads, length)}, got "
-                             f"{tuple(bias.shape)}")
-    check_tensor("global_pointer_zlpr", "positives", positives)
-    if positives.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"positives must be an int32 or int64 tensor of span ids, got "
-                        f"{positives.dtype}")
+            raise ValueError(f"kxops.{_GP}: {name} must have shape {(batch, heads, length)}, "
+                             f"got {tuple(bias.shape)}")
+
+
+def _check_global_pointer_positives_and_mask(q, positives, mask):
+    """positives [batch, heads, P] of span ids; mask [batch, L] of any real values."""
+    batch, heads, length, _ = q.shape
+    check_ids(_GP, "positives", positives, "span ids")
     if positives.dim() != 3 or positives.shape[:2] != (batch, heads):
-        raise ValueError(f"positives must be [batch, heads, P] = {(batch, heads)} + (P,), got "
-                         f"{tuple(positives.shape)}")
-    if positives.device != q.device:
-        raise ValueError(f"positives are on {positives.device} but q is on {q.device}; put all "
-                         "inputs on the same device")
-    if mask is not None:
-        check_tensor("global_pointer_zlpr", "mask", mask)
-        if mask.is_complex() or mask.dtype == torch.float4_e2m1fn_x2:
-            raise TypeError(f"mask must be bool, integer or floating point, got {mask.dtype}")
-        if mask.shape != (batch, length):
-            raise ValueError(f"mask must be [batch, L] = {(batch, length)}, got "
-                             f"{tuple(mask.shape)}")
-        check_same_device("global_pointer_zlpr", "mask", mask, "q", q)
+        raise ValueError(f"kxops.{_GP}: positives must be [batch, heads, P] = {(batch, heads)} "
+                         f"+ (P,), got shape {tuple(positives.shape)}")
+    check_same_device(_GP, "positives", positives, "q", q)
+    if mask is None:
+        return
+    check_real_values(_GP, "mask", mask)
+    if mask.shape != (batch, length):
+        raise ValueError(f"kxops.{_GP}: mask must have shape {(batch, length)}, got "
+                         f"{tuple(mask.shape)}")
+    check_same_device(_GP, "mask", mask, "q", q)
+
+
+def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
+                                ignore_index, reduction):
+    """The arguments of kxops.global_pointer_zlpr_loss, its reference and the op's fake kernel,
+    in the C++ op's order: types (TypeError), shapes and values (ValueError)."""
+    _check_not_quantized(q=q, k=k, positives=positives, mask=mask, start_bias=start_bias,
+                         end_bias=end_bias)
+    _check_global_pointer_operands(q, k, start_bias, end_bias)
+    _check_global_pointer_positives_and_mask(q, positives, mask)
     if not isinstance(tril, bool):
-        raise TypeError(f"tril must be a bool, got {type(tril).__name__}")
-    if length * length >= 2**63:
-        raise ValueError(f"L = {length} is too long (L * L span ids must fit in int64)")
-    check_ignore_index("global_pointer_zlpr", ignore_index)
-    check_reduction("global_pointer_zlpr", reduction)
+        raise TypeError(f"kxops.{_GP}: tril must be a bool, got {type(tril).__name__}")
+    check_ignore_index(_GP, ignore_index)
+    check_reduction(_GP, reduction)
+
+
+def check_global_pointer_block_bytes(block_bytes):
+    """block_bytes: None (the default budget) or a positive int64."""
+    if block_bytes is None:
+        return None
+    if isinstance(block_bytes, bool):
+        raise TypeError(f"kxops.{_GP}: block_bytes must be an int or None, got bool")
+    try:
+        block_bytes = operator.index(block_bytes)
+    except TypeError:
+        raise TypeError(f"kxops.{_GP}: block_bytes must be an int or None, got "
+                        f"{type(block_bytes).__name__}") from None
+    if not 0 < block_bytes < 2**63:
+        raise ValueError(f"kxops.{_GP}: block_bytes must be a positive int64, got {block_bytes}")
+    return block_bytes
 
 
 # ---- linear_sparse_zlpr -------------------------------------------------------------------

@@ -1,34 +1,18 @@
 """GlobalPointer span grid + sparse ZLPR without the grid: the public function, fake kernel and
 autograd of kxops::global_pointer_zlpr."""
 
-import operator
-
 import torch
 
 from kxops import _checks, _ext
-from kxops._checks import check_grad_filter
 from kxops.reference import global_pointer_zlpr as ref
-from kxops.reference.zlpr import opmath_dtype, reduce_loss
+from kxops.reference.zlpr import in_dtype, opmath_dtype
+
+_OP = "global_pointer_zlpr"
 
 
 def _autocast_enabled(device_type):
     # is_autocast_enabled raises for device types without autocast (meta, ...).
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def _check_block_bytes(block_bytes):
-    if block_bytes is None:
-        return None
-    if isinstance(block_bytes, bool):
-        raise TypeError("block_bytes must be an int or None, got bool")
-    try:
-        block_bytes = operator.index(block_bytes)
-    except TypeError:
-        raise TypeError(f"block_bytes must be an int or None, got "
-                        f"{type(block_bytes).__name__}") from None
-    if not 0 < block_bytes < 2**63:
-        raise ValueError(f"block_bytes must be a positive int64, got {block_bytes}")
-    return block_bytes
 
 
 def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor,
@@ -84,60 +68,67 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (q, k, start_bias, end_bias))
     _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
-                                    ignore_index, reduction)
-    block_bytes = _check_block_bytes(block_bytes)
-    grad_filter = check_grad_filter("global_pointer_zlpr", grad_filter)
-    if not _ext.runs_compiled("global_pointer_zlpr", q):
+                                        ignore_index, reduction)
+    block_bytes = _checks.check_global_pointer_block_bytes(block_bytes)
+    grad_filter = _checks.check_grad_filter(_OP, grad_filter)
+    if not _ext.runs_compiled(_OP, q):
         return ref.global_pointer_zlpr_loss(q, k, positives, mask, start_bias=start_bias,
                                             end_bias=end_bias, tril=tril,
                                             ignore_index=ignore_index, reduction=reduction,
                                             grad_filter=grad_filter)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, start_bias, end_bias))
-    row_loss = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias, end_bias,
-                                                   tril, ignore_index, needs_grad,
-                                                   block_bytes, grad_filter)[0]
-    return reduce_loss(row_loss, reduction, q.dtype)
+    grad_enabled = torch.is_grad_enabled()
+    grad_mask = [grad_enabled and t is not None and t.requires_grad
+                 for t in (q, k, start_bias, end_bias)]
+    loss = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias, end_bias, tril,
+                                               ignore_index, reduction, grad_mask, block_bytes,
+                                               grad_filter)[0]
+    return in_dtype(loss, q.dtype)
 
 
 if _ext.LOADED:
 
     @torch.library.register_fake("kxops::global_pointer_zlpr")
     def _global_pointer_zlpr_fake(q, k, positives, mask, start_bias, end_bias, tril,
-                                  ignore_index, compute_grad, block_bytes=None, grad_filter=0.0):
-        check_grad_filter("global_pointer_zlpr", grad_filter)
-        _checks.check_devices("global_pointer_zlpr", "q", q, k=k, positives=positives, mask=mask,
-                           start_bias=start_bias, end_bias=end_bias)
+                                  ignore_index, reduction, grad_mask, block_bytes=None,
+                                  grad_filter=0.0):
+        _checks.check_devices(_OP, "q", q, k=k, positives=positives, mask=mask,
+                              start_bias=start_bias, end_bias=end_bias)
         _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
-                                        ignore_index, "none")
-        _checks.check_kernel_dtype("global_pointer_zlpr", "q", q)
-        _check_block_bytes(block_bytes)
-        row_loss = q.new_empty(q.shape[:2], dtype=opmath_dtype(q.dtype))
-        if not compute_grad:
-            return (row_loss, *(q.new_empty(0) for _ in range(4)))
+                                            ignore_index, reduction)
+        _checks.check_kernel_dtype(_OP, "q", q)
+        _checks.check_global_pointer_block_bytes(block_bytes)
+        _checks.check_grad_filter(_OP, grad_filter)
+        loss = q.new_empty(q.shape[:2] if reduction == "none" else (),
+                           dtype=opmath_dtype(q.dtype))
         # The kernel returns contiguous gradients.
-        return (row_loss, q.new_empty(q.shape), q.new_empty(q.shape),
-                *(q.new_empty(q.shape[:3] if bias is not None else (0,))
-                  for bias in (start_bias, end_bias)))
+        shapes = (q.shape, q.shape, None if start_bias is None else q.shape[:3],
+                  None if end_bias is None else q.shape[:3])
+        return (loss, *(q.new_empty(shape if wanted and shape is not None else (0,))
+                        for wanted, shape in zip(grad_mask, shapes)))
 
     def _setup_context(ctx, inputs, output):
-        q, k, positives, mask, start_bias, end_bias, tril, ignore_index, compute_grad = inputs[:9]
+        q, k, positives, mask, start_bias, end_bias, tril, ignore_index, reduction, grad_mask = (
+            inputs[:10])
         ctx.num_inputs = len(inputs)
-        ctx.grad_computed = compute_grad
-        ctx.config = (tril, ignore_index, True, *inputs[9:])  # block_bytes, grad_filter
-        ctx.has_bias = (start_bias is not None, end_bias is not None)
-        if compute_grad:
-            ctx.save_for_backward(mask, *output[1:])
-        else:  # a direct call without the gradients: the backward computes them
-            ctx.save_for_backward(q, k, positives, mask, start_bias, end_bias)
+        ctx.config = (tril, ignore_index, reduction)
+        ctx.options = inputs[10:]  # block_bytes, grad_filter
+        differentiable = (q, k, start_bias, end_bias)
+        # A present input whose gradient the forward did not compute (a direct call): the
+        # backward computes it from the saved inputs.
+        ctx.recompute = any(t is not None and not wanted
+                            for t, wanted in zip(differentiable, grad_mask))
+        saved = [mask, *output[1:]]
+        if ctx.recompute:
+            saved += [q, k, positives, start_bias, end_bias]
+        ctx.save_for_backward(*saved)
         # The gradient outputs are internal: no gradient flows into them (and no zeros are
         # materialised for them on every backward).
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
 
     def _scaled(grad, scale, padded):
-        """The row's gradient times its upstream gradient; 0 at padded steps even for an
-        infinite or NaN upstream gradient (padded steps take no part, as in the reference)."""
+        """The gradient times its upstream gradient; 0 at padded steps even for an infinite or
+        NaN upstream gradient (padded steps take no part, as in the reference)."""
         scaled = (grad * scale).to(grad.dtype)
         return scaled if padded is None else scaled.masked_fill_(padded, 0)
 
@@ -148,19 +139,23 @@ if _ext.LOADED:
                 "gradients); use kxops.reference.global_pointer_zlpr_loss for them")
         if grad_loss is None:
             return (None,) * ctx.num_inputs
-        if ctx.grad_computed:
-            mask, *grads = ctx.saved_tensors
-        else:
-            mask = ctx.saved_tensors[3]
-            grads = torch.ops.kxops.global_pointer_zlpr(*ctx.saved_tensors, *ctx.config)[1:]
-        # Each row's gradient touches only its own (batch, head) slice: scale it by the row's
-        # upstream gradient.
+        wanted = [ctx.needs_input_grad[i] for i in (0, 1, 4, 5)]  # q, k, start_bias, end_bias
+        mask, *grads = ctx.saved_tensors[:5]
+        if ctx.recompute:
+            q, k, positives, start_bias, end_bias = ctx.saved_tensors[5:]
+            grads = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias,
+                                                        end_bias, *ctx.config, wanted,
+                                                        *ctx.options)[1:]
+        # The op's gradients are those of its loss (for "none", of the rows' sum), and each
+        # row's touches only its own (batch, head) slice: scale each slice by the row's
+        # upstream gradient (one value for "mean" and "sum").
         scale = grad_loss[..., None]
         padded = None if mask is None else (mask == 0)[:, None, :]  # [B, 1, L]
-        padded_rows = None if padded is None else padded[..., None]
-        grad_q, grad_k = (_scaled(g, scale[..., None], padded_rows) for g in grads[:2])
-        grad_start, grad_end = (_scaled(g, scale, padded) if has else None
-                                for g, has in zip(grads[2:], ctx.has_bias))
+        scales = (scale[..., None], scale[..., None], scale, scale)
+        paddings = (None if padded is None else padded[..., None],) * 2 + (padded, padded)
+        grad_q, grad_k, grad_start, grad_end = (
+            _scaled(g, s, p) if w else None
+            for g, s, p, w in zip(grads, scales, paddings, wanted))
         return (grad_q, grad_k, None, None, grad_start, grad_end,
                 *(None,) * (ctx.num_inputs - 6))
 

@@ -3,6 +3,4 @@
 
 #include "global_pointer_zlpr_host.h"
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("global_pointer_zlpr", &kxops::global_pointer_zlpr::forward);
-}
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { kxops::global_pointer_zlpr::register_ops(m); }

@@ -2,6 +2,7 @@
 (the grid + kxops.sparse_zlpr_loss) and a float64 plain formula, the public API, bad inputs,
 the memory bound; the GlobalPointer modules against bert4torch's layers."""
 
+import copy
 import importlib.util
 import math
 import os
@@ -158,6 +159,76 @@ def test_serial_and_threaded_paths(threads):
     assert_same(ours, loss_and_grads(materialised, q, k, pos, m, sb, eb))
 
 
+def test_positives_on_block_edges():
+    """Several row blocks (over 512 valid steps), positives on the blocks' edges, with every
+    budget and thread count."""
+    q, k, sb, eb, _, _ = make_problem(2, 3, 600, 4, positives=0)
+    m = torch.ones(2, 600)
+    m[0, ::7] = 0
+    m[1, 550:] = 0
+    steps = torch.tensor([0, 63, 64, 127, 128, 129, 255, 256, 511, 512, 513, 599])
+    pos = torch.cat([steps * 600 + (steps + 1).clamp(max=599), steps * 601], -1)
+    pos = pos.expand(2, 3, -1)
+    expected = loss_and_grads(reference, q, k, pos, m, sb, eb)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, max(2, threads)}:
+            torch.set_num_threads(n)
+            for block_bytes in (None, 1, 100_000):
+                assert_same(loss_and_grads(fused, q, k, pos, m, sb, eb, block_bytes=block_bytes),
+                            expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _unusual_inputs():
+    """Masks of any nonzero values (2, -1, NaN: kept), a mask of zeros, positives duplicated,
+    below the diagonal, at padded steps and expanded, a k with stride 0 along D."""
+    q, k, sb, eb, pos, _ = make_problem(2, 3, 9, 4, positives=6)
+    m = torch.ones(2, 9)
+    m[0, 6:] = 0
+    m[1, 0] = m[1, 3] = 0
+    odd = m * 2
+    odd[0, 1] = -1
+    odd[1, 5] = math.nan
+    dup = torch.tensor([0, 3 * 9 + 1, 3 * 9 + 1, 2 * 9 + 5, -1, 8 * 9 + 8]).expand(2, 3, 6)
+    return {
+        "mask 2, -1, NaN": (q, k, pos, odd, sb, eb),
+        "mask of zeros": (q, k, pos, torch.zeros(2, 9, dtype=torch.int8), sb, eb),
+        "positives duplicated, below the diagonal, expanded": (q, k, dup, m, sb, eb),
+        "strides": (q.transpose(0, 1).contiguous().transpose(0, 1), k[..., :1].expand_as(k),
+                    pos, m[:, None].expand(2, 2, 9)[:, 0], sb, eb),
+    }
+
+
+@pytest.mark.parametrize("tril", [True, False])
+@pytest.mark.parametrize("case", list(_unusual_inputs()))
+def test_unusual_masks_positives_and_strides(case, tril):
+    args = _unusual_inputs()[case]
+    for reduction in ("none", "mean"):
+        assert_same(loss_and_grads(fused, *args, tril, reduction=reduction),
+                    loss_and_grads(reference, *args, tril, reduction=reduction))
+
+
+def test_positives_dominating_exact():
+    """Every span scores -60 but the one positive +60: the loss is
+    log1p(n_neg e^-60) + log1p(e^-60), exact in fp32 (no 1 + tiny cancellation)."""
+    length = 12
+    zeros = torch.zeros(1, 1, length, 4)
+    start = torch.full((1, 1, length), -30.0)
+    end = torch.full((1, 1, length), -30.0)
+    start[0, 0, 2], end[0, 0, 7] = 30.0, 90.0  # span (2, 7): 120; (2, j): 0 + end_j ...
+    grid = (start[0, 0, :, None] + end[0, 0, None, :]).double().triu()
+    keep = torch.ones(length, length, dtype=torch.bool).triu()
+    positive = torch.zeros(length, length, dtype=torch.bool)
+    positive[2, 7] = True
+    exact = (torch.log1p(torch.exp(grid[keep & ~positive]).sum())
+             + torch.log1p(torch.exp(-grid[positive]).sum()))
+    loss = kxops.global_pointer_zlpr_loss(zeros, zeros, torch.tensor([[[2 * length + 7]]]),
+                                          start_bias=start, end_bias=end)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("block_bytes", [1, 50_000, 2**62])
 def test_block_budget_changes_nothing(block_bytes):
     """One head per call (a budget below one row), a few heads, all of them."""
@@ -166,41 +237,91 @@ def test_block_budget_changes_nothing(block_bytes):
                 loss_and_grads(materialised, q, k, pos, m, sb, eb))
 
 
+def reference(q, k, pos, mask, sb, eb, tril=True, ignore_index=-1, reduction="none", **kwargs):
+    return ref.global_pointer_zlpr_loss(q, k, pos, mask, start_bias=sb, end_bias=eb, tril=tril,
+                                        ignore_index=ignore_index, reduction=reduction, **kwargs)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_reductions(reduction):
-    q, k, sb, eb, pos, m = make_problem(2, 3, 20, 4)
-    ours = fused(q, k, pos, m, sb, eb, reduction=reduction)
-    assert ours.shape == ((2, 3) if reduction == "none" else ())
-    assert_close(ours, materialised(q, k, pos, m, sb, eb, reduction=reduction))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reductions(reduction, dtype):
+    """The op returns the loss reduced so (fp32/fp64) and the gradients of that loss (for
+    "none", of the rows' sum); the wrapper's loss and gradients follow from them."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = make_problem(2, 3, 20, 4, dtype=dtype)
+    loss, *grads = OP(q, k, pos, m, sb, eb, True, -1, reduction, [True] * 4, None)
+    assert loss.dtype == dtype and loss.shape == ((2, 3) if reduction == "none" else ())
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, sb, eb)]
+    expected = reference(*leaves[:2], pos, m, *leaves[2:], reduction=reduction)
+    assert_close(loss, expected.detach())
+    for g, g_expected in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
+        assert_close(g, g_expected)
+    assert_same(loss_and_grads(fused, q, k, pos, m, sb, eb, reduction=reduction),
+                loss_and_grads(reference, q, k, pos, m, sb, eb, reduction=reduction))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("grad_mask", [[True, False, False, False], [False, True, True, False],
+                                       [False, False, False, True], [False] * 4])
+@pytest.mark.parametrize("biases", [True, False])
+def test_grad_mask_returns_what_is_asked(grad_mask, biases):
+    """The gradients asked for, bit for bit those of a call that asks for all; empty tensors
+    for the others and for a None bias."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = make_problem(2, 3, 30, 4, start=biases, end=biases)
+    everything = OP(q, k, pos, m, sb, eb, True, -1, "mean", [True] * 4, None)
+    asked = OP(q, k, pos, m, sb, eb, True, -1, "mean", grad_mask, None)
+    assert torch.equal(asked[0], everything[0])
+    for wanted, bias, g, g_all in zip(grad_mask, (q, k, sb, eb), asked[1:], everything[1:]):
+        if wanted and bias is not None:
+            assert torch.equal(g, g_all)
+        else:
+            assert g.shape == (0,)
+
+
+def test_wrapper_computes_only_the_gradients_needed():
+    """Only k requires grad: the wrapper asks the op for k's gradient alone, which equals the
+    reference's."""
+    q, k, sb, eb, pos, m = make_problem(2, 3, 30, 4)
+    k_leaf = k.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fused(q, k_leaf, pos, m, sb, eb, reduction="sum"), k_leaf)
+    k_ref = k.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference(q, k_ref, pos, m, sb, eb, reduction="sum"), k_ref)
+    assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("tril", [True, False])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_gradcheck_float64(tril, reduction):
     q, k, sb, eb, pos, m = make_problem(2, 2, 7, 3)
     args = [t.requires_grad_(True) for t in (q, k, sb, eb)]
     assert torch.autograd.gradcheck(
-        lambda q, k, sb, eb: fused(q, k, pos, m, sb, eb), args)
+        lambda q, k, sb, eb: fused(q, k, pos, m, sb, eb, tril, reduction=reduction), args)
 
 
-@pytest.mark.parametrize("compute_grad", [True, False])
-def test_opcheck(compute_grad):
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("grad_mask", [[True] * 4, [False] * 4, [False, True, True, False]])
+def test_opcheck(reduction, grad_mask):
     needs_kernel("global_pointer_zlpr", "cpu")
     q, k, sb, eb, pos, m = make_problem(2, 2, 10, 3)
     for t in (q, k, sb, eb):
         t.requires_grad_(True)
-    torch.library.opcheck(OP, (q, k, pos, m, sb, eb, True, -1, compute_grad, None))
-    torch.library.opcheck(OP, (q, k, pos, None, None, None, False, -1, compute_grad, 100))
+    torch.library.opcheck(OP, (q, k, pos, m, sb, eb, True, -1, reduction, grad_mask, None))
+    torch.library.opcheck(OP, (q, k, pos, None, None, None, False, -1, reduction, grad_mask,
+                               100))
 
 
-def test_backward_recomputes_when_the_forward_did_not():
-    """A direct call with compute_grad=False still differentiates (the backward computes the
-    gradients)."""
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("grad_mask", [[False] * 4, [True, False, False, True]])
+def test_backward_recomputes_when_the_forward_did_not(reduction, grad_mask):
+    """A direct call that did not ask for every gradient still differentiates (the backward
+    computes them)."""
     needs_kernel("global_pointer_zlpr", "cpu")
     q, k, sb, eb, pos, m = make_problem(2, 2, 12, 3)
 
     def direct(q, k, pos, mask, sb, eb):
-        return OP(q, k, pos, mask, sb, eb, True, -1, False, None)[0]
+        return OP(q, k, pos, mask, sb, eb, True, -1, reduction, grad_mask, None)[0]
     assert_same(loss_and_grads(direct, q, k, pos, m, sb, eb),
-                loss_and_grads(materialised, q, k, pos, m, sb, eb))
+                loss_and_grads(materialised, q, k, pos, m, sb, eb, reduction=reduction))
 
 
 def test_double_backward_is_refused():
@@ -253,7 +374,8 @@ def test_autocast_runs_in_the_autocast_dtype():
 
 @pytest.mark.parametrize("shape", [(0, 3, 5, 2), (2, 0, 5, 2), (2, 3, 0, 2), (2, 3, 5, 0),
                                    (1, 1, 1, 1)])
-def test_empty_and_tiny(shape):
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_and_tiny(shape, reduction):
     batch, heads, length, _dim = shape
     q = torch.randn(shape, dtype=torch.float64)
     k = torch.randn(shape, dtype=torch.float64)
@@ -261,8 +383,8 @@ def test_empty_and_tiny(shape):
     pos = torch.full((batch, heads, 2), -1)
     if length:
         pos[..., 0] = 0
-    assert_same(loss_and_grads(fused, q, k, pos, None, sb, None),
-                loss_and_grads(materialised, q, k, pos, None, sb, None))
+    assert_same(loss_and_grads(fused, q, k, pos, None, sb, None, reduction=reduction),
+                loss_and_grads(materialised, q, k, pos, None, sb, None, reduction=reduction))
 
 
 def test_fully_masked_batch_and_no_positives():
@@ -316,6 +438,20 @@ def test_positives_rules():
                  materialised(q, k, pos, m, sb, eb, tril=False))
 
 
+def test_ignore_index_extremes():
+    """ignore_index anywhere in int64, beyond the positives' dtype too (it then matches none)."""
+    q, k, sb, eb, _, m = make_problem(2, 3, 9, 4, positives=0)
+    dup = torch.tensor([0, 28, 28, 23, -1, 80]).expand(2, 3, 6)
+    for ignore_index in (2**40, 5, -2**63):
+        pos = torch.where(dup < 0, ignore_index, dup)
+        assert_same(loss_and_grads(fused, q, k, pos, m, sb, eb, ignore_index=ignore_index),
+                    loss_and_grads(reference, q, k, pos, m, sb, eb, ignore_index=ignore_index))
+    with pytest.raises(IndexError):
+        fused(q, k, torch.full((2, 3, 1), -1, dtype=torch.int32), m, sb, eb, ignore_index=2**40)
+    with pytest.raises(IndexError):
+        fused(q, k, torch.full((2, 3, 1), 81), m, sb, eb)
+
+
 def test_padded_steps_take_no_part():
     """NaN or inf at a padded step of any input changes nothing; its gradient is zero."""
     q, k, sb, eb, pos, m = make_problem(2, 2, 30, 4, mask="tail")
@@ -348,6 +484,7 @@ def test_inputs_are_not_modified():
     m = m.float()
     before = [t.clone() for t in (q, k, sb, eb, pos, m)]
     loss_and_grads(fused, q, k, pos, m, sb, eb)
+    OP(q, k, pos, m, sb, eb, True, -1, "mean", [True] * 4, 64)
     for t, t0 in zip((q, k, sb, eb, pos, m), before):
         torch.testing.assert_close(t, t0, atol=0, rtol=0)
 
@@ -376,82 +513,81 @@ def test_disabled_extension_runs_the_reference():
 # ---------------------------------------------------------------------------------------------
 # Bad arguments
 
+PREFIX = "kxops.global_pointer_zlpr: "
+
+
 def _bad_calls():
     q = torch.randn(2, 3, 4, 5)
     pos = torch.zeros(2, 3, 1, dtype=torch.long)
     bias = torch.randn(2, 3, 4)
+    mask = torch.ones(2, 4)
+    loss = kxops.global_pointer_zlpr_loss
     return [
-        (lambda: kxops.global_pointer_zlpr_loss(q.long(), q, pos), TypeError, "q must be"),
-        (lambda: kxops.global_pointer_zlpr_loss([1.0], q, pos), TypeError, "q must be"),
-        (lambda: kxops.global_pointer_zlpr_loss(q[0], q[0], pos), ValueError, "q must be"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q.double(), pos), TypeError, "k has dtype"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q[:, :2], pos), ValueError, "k shape"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos.float()), TypeError, "positives"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos[0]), ValueError, "positives must"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos[:1]), ValueError, "positives must"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos + 16), IndexError, "out of range"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos - 2), IndexError, "out of range"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, torch.ones(2, 5)), ValueError,
-         "mask must"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, torch.ones(2, 4, dtype=torch.cfloat)),
-         TypeError, "mask must"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, start_bias=bias[:1]), ValueError,
-         "start_bias must"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, end_bias=bias.double()), TypeError,
-         "end_bias has dtype"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, tril=1), TypeError, "tril"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, ignore_index=1.0), TypeError,
-         "ignore_index"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, ignore_index=2**63), ValueError,
-         "ignore_index"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, reduction="avg"), ValueError,
-         "reduction"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, block_bytes=0), ValueError,
-         "block_bytes"),
-        (lambda: kxops.global_pointer_zlpr_loss(q, q, pos, block_bytes=1.5), TypeError,
-         "block_bytes"),
+        (lambda: loss(q.long(), q, pos), TypeError, "q must be"),
+        (lambda: loss([1.0], q, pos), TypeError, "q must be"),
+        (lambda: loss(q.to_sparse(), q, pos), TypeError, "q must be a dense"),
+        (lambda: loss(q[0], q[0], pos), ValueError, "q must be"),
+        (lambda: loss(q, q.double(), pos), TypeError, "k has dtype"),
+        (lambda: loss(q, q[:, :2], pos), ValueError, "k must have shape"),
+        (lambda: loss(q, q, pos.float()), TypeError, "positives"),
+        (lambda: loss(q, q, pos[0]), ValueError, "positives must"),
+        (lambda: loss(q, q, pos[:1]), ValueError, "positives must"),
+        (lambda: loss(q, q, pos + 16), IndexError, "out of range"),
+        (lambda: loss(q, q, pos - 2), IndexError, "out of range"),
+        (lambda: loss(q, q, pos, torch.ones(2, 5)), ValueError, "mask must"),
+        (lambda: loss(q, q, pos, torch.ones(2, 4, dtype=torch.cfloat)), TypeError, "mask must"),
+        (lambda: loss(q, q, pos, mask.to_sparse()), TypeError, "mask must be a dense"),
+        (lambda: loss(q, q, pos, torch.quantize_per_tensor(mask, 1.0, 0, torch.quint8)),
+         TypeError, "mask must be a dense"),
+        (lambda: loss(q, q, pos, start_bias=bias[:1]), ValueError, "start_bias must"),
+        (lambda: loss(q, q, pos, end_bias=bias.double()), TypeError, "end_bias has dtype"),
+        (lambda: loss(q, q, pos, tril=1), TypeError, "tril"),
+        (lambda: loss(q, q, pos, ignore_index=1.0), TypeError, "ignore_index"),
+        (lambda: loss(q, q, pos, ignore_index=2**63), ValueError, "ignore_index"),
+        (lambda: loss(q, q, pos, reduction="avg"), ValueError, "reduction"),
+        (lambda: loss(q, q, pos, block_bytes=0), ValueError, "block_bytes"),
+        (lambda: loss(q, q, pos, block_bytes=True), TypeError, "block_bytes"),
+        (lambda: loss(q, q, pos, block_bytes=1.5), TypeError, "block_bytes"),
     ]
 
 
 @pytest.mark.parametrize("index", range(len(_bad_calls())))
 def test_bad_arguments(index):
     call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=PREFIX + ".*" + message):
         call()
 
 
+# The arguments of torch.ops.kxops.global_pointer_zlpr after q, k and positives.
+REST = "None, None, None, True, -1, 'none', [True] * 4"
+
 DIRECT_BAD_CALLS = {
     # name: (arguments of torch.ops.kxops.global_pointer_zlpr, error type, message pattern)
-    "int q": ("q.long(), q.long(), pos, None, None, None, True, -1, True", "TypeError", "q must"),
-    "3-dim q": ("q[0], q[0], pos, None, None, None, True, -1, True", "ValueError", "q must"),
-    "k dtype": ("q, q.double(), pos, None, None, None, True, -1, True", "TypeError", "k has"),
-    "k shape": ("q, q[:, :, :2], pos, None, None, None, True, -1, True", "ValueError",
-                "k shape"),
-    "float positives": ("q, q, pos.float(), None, None, None, True, -1, True", "TypeError",
-                        "positives"),
-    "positives rows": ("q, q, pos[:1], None, None, None, True, -1, True", "ValueError",
-                       "positives must"),
-    "positives dims": ("q, q, pos[0], None, None, None, True, -1, True", "ValueError",
-                       "positives must"),
-    "span id too big": ("q, q, pos + 16, None, None, None, True, -1, True", "IndexError",
-                        "out of range"),
-    "span id negative": ("q, q, pos.int() - 5, None, None, None, True, -1, False",
+    "int q": (f"q.long(), q.long(), pos, {REST}", "TypeError", "q must"),
+    "3-dim q": (f"q[0], q[0], pos, {REST}", "ValueError", "q must"),
+    "k dtype": (f"q, q.double(), pos, {REST}", "TypeError", "k has"),
+    "k shape": (f"q, q[:, :, :2], pos, {REST}", "ValueError", "k must have shape"),
+    "float positives": (f"q, q, pos.float(), {REST}", "TypeError", "positives"),
+    "positives rows": (f"q, q, pos[:1], {REST}", "ValueError", "positives must"),
+    "positives dims": (f"q, q, pos[0], {REST}", "ValueError", "positives must"),
+    "span id too big": (f"q, q, pos + 16, {REST}", "IndexError", "out of range"),
+    "span id negative": ("q, q, pos.int() - 5, None, None, None, True, -1, 'sum', [False] * 4",
                          "IndexError", "out of range"),
-    "mask shape": ("q, q, pos, torch.ones(2, 5), None, None, True, -1, True", "ValueError",
-                   "mask must"),
+    "mask shape": ("q, q, pos, torch.ones(2, 5), None, None, True, -1, 'none', [True] * 4",
+                   "ValueError", "mask must"),
     "mask complex": ("q, q, pos, torch.ones(2, 4, dtype=torch.cfloat), None, None, True, -1, "
-                     "True", "TypeError", "mask must"),
-    "start_bias shape": ("q, q, pos, None, q[..., 0].reshape(3, 2, 4), None, True, -1, True",
-                         "ValueError", "start_bias must"),
-    "end_bias dtype": ("q, q, pos, None, None, q[..., 0].double(), True, -1, True",
+                     "'none', [True] * 4", "TypeError", "mask must"),
+    "start_bias shape": ("q, q, pos, None, q[..., 0].reshape(3, 2, 4), None, True, -1, 'none', "
+                         "[True] * 4", "ValueError", "start_bias must"),
+    "end_bias dtype": ("q, q, pos, None, None, q[..., 0].double(), True, -1, 'none', [True] * 4",
                        "TypeError", "end_bias has"),
-    "block_bytes": ("q, q, pos, None, None, None, True, -1, True, 0", "ValueError",
-                    "block_bytes"),
+    "reduction": ("q, q, pos, None, None, None, True, -1, 'avg', [True] * 4", "ValueError",
+                  "reduction must"),
+    "block_bytes": (f"q, q, pos, {REST}, 0", "ValueError", "block_bytes"),
+    "grad_filter": (f"q, q, pos, {REST}, None, float('nan')", "ValueError", "grad_filter"),
     # Refused by the dispatcher itself (no sparse kernel), before the driver runs.
-    "sparse q": ("q.to_sparse(), q, pos, None, None, None, True, -1, True",
-                 "NotImplementedError", "SparseCPU"),
-    "meta k": ("q, q.to('meta'), pos, None, None, None, True, -1, True", "RuntimeError",
-               "is on meta"),
+    "sparse q": (f"q.to_sparse(), q, pos, {REST}", "NotImplementedError", "SparseCPU"),
+    "meta k": (f"q, q.to('meta'), pos, {REST}", "RuntimeError", "is on meta"),
 }
 
 
@@ -470,6 +606,91 @@ def test_direct_op_rejects_bad_arguments():
     for name, (_, error, pattern) in DIRECT_BAD_CALLS.items():
         assert outcomes[name].startswith(error + " "), (name, outcomes[name])
         assert pattern in outcomes[name], (name, outcomes[name])
+        if error != "NotImplementedError":
+            assert PREFIX in outcomes[name], (name, outcomes[name])
+
+
+def test_op_and_wrapper_raise_the_same_error():
+    """The C++ op and the Python wrapper: the same type, prefix and words for the same bad
+    argument."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = make_problem(2, 3, 6, 4, dtype=torch.float32)
+    arguments = dict(q=q, k=k, pos=pos, m=m, sb=sb, eb=eb, reduction="sum", block_bytes=None,
+                     grad_filter=0.0)
+    cases = [dict(k=k.double()), dict(k=k[:, :2]), dict(pos=pos.float()), dict(pos=pos[0]),
+             dict(m=m[:, :3]), dict(m=m.cfloat()), dict(sb=sb[0]), dict(eb=eb.half()),
+             dict(k=k.to("meta")), dict(reduction="avg"), dict(block_bytes=0),
+             dict(grad_filter=-1.0), dict(pos=pos + 36)]
+    for change in cases:
+        a = {**arguments, **change}
+        with pytest.raises(Exception) as from_op:
+            OP(a["q"], a["k"], a["pos"], a["m"], a["sb"], a["eb"], True, -1, a["reduction"],
+               [True] * 4, a["block_bytes"], a["grad_filter"])
+        with pytest.raises(Exception) as from_wrapper:
+            fused(a["q"], a["k"], a["pos"], a["m"], a["sb"], a["eb"], reduction=a["reduction"],
+                  block_bytes=a["block_bytes"], grad_filter=a["grad_filter"])
+        assert from_op.type is from_wrapper.type, (change, from_op.value, from_wrapper.value)
+        op_message, wrapper_message = str(from_op.value), str(from_wrapper.value)
+        assert op_message.startswith(PREFIX) and wrapper_message.startswith(PREFIX), change
+        assert op_message.split()[:3] == wrapper_message.split()[:3], (op_message,
+                                                                       wrapper_message)
+
+
+# Each argument of the op wrong in turn (by its schema position), as the attack of a caller:
+# None, a wrong dtype, shape or device, a wrong grad_mask length, a bad reduction.
+ATTACKS = {
+    0: ["None", "q.long()", "q.cfloat()", "q[0]", "q.to('meta')", "q.to_sparse()"],
+    1: ["None", "k.double()", "k[..., :2]", "k.to('meta')", "k.transpose(1, 2)"],
+    2: ["None", "pos.float()", "pos.short()", "pos[0]", "pos.to('meta')", "pos + 49",
+        "pos - 50"],
+    3: ["mask.cfloat()", "mask[:, :3]", "mask.to('meta')", "mask.to_sparse()", "mask[None]"],
+    4: ["sb.double()", "sb[0]", "sb.to('meta')", "q"],
+    5: ["eb.half()", "eb[:, :, :3]", "eb.to('meta')", "pos"],
+    6: ["None", "'yes'"],
+    7: ["None", "1.5", "2**63"],
+    8: ["None", "'avg'", "''", "3"],
+    9: ["None", "[True] * 3", "[True] * 5", "True"],
+    10: ["0", "-5", "1.5"],
+    11: ["-1.0", "float('nan')", "float('inf')", "None"],
+}
+
+
+def test_attack_each_argument_in_turn():
+    """Every argument wrong in turn, through the op and through the wrapper (the wrapper's own
+    arguments: all but grad_mask): an exception of the contract's types, never a crash or a
+    result (one subprocess runs them all; a crash shows as the case it stopped at). Where
+    kxops raises rather than the dispatcher's argument parser, the message has the prefix."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    names = ["q", "k", "pos", "mask", "sb", "eb", "True", "-1", "'mean'", "[True] * 4", "None",
+             "0.0"]
+    keywords = ["", "", "", "", "start_bias=", "end_bias=", "tril=", "ignore_index=",
+                "reduction=", None, "block_bytes=", "grad_filter="]
+    calls = {}
+    for position, values in ATTACKS.items():
+        for value in values:
+            args = [value if i == position else name for i, name in enumerate(names)]
+            calls[f"op {position} {value}"] = (
+                f"torch.ops.kxops.global_pointer_zlpr({', '.join(args)})")
+            if keywords[position] is not None:
+                public = [f"{kw}{arg}" for kw, arg in zip(keywords, args) if kw is not None]
+                calls[f"wrapper {position} {value}"] = (
+                    f"kxops.global_pointer_zlpr_loss({', '.join(public)})")
+    outcomes = direct_call_outcomes(calls, prelude="""
+        q = torch.randn(2, 3, 7, 4); k = torch.randn(2, 3, 7, 4)
+        sb = torch.randn(2, 3, 7); eb = torch.randn(2, 3, 7)
+        pos = torch.randint(0, 49, (2, 3, 5)); mask = torch.ones(2, 7)
+    """)
+    allowed = ("TypeError ", "ValueError ", "IndexError ", "RuntimeError ",
+               "NotImplementedError ")
+    assert len(outcomes) == len(calls)
+    # torch's argument parser reads None as False for a bool argument: the op never sees it.
+    assert outcomes.pop("op 6 None") == "no error"
+    for name, outcome in outcomes.items():
+        assert outcome.startswith(allowed), (name, outcome)
+        parsed_by_dispatcher = "Expected a value of type" in outcome or "fixed-size" in outcome
+        if name.startswith("wrapper") or not (parsed_by_dispatcher
+                                              or outcome.startswith("NotImplementedError")):
+            assert PREFIX in outcome, (name, outcome)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +729,53 @@ def test_memory_bound_at_the_target_shape():
 
 
 # ---------------------------------------------------------------------------------------------
-# kxops.nn.GlobalPointer / EfficientGlobalPointer against bert4torch's layers
+# kxops.nn.GlobalPointer / EfficientGlobalPointer: against the grid, and against bert4torch's
+# layers
+
+MODULES = [kxops.nn.GlobalPointer, kxops.nn.EfficientGlobalPointer]
+
+
+@pytest.mark.parametrize("cls", MODULES)
+@pytest.mark.parametrize("tril", [True, False])
+def test_module_loss_matches_grid_loss(cls, tril):
+    torch.manual_seed(0)
+    head = cls(16, 3, head_size=8, tril_mask=tril).double()
+    twin = copy.deepcopy(head)
+    hidden = torch.randn(2, 10, 16, dtype=torch.float64)
+    mask = torch.ones(2, 10)
+    mask[1, 7:] = 0
+    mask[0, 2] = 0
+    pos = torch.randint(0, 100, (2, 3, 4))
+    pos[0, 0, 0] = -1
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    loss = head.loss(h1, mask, pos, reduction="sum")
+    loss.backward()
+    expected = kxops.sparse_zlpr_loss(twin(h2, mask).flatten(-2), pos, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    for (name, p1), p2 in zip(head.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+
+
+@pytest.mark.parametrize("cls", MODULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tril", [True, False])
+def test_decode_equals_grid_threshold(cls, dtype, tril):
+    """decode's spans are the grid's above the threshold, for any threshold (-inf, NaN too)."""
+    torch.manual_seed(1)
+    head = cls(16, 2, head_size=8, tril_mask=tril).to(dtype)
+    hidden = torch.randn(2, 12, 16, dtype=dtype)
+    mask = torch.ones(2, 12)
+    mask[0, 4] = 0
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        grid = head(hidden, mask)
+    finite = grid[torch.isfinite(grid)]
+    for threshold in [0.0, -math.inf, math.nan, *finite[:20].tolist()]:
+        assert torch.equal(head.decode(hidden, mask, threshold=threshold),
+                           (grid > threshold).nonzero()), threshold
+
 
 def _load_bert4torch_layers():
     """bert4torch 0.6.2's position_encoding.py and global_point.py, loaded as files from the
@@ -856,7 +1123,7 @@ def test_grad_filter_errors_name_it(bad):
     with pytest.raises(ValueError, match="grad_filter"):
         fused(q, k, pos, m, sb, eb, grad_filter=bad)
     with pytest.raises(ValueError, match="grad_filter"):
-        OP(q, k, pos, m, sb, eb, True, -1, True, None, -1.0)
+        OP(q, k, pos, m, sb, eb, True, -1, "none", [True] * 4, None, -1.0)
     for module in (kxops.nn.GlobalPointer, kxops.nn.EfficientGlobalPointer):
         with pytest.raises(ValueError, match="grad_filter"):
             module(8, 2, 4, grad_filter=bad)
@@ -890,7 +1157,8 @@ def test_grad_filter_on_the_modules(module):
 
 def test_grad_filter_opcheck():
     q, k, pos, m = trained_like(length=40)
-    torch.library.opcheck(OP, (q, k, pos, m, None, None, True, -1, True, None, FILTER))
+    torch.library.opcheck(OP, (q, k, pos, m, None, None, True, -1, "mean", [True] * 4, None,
+                               FILTER))
 
 
 def test_grad_filter_compile_fullgraph():

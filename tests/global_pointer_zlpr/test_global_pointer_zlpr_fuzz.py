@@ -1,6 +1,6 @@
 """GlobalPointer + sparse ZLPR fuzz: the compiled op against the materialised path (the grid +
-kxops.sparse_zlpr_loss) over random shapes, masks, biases, budgets, positives and NaN/inf at
-random positions (loss and gradients). The hypothesis profile is set in conftest."""
+kxops.sparse_zlpr_loss) over random shapes, masks, biases, budgets, positives, reductions and
+NaN/inf at random positions (loss and gradients). The hypothesis profile is set in conftest."""
 
 import math
 
@@ -31,7 +31,8 @@ def problems(draw):
         mask=draw(st.sampled_from([None, "bool", "int", "float"])),
         keep=draw(st.floats(0.0, 1.0)), positives=draw(st.integers(0, 5)),
         block_bytes=draw(st.sampled_from([None, 1, 10_000])),
-        specials=draw(st.integers(0, 2)), seed=draw(st.integers(0, 2**16)))
+        specials=draw(st.integers(0, 2)), reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+        seed=draw(st.integers(0, 2**16)))
 
 
 @given(problems())
@@ -66,7 +67,7 @@ def test_op_matches_materialised(p):
     def run(fn, **kwargs):
         copies = [None if t is None else t.clone().requires_grad_(True) for t in (q, k, sb, eb)]
         loss = fn(copies[0], copies[1], pos, mask, start_bias=copies[2], end_bias=copies[3],
-                  tril=p["tril"], reduction="none", **kwargs)
+                  tril=p["tril"], reduction=p["reduction"], **kwargs)
         present = [t for t in copies if t is not None]
         weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
         grads = torch.autograd.grad((loss * weights).sum(), present) if loss.numel() else [
