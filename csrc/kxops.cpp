@@ -62,13 +62,13 @@ TORCH_LIBRARY(kxops, m) {
       "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ZLPR loss. Returns (the loss in fp32/fp64: per row for reduction "none", else 0-dim, the
-  // rows' mean or sum; d loss / d logits, or an empty tensor when compute_grad is false): the
-  // gradient comes out of the same pass as the loss.
+  // rows' mean or sum; d loss / d logits, or an empty tensor where grad_mask (logits) is
+  // false): the gradient comes out of the same pass as the loss.
   m.def(
-      "zlpr(Tensor logits, Tensor labels, bool compute_grad, str reduction='none') "
+      "zlpr(Tensor logits, Tensor labels, bool[1] grad_mask, str reduction='none') "
       "-> (Tensor, Tensor)");
   m.def(
-      "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool compute_grad, "
+      "sparse_zlpr(Tensor logits, Tensor positives, int ignore_index, bool[1] grad_mask, "
       "str reduction='none', float grad_filter=0.) -> (Tensor, Tensor)");
   // Scales a per-row gradient by grad_loss (shape logits.shape[:-1]).
   m.def("zlpr_backward(Tensor grad_loss, Tensor grad) -> Tensor");

@@ -189,6 +189,40 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction, op="spa
     check_same_device(op, "positives", positives, "logits", logits)
 
 
+def check_grad_mask(op, grad_mask):
+    """The ops' bool[1] grad_mask: one flag, the logits' (the schema does not fix the length)."""
+    if len(grad_mask) != 1:
+        raise ValueError(f"kxops.{op}: grad_mask must hold 1 flag (logits), got {len(grad_mask)}")
+
+
+def check_zlpr_op(logits, labels, grad_mask, reduction):
+    """What kxops::zlpr checks (csrc/zlpr_host.h), for its fake kernel."""
+    check_zlpr_inputs(logits, labels, reduction)
+    check_kernel_dtype("zlpr", "logits", logits)
+    check_grad_mask("zlpr", grad_mask)
+
+
+def check_sparse_zlpr_op(logits, positives, ignore_index, grad_mask, reduction, grad_filter):
+    """What kxops::sparse_zlpr checks (csrc/zlpr_host.h), for its fake kernel."""
+    check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
+    check_kernel_dtype("sparse_zlpr", "logits", logits)
+    check_grad_mask("sparse_zlpr", grad_mask)
+    check_grad_filter("sparse_zlpr", grad_filter)
+
+
+def check_zlpr_backward_op(grad_loss, grad):
+    """What kxops::zlpr_backward checks (csrc/zlpr_host.h), for its fake kernel."""
+    check_dense("zlpr_backward", "grad", grad)
+    check_kernel_dtype("zlpr_backward", "grad", grad)
+    check_dense("zlpr_backward", "grad_loss", grad_loss)
+    check_kernel_dtype("zlpr_backward", "grad_loss", grad_loss)
+    if grad.dim() == 0:
+        raise ValueError("kxops.zlpr_backward: grad must have at least 1 dim (the class dim), "
+                         "got a 0-dim tensor")
+    check_grad_loss("zlpr_backward", grad_loss, grad.shape[:-1], "grad.shape[:-1]")
+    check_same_device("zlpr_backward", "grad_loss", grad_loss, "grad", grad)
+
+
 # ---- gated_conv ------------------------------------------------------------------------
 
 

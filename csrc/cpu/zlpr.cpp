@@ -179,7 +179,7 @@ void take_positives(acc_t* s, int64_t n, const index_t* positives, int64_t per_r
   for (const index_t* p = positives; p != positives + per_row; ++p) {
     // Compared as int64: an ignore_index out of index_t's range matches nothing.
     if (*p == ignore_index) continue;
-    TORCH_CHECK_INDEX(*p >= 0 && *p < n, "kxops ZLPR: positives holds class index ", *p,
+    TORCH_CHECK_INDEX(*p >= 0 && *p < n, "kxops.sparse_zlpr: positives holds class index ", *p,
                       ", out of range for ", n, " classes (valid: 0..", n - 1,
                       ", or ignore_index=", ignore_index, " for padding)");
     // A -inf here is a masked positive or a duplicate already taken: neither adds a term.
@@ -358,11 +358,11 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
 // rows of n logits (see for_each_row); grad_scale is an opmath value.
 template <typename WithRowFn>
 std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool compute_grad,
-                                            bool grad_of_mean, WithRowFn with_row_fn) {
+                                            c10::string_view reduction, WithRowFn with_row_fn) {
   const auto logits = logits_in.contiguous();
   auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cpu", [&] {
-    const auto scale = grad_scale<at::opmath_type<scalar_t>>(logits, grad_of_mean);
+    const auto scale = grad_scale<at::opmath_type<scalar_t>>(logits, reduction);
     with_row_fn(logits.size(-1), scale, [&](auto row_fn) {
       for_each_row<scalar_t>(logits, row_loss, grad, compute_grad, row_fn);
     });
@@ -371,9 +371,9 @@ std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool co
 }
 
 std::tuple<at::Tensor, at::Tensor> zlpr_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
-                                            bool compute_grad, bool grad_of_mean) {
+                                            bool compute_grad, c10::string_view reduction) {
   const auto labels = readable_labels(labels_in, logits.scalar_type());
-  return run_rows(logits, compute_grad, grad_of_mean, [&](int64_t n, auto scale, auto run) {
+  return run_rows(logits, compute_grad, reduction, [&](int64_t n, auto scale, auto run) {
     AT_DISPATCH_ALL_TYPES_AND3(
         at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "zlpr_cpu_labels", [&] {
           const scalar_t* label_data = labels.const_data_ptr<scalar_t>();
@@ -411,10 +411,10 @@ void sparse_row(const scalar_t* logits_row, acc_t* s, int64_t n, const index_t* 
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                                                    const at::Tensor& positives_in,
                                                    int64_t ignore_index, bool compute_grad,
-                                                   bool grad_of_mean, double grad_filter) {
+                                                   c10::string_view reduction, double grad_filter) {
   const auto positives = positives_in.contiguous();
   const int64_t per_row = positives.size(-1);
-  return run_rows(logits, compute_grad, grad_of_mean, [&](int64_t n, auto scale, auto run) {
+  return run_rows(logits, compute_grad, reduction, [&](int64_t n, auto scale, auto run) {
     using acc_t = decltype(scale);
     const GradOptions<acc_t> options{scale, static_cast<acc_t>(grad_filter)};
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
@@ -425,13 +425,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
       });
     });
   });
-}
-
-// Device-generic: one fused elementwise pass (broadcast multiply, cast to the gradient's dtype).
-at::Tensor zlpr_backward(const at::Tensor& grad_loss, const at::Tensor& grad) {
-  check_backward(grad_loss, grad);
-  auto out = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  return at::mul_out(out, grad, grad_loss.unsqueeze(-1));
 }
 
 // The rows of sparse_zlpr_with_sparse_grad, each row's nonzero gradients kept in its task's
@@ -481,9 +474,9 @@ std::optional<sparse_grad::SparseRows> rows_with_sparse_grad(const at::Tensor& l
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) { impl_forward_ops<&zlpr_cpu, &sparse_zlpr_cpu>(m); }
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { register_ops<&zlpr_cpu, &sparse_zlpr_cpu>(m); }
 
-TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) { m.impl("zlpr_backward", &zlpr_backward); }
+TORCH_LIBRARY_IMPL(kxops, CompositeExplicitAutograd, m) { register_device_generic_ops(m); }
 
 }  // namespace kxops::zlpr
 

@@ -208,7 +208,8 @@ __device__ __forceinline__ void build_bitmap(const index_t* row_positives, int64
   for (int64_t k = lane; k < per_row; k += threads) {
     const int64_t index = row_positives[k];
     if (index == ignore_index) continue;
-    CUDA_KERNEL_ASSERT(index >= 0 && index < n && "kxops ZLPR: positives index out of range");
+    CUDA_KERNEL_ASSERT(index >= 0 && index < n &&
+                       "kxops.sparse_zlpr: positives index out of range");
     atomicOr(bits + (index >> 5), 1u << (index & 31));
   }
   Reducer::sync();
@@ -256,7 +257,7 @@ void with_row_shape(int64_t n, Launch launch) {
 
 unsigned int grid_size(int64_t rows, int rows_per_block) {
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "kxops ZLPR: too many rows (", rows,
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "kxops.zlpr: too many rows (", rows,
               ") for one launch");
   return static_cast<unsigned int>(blocks);
 }
@@ -291,7 +292,7 @@ void launch_dense(const at::Tensor& logits, const label_t* labels, at::Tensor& r
 // grad_filter: RowGrad's (the sparse op's dense-label route; 0 for kxops::zlpr).
 std::tuple<at::Tensor, at::Tensor> filtered_zlpr_cuda(const at::Tensor& logits_in,
                                                       const at::Tensor& labels_in,
-                                                      bool compute_grad, bool grad_of_mean,
+                                                      bool compute_grad, c10::string_view reduction,
                                                       double grad_filter) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
@@ -303,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> filtered_zlpr_cuda(const at::Tensor& logits_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cuda", [&] {
     scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     using acc_t = at::opmath_type<scalar_t>;
-    const auto scale = grad_scale<acc_t>(logits, grad_of_mean);
+    const auto scale = grad_scale<acc_t>(logits, reduction);
     const auto filter = static_cast<acc_t>(grad_filter);
     const auto type = labels.scalar_type();
     if (type == at::kBool || type == at::kByte) {
@@ -324,8 +325,8 @@ std::tuple<at::Tensor, at::Tensor> filtered_zlpr_cuda(const at::Tensor& logits_i
 }
 
 std::tuple<at::Tensor, at::Tensor> zlpr_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                             bool compute_grad, bool grad_of_mean) {
-  return filtered_zlpr_cuda(logits, labels, compute_grad, grad_of_mean, /*grad_filter=*/0);
+                                             bool compute_grad, c10::string_view reduction) {
+  return filtered_zlpr_cuda(logits, labels, compute_grad, reduction, /*grad_filter=*/0);
 }
 
 // Dense uint8 labels from the positives, for rows with too many classes for a bitmap in shared
@@ -345,14 +346,15 @@ at::Tensor dense_labels(const at::Tensor& positives, int64_t ignore_index,
 std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
                                                     const at::Tensor& positives_in,
                                                     int64_t ignore_index, bool compute_grad,
-                                                    bool grad_of_mean, double grad_filter) {
+                                                    c10::string_view reduction,
+                                                    double grad_filter) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t n = logits_in.size(-1);
   const int64_t rows_per_block = n <= kMaxWarpRowClasses ? kWarpRowsPerBlock : 1;
   const int64_t bitmap_bytes = rows_per_block * ((n + 31) / 32) * 4;
   if (bitmap_bytes > kMaxBitmapBytes) {
     return filtered_zlpr_cuda(logits_in, dense_labels(positives_in, ignore_index, logits_in),
-                              compute_grad, grad_of_mean, grad_filter);
+                              compute_grad, reduction, grad_filter);
   }
   const auto logits = logits_in.contiguous();
   const auto positives = positives_in.contiguous();
@@ -365,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
       at::kHalf, at::kBFloat16, logits.scalar_type(), "sparse_zlpr_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-        const acc_t scale = grad_scale<acc_t>(logits, grad_of_mean);
+        const acc_t scale = grad_scale<acc_t>(logits, reduction);
         const auto filter = static_cast<acc_t>(grad_filter);
         AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cuda_index", [&] {
           with_row_shape(n, [&](auto shape) {
@@ -384,6 +386,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cuda(const at::Tensor& logits_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CUDA, m) { impl_forward_ops<&zlpr_cuda, &sparse_zlpr_cuda>(m); }
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) { register_ops<&zlpr_cuda, &sparse_zlpr_cuda>(m); }
 
 }  // namespace kxops::zlpr

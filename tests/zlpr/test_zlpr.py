@@ -232,15 +232,15 @@ def test_opcheck(device):
     logits, labels = random_problem((3, 17), soft=True, dtype=torch.float32, device=device)
     for compute_grad in (False, True):
         s = logits.clone().requires_grad_(compute_grad)
-        torch.library.opcheck(torch.ops.kxops.zlpr, (s, labels, compute_grad))
+        torch.library.opcheck(torch.ops.kxops.zlpr, (s, labels, [compute_grad]))
     positives = torch.tensor([[0, 4], [16, -1], [-1, -1]], device=device)
     for reduction in ("none", "mean", "sum"):
         torch.library.opcheck(torch.ops.kxops.sparse_zlpr, (logits.clone().requires_grad_(True),
-                                                            positives, -1, True, reduction))
+                                                            positives, -1, [True], reduction))
         torch.library.opcheck(torch.ops.kxops.zlpr,
-                              (logits.clone().requires_grad_(True), labels, True, reduction))
+                              (logits.clone().requires_grad_(True), labels, [True], reduction))
     strided = logits.t().contiguous().t().requires_grad_(True)
-    torch.library.opcheck(torch.ops.kxops.zlpr, (strided, labels, True))
+    torch.library.opcheck(torch.ops.kxops.zlpr, (strided, labels, [True]))
     torch.library.opcheck(torch.ops.kxops.zlpr_backward,
                           (torch.rand(3, device=device), torch.randn(3, 17, device=device)))
 
@@ -427,7 +427,7 @@ def test_kernel_sparse_positive_on_top_of_its_row(device, dtype, num_classes):
 def test_kernel_no_gradient_pass_without_requires_grad(device):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((4, 9), dtype=torch.float32, device=device)
-    loss, grad = torch.ops.kxops.zlpr(logits, labels, False)
+    loss, grad = torch.ops.kxops.zlpr(logits, labels, [False])
     assert grad.numel() == 0
     assert_close(loss, ref.zlpr_row_loss(logits, labels))
 
@@ -440,7 +440,7 @@ def test_cuda_more_than_2_pow_31_elements():
     logits = torch.randn(rows, num_classes, device="cuda", dtype=torch.float16)
     labels = torch.zeros(rows, num_classes, device="cuda", dtype=torch.bool)
     labels[:, ::97] = True
-    loss, grad = torch.ops.kxops.zlpr(logits, labels, True)
+    loss, grad = torch.ops.kxops.zlpr(logits, labels, [True])
     tail = slice(rows - 4, rows)
     expected = loss_and_grad(lambda s: ref.zlpr_loss(s, labels[tail], reduction="none"),
                              logits[tail], torch.ones(4, device="cuda"))
@@ -593,71 +593,96 @@ def test_nan_logit_row_gradient_only_where_its_sum_reaches():
 DIRECT_BAD_CALLS = {
     # name: (call on torch.ops.kxops, Python error type, message pattern)
     # reduction is a schema str: torch's argument parser refuses anything else by name.
-    "zlpr bool reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, True)",
+    "zlpr bool reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), [True], True)",
                             "RuntimeError", "reduction"),
     "sparse bool reduction": ("sparse_zlpr(torch.randn(2, 3), "
-                              "torch.zeros(2, 1, dtype=torch.long), -1, True, True)",
+                              "torch.zeros(2, 1, dtype=torch.long), -1, [True], True)",
                               "RuntimeError", "reduction"),
-    "zlpr unknown reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True, 'avg')",
-                               "ValueError", "reduction must be 'mean', 'sum' or 'none'"),
+    "zlpr unknown reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), [True], 'avg')",
+                               "ValueError",
+                               "kxops.zlpr: reduction must be 'mean', 'sum' or 'none'"),
     "sparse unknown reduction": ("sparse_zlpr(torch.randn(2, 3), "
-                                 "torch.zeros(2, 1, dtype=torch.long), -1, True, 'Mean')",
-                                 "ValueError", "got 'Mean'"),
-    "zlpr int logits": ("zlpr(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), True)",
-                        "TypeError", "logits"),
+                                 "torch.zeros(2, 1, dtype=torch.long), -1, [True], 'Mean')",
+                                 "ValueError", "kxops.sparse_zlpr: reduction must be"),
+    "zlpr int logits": ("zlpr(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), [True])",
+                        "TypeError", "kxops.zlpr: logits must be a float64, float32, float16 or "
+                        "bfloat16 tensor, got torch.int64"),
     "zlpr float8 logits": ("zlpr(torch.ones(2, 3).to(torch.float8_e4m3fn), torch.ones(2, 3), "
-                           "True)", "TypeError", "logits"),
-    "zlpr 0-dim logits": ("zlpr(torch.tensor(1.0), torch.tensor(1.0), True)", "ValueError",
-                          "class dim"),
-    "zlpr short labels": ("zlpr(torch.randn(64, 300), torch.ones(2, 3), True)", "ValueError",
-                          "labels shape"),
-    "zlpr long labels": ("zlpr(torch.randn(2, 3), torch.ones(2, 3, 5), False)", "ValueError",
-                         "labels shape"),
+                           "[True])", "TypeError", "got torch.float8_e4m3fn"),
+    "zlpr 0-dim logits": ("zlpr(torch.tensor(1.0), torch.tensor(1.0), [True])", "ValueError",
+                          "kxops.zlpr: logits must have at least 1 dim (the class dim)"),
+    "zlpr short labels": ("zlpr(torch.randn(64, 300), torch.ones(2, 3), [True])", "ValueError",
+                          "kxops.zlpr: labels shape (2, 3) must equal logits shape (64, 300)"),
+    "zlpr long labels": ("zlpr(torch.randn(2, 3), torch.ones(2, 3, 5), [False])", "ValueError",
+                         "labels shape (2, 3, 5)"),
     "zlpr complex labels": ("zlpr(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.cfloat), "
-                            "True)", "TypeError", "labels"),
+                            "[True])", "TypeError", "labels"),
     "sparse int logits": ("sparse_zlpr(torch.ones(2, 3, dtype=torch.int32), "
-                          "torch.zeros(2, 1, dtype=torch.long), -1, True)", "TypeError",
-                          "logits"),
-    "sparse float positives": ("sparse_zlpr(torch.randn(2, 3), torch.zeros(2, 1), -1, True)",
-                               "TypeError", "positives"),
+                          "torch.zeros(2, 1, dtype=torch.long), -1, [True])", "TypeError",
+                          "kxops.sparse_zlpr: logits must be"),
+    "sparse float positives": ("sparse_zlpr(torch.randn(2, 3), torch.zeros(2, 1), -1, [True])",
+                               "TypeError", "kxops.sparse_zlpr: positives must be an int32 or "
+                               "int64 tensor, got torch.float32"),
     "sparse uint16 positives": ("sparse_zlpr(torch.randn(2, 3), "
-                                "torch.zeros(2, 1, dtype=torch.uint16), -1, True)",
+                                "torch.zeros(2, 1, dtype=torch.uint16), -1, [True])",
                                 "TypeError", "positives"),
     "sparse positives rows": ("sparse_zlpr(torch.randn(64, 3), "
-                              "torch.zeros(2, 1, dtype=torch.long), -1, True)", "ValueError",
-                              "positives shape"),
+                              "torch.zeros(2, 1, dtype=torch.long), -1, [True])", "ValueError",
+                              "kxops.sparse_zlpr: positives shape (2, 1) must be "
+                              "logits.shape[:-1] + (P,) = (64,) + (P,)"),
     "sparse positives dims": ("sparse_zlpr(torch.randn(2, 3, 4), "
-                              "torch.zeros(2, 1, dtype=torch.long), -1, True)", "ValueError",
+                              "torch.zeros(2, 1, dtype=torch.long), -1, [True])", "ValueError",
                               "positives shape"),
     "sparse index too big": ("sparse_zlpr(torch.randn(2, 3), torch.tensor([[0], [3]]), -1, "
-                             "True)", "IndexError", "out of range"),
+                             "[True])", "IndexError",
+                             "kxops.sparse_zlpr: positives holds class index 3, out of range"),
     "sparse index negative": ("sparse_zlpr(torch.randn(2, 3), "
-                              "torch.tensor([[0], [-2]], dtype=torch.int32), -1, True)",
+                              "torch.tensor([[0], [-2]], dtype=torch.int32), -1, [True])",
                               "IndexError", "out of range"),
     "sparse wrapped ignore_index": ("sparse_zlpr(torch.randn(1, 3), "
                                     "torch.tensor([[0, -1]], dtype=torch.int32), 2**32 - 1, "
-                                    "True)", "IndexError", "out of range"),
+                                    "[True])", "IndexError", "out of range"),
+    "sparse negative grad_filter": ("sparse_zlpr(torch.randn(2, 3), "
+                                    "torch.zeros(2, 1, dtype=torch.long), -1, [True], 'none', "
+                                    "-1.0)", "ValueError", "kxops.sparse_zlpr: grad_filter"),
     "backward short grad_loss": ("zlpr_backward(torch.ones(2), torch.randn(64, 300))",
-                                 "ValueError", "grad_loss shape"),
+                                 "ValueError", "kxops.zlpr_backward: grad_loss shape (2,) "
+                                 "must be grad.shape[:-1] = (64,)"),
     "backward long grad_loss": ("zlpr_backward(torch.ones(64, 5), torch.randn(64, 3))",
-                                "ValueError", "grad_loss shape"),
+                                "ValueError", "grad_loss shape (64, 5)"),
     "backward 0-dim grad": ("zlpr_backward(torch.tensor(1.0), torch.tensor(2.0))",
-                            "ValueError", "grad_loss shape"),
+                            "ValueError", "kxops.zlpr_backward: grad must have at least 1 dim"),
     "backward int grad": ("zlpr_backward(torch.ones(2), torch.ones(2, 3, dtype=torch.long))",
-                          "TypeError", "grad must"),
+                          "TypeError", "kxops.zlpr_backward: grad must"),
     "backward int grad_loss": ("zlpr_backward(torch.ones(2, dtype=torch.long), "
                                "torch.ones(2, 3))", "TypeError", "grad_loss must"),
-    # zlpr_backward is device-generic: a sparse tensor would reach ATen's internals.
+    # zlpr_backward has no kernel of its own: a sparse tensor would reach ATen's internals.
     "backward sparse grad_loss": ("zlpr_backward(torch.ones(2).to_sparse(), torch.ones(2, 3))",
                                   "TypeError", "grad_loss must be a dense (strided) tensor"),
     "backward CSR grad": ("zlpr_backward(torch.ones(2), torch.ones(2, 3).to_sparse_csr())",
                           "TypeError", "grad must be a dense (strided) tensor"),
-    "zlpr None logits": ("zlpr(None, torch.ones(2, 3), True)", "TypeError",
-                         "logits must be a tensor, got None"),
-    "sparse None positives": ("sparse_zlpr(torch.randn(2, 3), None, -1, True)", "TypeError",
-                              "positives must be a tensor, got None"),
-    "zlpr bits8 labels": ("zlpr(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8), True)",
-                          "TypeError", "labels must be a bool, integer or floating-point"),
+    "zlpr None logits": ("zlpr(None, torch.ones(2, 3), [True])", "TypeError",
+                         "kxops.zlpr: logits must be a tensor, got None"),
+    "sparse None positives": ("sparse_zlpr(torch.randn(2, 3), None, -1, [True])", "TypeError",
+                              "kxops.sparse_zlpr: positives must be a tensor, got None"),
+    "backward None grad": ("zlpr_backward(torch.ones(2), None)", "TypeError",
+                           "kxops.zlpr_backward: grad must be a tensor, got None"),
+    "zlpr bits8 labels": ("zlpr(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8), "
+                          "[True])", "TypeError",
+                          "labels must be a bool, integer or floating-point"),
+    # grad_mask: a list of one flag. The schema's bool[1] fixes the element type only.
+    "zlpr long grad_mask": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), [True, True])",
+                            "ValueError", "kxops.zlpr: grad_mask must hold 1 flag (logits), "
+                            "got 2"),
+    "zlpr empty grad_mask": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), [])", "ValueError",
+                             "kxops.zlpr: grad_mask must hold 1 flag"),
+    "sparse long grad_mask": ("sparse_zlpr(torch.randn(2, 3), "
+                              "torch.zeros(2, 1, dtype=torch.long), -1, [False, True])",
+                              "ValueError", "kxops.sparse_zlpr: grad_mask must hold 1 flag"),
+    "zlpr bool grad_mask": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), True)", "RuntimeError",
+                            "grad_mask"),
+    "zlpr None grad_mask": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), None)", "RuntimeError",
+                            "grad_mask"),
 }
 
 
@@ -672,15 +697,123 @@ def test_direct_ops_reject_bad_arguments():
         assert pattern in outcomes[name], (name, outcomes[name])
 
 
+# Each argument of each op wrong in turn (None, a wrong dtype, shape or device, a grad_mask of
+# another length), the others right: {op: (the right arguments, {argument: wrong values})}.
+ARGUMENT_ATTACKS = {
+    "zlpr": ("L, Y, [True], 'mean'", {
+        "logits": ["None", "L.long()", "L[:3]", "L.to('meta')", "L.to_sparse()", "L[0, 0]"],
+        "labels": ["None", "Y.to(torch.cfloat)", "Y[:, :3]", "Y.to('meta')", "Y.to_sparse()"],
+        "grad_mask": ["None", "True", "[]", "[True, True]", "[L]"],
+        "reduction": ["None", "'avg'", "3"],
+    }),
+    "sparse_zlpr": ("L, P, -1, [True], 'mean', 0.0", {
+        "logits": ["None", "L.long()", "L[:3]", "L.to('meta')", "L.to_sparse()", "L[0, 0]"],
+        "positives": ["None", "P.float()", "P[:3]", "P.to('meta')", "P + 10", "P - 2",
+                      "P[..., None]"],
+        "ignore_index": ["None", "1.5", "L"],
+        "grad_mask": ["None", "True", "[]", "[True, False]"],
+        "reduction": ["None", "'avg'"],
+        "grad_filter": ["None", "-1.0", "float('nan')", "float('inf')", "L"],
+    }),
+    "zlpr_backward": ("GL, G", {
+        "grad_loss": ["None", "GL.long()", "GL[:3]", "GL.to('meta')", "GL.to_sparse()",
+                      "GL[0]"],
+        "grad": ["None", "G.long()", "G[:3]", "G.to('meta')", "G.to_sparse_csr()", "G[0, 0]"],
+    }),
+}
+ATTACK_PRELUDE = """
+L = torch.randn(4, 5)
+Y = torch.rand(4, 5) < 0.5
+P = torch.tensor([[0, 1], [2, -1], [4, 4], [-1, -1]])
+GL, G = torch.rand(4), torch.randn(4, 5)
+"""
+
+
+def attack_calls():
+    """{case: (op, argument, the call)} for every wrong value of ARGUMENT_ATTACKS."""
+    calls = {}
+    for op, (right, wrong_values) in ARGUMENT_ATTACKS.items():
+        args = [a.strip() for a in right.split(", ")]
+        for position, (argument, values) in enumerate(wrong_values.items()):
+            for value in values:
+                call_args = [*args[:position], value, *args[position + 1:]]
+                calls[f"{op} {argument}={value}"] = (
+                    op, argument, f"torch.ops.kxops.{op}({', '.join(call_args)})")
+    return calls
+
+
+def test_direct_ops_refuse_each_argument_wrong_in_turn():
+    """Each argument wrong in turn, in one subprocess (a crash shows as the case it stopped
+    at): an exception every time, of the op's own words (kxops.<op>:, from the C++ op or its
+    fake kernel for a meta tensor) or, where the schema's type refuses the value, torch's
+    argument parser naming the argument."""
+    calls = attack_calls()
+    outcomes = direct_call_outcomes({case: call for case, (_, _, call) in calls.items()},
+                                    prelude=ATTACK_PRELUDE)
+    for case, (op, argument, _) in calls.items():
+        error, _, message = outcomes[case].partition(" ")
+        # A sparse tensor selects a sparse dispatch key, where a forward op has no kernel.
+        assert (message.startswith(f"kxops.{op}: ")
+                or (error == "RuntimeError" and f"argument '{argument}'" in message)
+                or (error == "NotImplementedError" and "to_sparse" in case
+                    and f"'kxops::{op}' with arguments from the 'SparseCPU' backend" in message)
+                ), (case, outcomes[case])
+
+
+# The same bad argument through each layer that checks it: the C++ op, its fake kernel (meta
+# tensors) and the public wrapper. {case: (the op's prefix, call)}
+PREFIX_CASES = {
+    "zlpr op": ("kxops.zlpr:", lambda d: torch.ops.kxops.zlpr(
+        torch.randn(2, 3, device=d), torch.ones(2, 4, device=d), [True])),
+    "zlpr wrapper": ("kxops.zlpr:", lambda d: kxops.zlpr_loss(
+        torch.randn(2, 3, device=d), torch.ones(2, 4, device=d))),
+    "sparse_zlpr op": ("kxops.sparse_zlpr:", lambda d: torch.ops.kxops.sparse_zlpr(
+        torch.randn(2, 3, device=d), torch.zeros(3, 1, dtype=torch.long, device=d), -1,
+        [True])),
+    "sparse_zlpr wrapper": ("kxops.sparse_zlpr:", lambda d: kxops.sparse_zlpr_loss(
+        torch.randn(2, 3, device=d), torch.zeros(3, 1, dtype=torch.long, device=d))),
+    "sparse_zlpr op grad_filter": ("kxops.sparse_zlpr:", lambda d: torch.ops.kxops.sparse_zlpr(
+        torch.randn(2, 3, device=d), torch.zeros(2, 1, dtype=torch.long, device=d), -1,
+        [True], "mean", -1.0)),
+    "sparse_zlpr wrapper grad_filter": ("kxops.sparse_zlpr:", lambda d: kxops.sparse_zlpr_loss(
+        torch.randn(2, 3, device=d), torch.zeros(2, 1, dtype=torch.long, device=d),
+        grad_filter=-1.0)),
+    "sparse_zlpr op index": ("kxops.sparse_zlpr:", lambda d: torch.ops.kxops.sparse_zlpr(
+        torch.randn(2, 3, device=d), torch.full((2, 1), 7, device=d), -1, [True])),
+    "sparse_zlpr wrapper index": ("kxops.sparse_zlpr:", lambda d: kxops.sparse_zlpr_loss(
+        torch.randn(2, 3, device=d), torch.full((2, 1), 7, device=d))),
+    "zlpr_backward op": ("kxops.zlpr_backward:", lambda d: torch.ops.kxops.zlpr_backward(
+        torch.ones(3, device=d), torch.randn(2, 3, device=d))),
+    "zlpr op grad_mask": ("kxops.zlpr:", lambda d: torch.ops.kxops.zlpr(
+        torch.randn(2, 3, device=d), torch.ones(2, 3, device=d), [True, True])),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFIX_CASES))
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_messages_start_with_the_op_prefix(case, where):
+    """Every layer words an error alike: `kxops.<op>: ` first, whichever raised it."""
+    if where == "cpu":
+        needs_kernel("zlpr", "cpu")
+    elif "index" in case:
+        pytest.skip("a meta tensor holds no ids to range-check")
+    prefix, call = PREFIX_CASES[case]
+    with pytest.raises((TypeError, ValueError, IndexError)) as info:
+        call(where)
+    assert str(info.value).startswith(prefix + " "), str(info.value)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_direct_ops_reject_mixed_devices():
     needs_kernel("zlpr", "cuda")
     logits = torch.randn(2, 3, device="cuda")
     calls = [
-        (lambda: torch.ops.kxops.zlpr(logits, torch.ones(2, 3), True), "labels are on"),
+        (lambda: torch.ops.kxops.zlpr(logits, torch.ones(2, 3), [True]),
+         "kxops.zlpr: labels is on cpu but logits is on cuda"),
         (lambda: torch.ops.kxops.sparse_zlpr(logits, torch.zeros(2, 1, dtype=torch.long), -1,
-                                             True), "positives are on"),
+                                             [True]),
+         "kxops.sparse_zlpr: positives is on cpu but logits is on cuda"),
         (lambda: torch.ops.kxops.zlpr_backward(torch.ones(2), logits), "grad_loss is on"),
     ]
     for call, message in calls:
@@ -756,12 +889,12 @@ def test_direct_op_without_computed_gradient_still_differentiates():
     """A direct call with compute_grad=False: backward recomputes the gradient."""
     logits, labels = random_problem((3, 7), soft=True, dtype=torch.float64)
     leaf = logits.detach().requires_grad_(True)
-    torch.ops.kxops.zlpr(leaf, labels, False)[0].sum().backward()
+    torch.ops.kxops.zlpr(leaf, labels, [False])[0].sum().backward()
     assert_close(leaf.grad, torch.func.grad(lambda s: ref.zlpr_loss(s, labels,
                                                                     reduction="sum"))(logits))
 
 
-# --- the backward hands on the forward's gradient --------------------------------------------
+# --- the backward returns the forward's gradient ----------------------------------------------
 
 
 def dense_and_sparse_losses(shape, dtype=torch.float32, device="cpu"):
@@ -820,7 +953,7 @@ def test_a_direct_callers_gradient_output_stays_theirs(device, keep):
     needs_kernel("zlpr", device)
     logits, labels = random_problem((4, 9), soft=True, dtype=torch.float64, device=device)
     leaf = logits.detach().requires_grad_(True)
-    loss, grad = torch.ops.kxops.zlpr(leaf, labels, True, "mean")
+    loss, grad = torch.ops.kxops.zlpr(leaf, labels, [True], "mean")
     grad = {"itself": grad, "detached": grad.detach(), "data": grad.data,
             "view": grad.view(-1)}[keep]
     kept = grad.clone()
@@ -892,8 +1025,8 @@ def test_third_derivatives_through_the_gradient_output(device):
     logits, labels = random_problem((3, 5), soft=True, dtype=torch.float64, device=device)
     positives = torch.tensor([[0, 3], [1, -1], [-1, -1]], device=device)
     for reduction in ("none", "mean", "sum"):
-        for call in (lambda s, r=reduction: torch.ops.kxops.zlpr(s, labels, True, r),
-                     lambda s, r=reduction: torch.ops.kxops.sparse_zlpr(s, positives, -1, True,
+        for call in (lambda s, r=reduction: torch.ops.kxops.zlpr(s, labels, [True], r),
+                     lambda s, r=reduction: torch.ops.kxops.sparse_zlpr(s, positives, -1, [True],
                                                                         r)):
             assert torch.autograd.gradgradcheck(call, (logits.clone().requires_grad_(True),))
 
@@ -907,8 +1040,8 @@ def test_reduction_reduces_the_row_losses_and_their_gradient(device, shape):
     # Class 0, or padding where there is no class.
     positives = torch.full((*shape[:-1], 1), min(0, shape[-1] - 1), device=device)
     rows = max(math.prod(shape[:-1]), 1)
-    for call in (lambda r: torch.ops.kxops.zlpr(logits, labels, True, r),
-                 lambda r: torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, r)):
+    for call in (lambda r: torch.ops.kxops.zlpr(logits, labels, [True], r),
+                 lambda r: torch.ops.kxops.sparse_zlpr(logits, positives, -1, [True], r)):
         row_loss, grad = call("none")
         assert row_loss.shape == shape[:-1]
         for reduction, scale in (("mean", 1 / rows), ("sum", 1)):
@@ -998,17 +1131,17 @@ def test_meta_and_cpu_kernels_refuse_the_same_label_dtypes():
         for device in ("cpu", "meta"):
             with pytest.raises(TypeError, match="labels must be"):
                 torch.ops.kxops.zlpr(torch.randn(3, 5, device=device),
-                                     torch.empty(3, 5, dtype=dtype, device=device), True)
+                                     torch.empty(3, 5, dtype=dtype, device=device), [True])
 
 
 def test_ops_with_one_meta_tensor_are_refused():
     """A meta tensor among real ones reaches the fake kernels, which refuse the mix."""
     logits = torch.randn(3, 5)
     with pytest.raises(RuntimeError, match="labels is on meta but logits is on cpu"):
-        torch.ops.kxops.zlpr(logits, torch.zeros(3, 5, device="meta"), True)
+        torch.ops.kxops.zlpr(logits, torch.zeros(3, 5, device="meta"), [True])
     with pytest.raises(RuntimeError, match="positives is on meta but logits is on cpu"):
         torch.ops.kxops.sparse_zlpr(logits, torch.zeros(3, 2, dtype=torch.long, device="meta"),
-                                    -1, True)
+                                    -1, [True])
     with pytest.raises(RuntimeError, match="grad_loss is on meta but grad is on cpu"):
         torch.ops.kxops.zlpr_backward(torch.ones(3, device="meta"), logits)
 
@@ -1044,11 +1177,11 @@ def test_grad_filter_keeps_the_mean_gradient_bit_for_bit(dtype, classes):
     labels = ref.positives_to_dense(positives, -1, classes)
     op = torch.ops.kxops.sparse_zlpr
     for f in (2.0**-12, 0.01, 0.5):
-        unscaled = op(logits, positives, -1, True, "none")[1]
+        unscaled = op(logits, positives, -1, [True], "none")[1]
         drop = ~labels & (unscaled < f)
         assert drop.any() and (~drop & ~labels & (unscaled != 0)).any()
-        exact = op(logits, positives, -1, True, "mean")[1]
-        got = op(logits, positives, -1, True, "mean", f)[1]
+        exact = op(logits, positives, -1, [True], "mean")[1]
+        got = op(logits, positives, -1, [True], "mean", f)[1]
         torch.testing.assert_close(got, torch.where(drop, 0, exact), rtol=0, atol=0,
                                    equal_nan=True)
         leaf = logits.clone().requires_grad_()

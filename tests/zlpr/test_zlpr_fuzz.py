@@ -259,15 +259,15 @@ def test_fuzz_direct_ops_wrong_arguments_never_crash():
             grad_loss, grad = torch.rand(rows), torch.randn(rows, n)
             ops = torch.ops.kxops
             call = {{
-                "labels shape": lambda: ops.zlpr(logits, torch.ones(rows + extra, n), True),
-                "labels dtype": lambda: ops.zlpr(logits, labels.to(torch.complex64), True),
-                "logits dtype": lambda: ops.zlpr(logits.int(), labels, True),
+                "labels shape": lambda: ops.zlpr(logits, torch.ones(rows + extra, n), [True]),
+                "labels dtype": lambda: ops.zlpr(logits, labels.to(torch.complex64), [True]),
+                "logits dtype": lambda: ops.zlpr(logits.int(), labels, [True]),
                 "positives shape": lambda: ops.sparse_zlpr(
-                    logits, torch.zeros(rows + extra, 2, dtype=torch.long), -1, True),
-                "positives dtype": lambda: ops.sparse_zlpr(logits, positives.short(), -1, True),
+                    logits, torch.zeros(rows + extra, 2, dtype=torch.long), -1, [True]),
+                "positives dtype": lambda: ops.sparse_zlpr(logits, positives.short(), -1, [True]),
                 "positives index": lambda: ops.sparse_zlpr(
                     torch.randn(rows + 1, n), torch.full((rows + 1, 1), n + extra - 1), -1,
-                    True),
+                    [True]),
                 "grad_loss shape": lambda: ops.zlpr_backward(torch.rand(rows + extra), grad),
                 "grad_loss dtype": lambda: ops.zlpr_backward(grad_loss.long(), grad),
                 "grad dtype": lambda: ops.zlpr_backward(grad_loss, grad.long()),
@@ -300,8 +300,8 @@ def test_fuzz_grad_filter_drops_exactly_the_negatives_below_it(rows, n, per_row,
     positives = torch.randint(-1, max(n, 1), (rows, per_row), generator=gen) if n else \
         torch.full((rows, per_row), -1)
     f = 2.0**exponent
-    loss, exact = torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, "none")
-    loss_f, got = torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, "none", f)
+    loss, exact = torch.ops.kxops.sparse_zlpr(logits, positives, -1, [True], "none")
+    loss_f, got = torch.ops.kxops.sparse_zlpr(logits, positives, -1, [True], "none", f)
     labels = ref.positives_to_dense(positives, -1, n)
     drop = ~labels & (exact < f)
     torch.testing.assert_close(loss_f, loss, rtol=0, atol=0, equal_nan=True)
