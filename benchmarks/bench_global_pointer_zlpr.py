@@ -124,7 +124,7 @@ def surviving_fraction(qk, positives, mask):
     """The fraction of the scored spans' gradient entries that survive GRAD_FILTER."""
     with torch.no_grad():
         grid = global_pointer_logits(qk[0], qk[1], mask).flatten(-2)
-        grad = torch.ops.kxops.sparse_zlpr(grid, positives, -1, True, "none", GRAD_FILTER)[1]
+        grad = torch.ops.kxops.sparse_zlpr(grid, positives, -1, [True], "none", GRAD_FILTER)[1]
     return ((grad != 0).sum() / (grid > -float("inf")).sum()).item()
 
 

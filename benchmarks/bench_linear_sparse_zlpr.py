@@ -82,7 +82,7 @@ def trained_inputs(shape, device):
 def surviving_fraction(x, w, b, positives):
     """The fraction of the logits' gradient entries that survive GRAD_FILTER."""
     with torch.no_grad():
-        grad = torch.ops.kxops.sparse_zlpr(F.linear(x, w, b), positives, -1, True, "none",
+        grad = torch.ops.kxops.sparse_zlpr(F.linear(x, w, b), positives, -1, [True], "none",
                                            GRAD_FILTER)[1]
     return (grad != 0).float().mean().item()
 

@@ -18,11 +18,6 @@
 
 namespace kxops::zlpr {
 
-// Until the fused heads' headers call the checks of checks.h by their kxops:: names.
-using kxops::check_grad_filter;
-using kxops::check_reduction;
-using kxops::is_kernel_float;
-
 inline void check_logits(const char* op, const at::Tensor& logits) {
   check_kernel_float(op, "logits", logits);
   TORCH_CHECK_VALUE(logits.dim() >= 1, "kxops.", op,

@@ -98,8 +98,8 @@ def check_real_values(op, name, t):
     check_dense(op, name, t)
     floating = t.is_floating_point() and t.dtype != torch.float4_e2m1fn_x2
     if not floating and t.dtype not in INTEGER_LABEL_DTYPES:
-        raise TypeError(f"kxops.{op}: {name} must be bool, integer or floating point, got "
-                        f"{t.dtype}")
+        raise TypeError(f"kxops.{op}: {name} must be a bool, integer or floating-point tensor, "
+                        f"got {t.dtype}")
 
 
 def check_ids(op, name, t):

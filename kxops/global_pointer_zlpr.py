@@ -10,11 +10,6 @@ from kxops.reference.zlpr import in_dtype, opmath_dtype
 _OP = "global_pointer_zlpr"
 
 
-def _autocast_enabled(device_type):
-    # is_autocast_enabled raises for device types without autocast (meta, ...).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor,
                              mask=None, *, start_bias=None, end_bias=None, tril: bool = True,
                              ignore_index: int = -1, reduction: str = "mean", block_bytes=None,
@@ -61,12 +56,8 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
     Without a compiled kernel for the device (or under a ``torch.func`` transform) the
     materialised reference runs.
     """
-    if (isinstance(q, torch.Tensor) and _autocast_enabled(q.device.type)
-            and q.is_floating_point() and q.dtype != torch.float64):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, start_bias, end_bias = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (q, k, start_bias, end_bias))
+    # The span scores run in the autocast dtype, as a matmul's would.
+    q, k, start_bias, end_bias = _ext.autocast(q, q, k, start_bias, end_bias)
     _checks.check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tril,
                                         ignore_index, reduction)
     block_bytes = _checks.check_global_pointer_block_bytes(block_bytes)
@@ -76,9 +67,7 @@ def global_pointer_zlpr_loss(q: torch.Tensor, k: torch.Tensor, positives: torch.
                                             end_bias=end_bias, tril=tril,
                                             ignore_index=ignore_index, reduction=reduction,
                                             grad_filter=grad_filter)
-    grad_enabled = torch.is_grad_enabled()
-    grad_mask = [grad_enabled and t is not None and t.requires_grad
-                 for t in (q, k, start_bias, end_bias)]
+    grad_mask = [_ext.needs_grad(t) for t in (q, k, start_bias, end_bias)]
     loss = torch.ops.kxops.global_pointer_zlpr(q, k, positives, mask, start_bias, end_bias, tril,
                                                ignore_index, reduction, grad_mask, block_bytes,
                                                grad_filter)[0]

@@ -4,19 +4,11 @@ kxops::linear_sparse_zlpr and its recompute ops; label parallel over torch.distr
 import zlib
 
 import torch
+import torch.distributed as dist
 
 from kxops import _checks, _ext
 from kxops.reference import linear_sparse_zlpr as ref
 from kxops.reference import zlpr as zlpr_ref
-
-
-def _needs_grad(t):
-    return t is not None and torch.is_grad_enabled() and t.requires_grad
-
-
-def _autocast_enabled(device_type):
-    # is_autocast_enabled raises for device types without autocast (meta, ...).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def block_rows_for(rows, weight):
@@ -79,12 +71,8 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
     (``ValueError`` otherwise).
     """
     grad_filter = _checks.check_grad_filter("linear_sparse_zlpr", grad_filter)
-    if (isinstance(input, torch.Tensor) and _autocast_enabled(input.device.type)
-            and input.is_floating_point() and input.dtype != torch.float64):
-        # The logits GEMM runs in the autocast dtype, as F.linear's would.
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight, bias = (t.to(dtype) if isinstance(t, torch.Tensor) else t
-                               for t in (input, weight, bias))
+    # The logits GEMM runs in the autocast dtype, as F.linear's would.
+    input, weight, bias = _ext.autocast(input, input, weight, bias)
     if process_group is not None:
         return _label_parallel(input, weight, bias, positives, ignore_index, reduction,
                                block_rows, process_group, grad_filter)
@@ -95,7 +83,7 @@ def linear_sparse_zlpr_loss(input: torch.Tensor, weight: torch.Tensor, positives
                                            ignore_index=ignore_index, reduction=reduction,
                                            grad_filter=grad_filter)
     # "none": the gradients need each row's upstream gradient; backward computes them.
-    grad_mask = [reduction != "none" and _needs_grad(t) for t in (input, weight, bias)]
+    grad_mask = [reduction != "none" and _ext.needs_grad(t) for t in (input, weight, bias)]
     # The op's grad_filter argument only when set: its default call stays the one of before.
     options = (grad_filter,) if grad_filter else ()
     loss = torch.ops.kxops.linear_sparse_zlpr(input, weight, bias, positives, ignore_index,
@@ -156,8 +144,6 @@ class _Recompute(torch.autograd.Function):
 
 def _merge_over_ranks(partials, group):
     """Each row's log-sums over all ranks' slices (exact: a log-sum-exp of log-sums)."""
-    import torch.distributed as dist
-
     gathered = [torch.empty_like(partials) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, partials.contiguous(), group=group)
     return torch.stack(gathered).logsumexp(0)
@@ -167,8 +153,6 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
                     group, grad_filter):
     """Checks every rank's arguments in one first collective (a bad argument raises on every
     rank, nothing waits for a rank that raised), then the recompute path over the ranks."""
-    import torch.distributed as dist
-
     error, row = None, [0, 0, 0, 0, -1]
     try:  # whatever fails here (a bad argument, meta tensors) must reach every rank
         block = _checks.check_block_rows(block_rows)
@@ -178,7 +162,7 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
         # What must agree across ranks, reduced to a few integers; whether input needs a
         # gradient decides whether backward all-reduces it.
         key = zlib.crc32(repr((shape, str(input.dtype), ignore_index, reduction,
-                               _needs_grad(input), grad_filter)).encode())
+                               _ext.needs_grad(input), grad_filter)).encode())
         row = [1, weight.shape[0], key, int(ids.min()) if ids.numel() else 0,
                int(ids.max()) if ids.numel() else -1]
     except Exception as exc:

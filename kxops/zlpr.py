@@ -153,7 +153,7 @@ class _PublicLoss(torch.autograd.Function):
 def _loss(call, logits, targets):
     """The loss of a public wrapper's call of the op. Under torch.compile the op's registered
     autograd runs (its traced backward has no values to test grad_loss with)."""
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    needs_grad = _ext.needs_grad(logits)
     # An fp16 gradient from the forward serves only to be returned as it is, which is CPU-only:
     # elsewhere fp16's backward recomputes it in fp32.
     compute_grad = needs_grad and (logits.dtype != torch.float16 or logits.device.type == "cpu")

@@ -1034,7 +1034,7 @@ def test_grad_filter_matches_the_filtered_reference(dtype, problem):
 def test_grad_filter_independent_of_chunks_and_threads():
     q, k, pos, m = trained_like(dtype=torch.float32)
     logits = ref.global_pointer_logits(q, k, m).flatten(-2)
-    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, [True], "none", FILTER)[1]
     assert 0 < (grad != 0).float().mean() < 0.02  # the sparse products run
     want = loss_and_grads(fused, q, k, pos, m, None, None, grad_filter=FILTER)
     saved = torch.get_num_threads()
@@ -1060,7 +1060,7 @@ def test_grad_filter_sparse_kernel_route_is_the_dense_route(biases, masked):
     q[0] = 0.3 * torch.randn(q[0].shape, generator=gen)
     k[0] = torch.randn(k[0].shape, generator=gen)
     logits = ref.global_pointer_logits(q, k, m).flatten(-2)
-    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, [True], "none", FILTER)[1]
     assert (grad[0] != 0).float().mean() > 0.1 and (grad[1] != 0).float().mean() < 0.01
     sb = eb = None
     if biases:
@@ -1103,7 +1103,7 @@ def test_grad_filter_one_dense_block(threads):
     q[:, :, 256:, -1] = 0.0  # the spans of the last block (rows 256..) near 0: they survive
     pos = torch.tensor([[[3 * length + 10, 270 * length + 280]] * 2])
     logits = ref.global_pointer_logits(q, k, None).flatten(-2)
-    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, True, "none", FILTER)[1]
+    grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, [True], "none", FILTER)[1]
     assert 0 < (grad != 0).double().mean() < 0.05
     saved = torch.get_num_threads()
     try:

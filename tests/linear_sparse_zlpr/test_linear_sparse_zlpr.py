@@ -813,7 +813,7 @@ def trained_like(rows=64, d=256, classes=2048, per_row=3, dtype=torch.float64, s
 
 def logits_grad(logits, positives, reduction, grad_filter):
     """d loss / d logits of the sparse ZLPR op (its gradient output)."""
-    return torch.ops.kxops.sparse_zlpr(logits, positives, -1, True, reduction, grad_filter)[1]
+    return torch.ops.kxops.sparse_zlpr(logits, positives, -1, [True], reduction, grad_filter)[1]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -1028,7 +1028,7 @@ def test_grad_filter_direct_op_errors_in_a_subprocess():
                 lambda: ops.linear_sparse_zlpr_backward(g, x, w, b, p, -1, m, 0, bad),
                 lambda: ops.linear_sparse_zlpr_partials_backward(g, z, x, w, b, p, -1, 0, 5, m,
                                                                  0, bad),
-                lambda: ops.sparse_zlpr(x, p, -1, True, "none", bad),
+                lambda: ops.sparse_zlpr(x, p, -1, [True], "none", bad),
             ):
                 try:
                     call()

@@ -193,7 +193,7 @@ def test_compile_fullgraph():
     (lambda: kxops.sparse_zlpr_loss(torch.randn(2, 3), torch.tensor([[0], [1]]).to_sparse()),
      TypeError, "positives must be a dense"),
     (lambda: kxops.zlpr_loss(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8)),
-     TypeError, "labels must be bool, integer or floating point"),
+     TypeError, "labels must be a bool, integer or floating-point tensor"),
 ])
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
