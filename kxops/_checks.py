@@ -361,7 +361,7 @@ def _check_global_pointer_operands(q, k, start_bias, end_bias):
 def _check_global_pointer_positives_and_mask(q, positives, mask):
     """positives [batch, heads, P] of span ids; mask [batch, L] of any real values."""
     batch, heads, length, _ = q.shape
-    check_ids(_GP, "positives", positives, "span ids")
+    check_ids(_GP, "positives", positives)
     if positives.dim() != 3 or positives.shape[:2] != (batch, heads):
         raise ValueError(f"kxops.{_GP}: positives must be [batch, heads, P] = {(batch, heads)} "
                          f"+ (P,), got shape {tuple(positives.shape)}")

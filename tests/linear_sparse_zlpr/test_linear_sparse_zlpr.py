@@ -419,10 +419,6 @@ def test_every_argument_wrong_in_turn_in_a_subprocess():
             assert message.startswith(f"kxops.{op}: "), (case, outcome)
 
 
-# Where the shared checks' words differ today between csrc/checks.h and kxops/_checks.py
-# (check_ids: "tensor of class indices"; check_reduction: "one of (...)"): type and op only.
-
-
 def test_fake_kernels_say_what_the_cpp_ops_say():
     """Each wrong dtype, shape or value of ATTACK_CALLS: the fake kernels (every tensor on
     meta, in this process: Python only) raise what the C++ ops raise on CPU."""

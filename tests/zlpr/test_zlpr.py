@@ -600,7 +600,7 @@ DIRECT_BAD_CALLS = {
                               "RuntimeError", "reduction"),
     "zlpr unknown reduction": ("zlpr(torch.randn(2, 3), torch.ones(2, 3), [True], 'avg')",
                                "ValueError",
-                               "kxops.zlpr: reduction must be 'mean', 'sum' or 'none'"),
+                               "kxops.zlpr: reduction must be one of ('none', 'sum', 'mean')"),
     "sparse unknown reduction": ("sparse_zlpr(torch.randn(2, 3), "
                                  "torch.zeros(2, 1, dtype=torch.long), -1, [True], 'Mean')",
                                  "ValueError", "kxops.sparse_zlpr: reduction must be"),
@@ -662,11 +662,11 @@ DIRECT_BAD_CALLS = {
     "backward CSR grad": ("zlpr_backward(torch.ones(2), torch.ones(2, 3).to_sparse_csr())",
                           "TypeError", "grad must be a dense (strided) tensor"),
     "zlpr None logits": ("zlpr(None, torch.ones(2, 3), [True])", "TypeError",
-                         "kxops.zlpr: logits must be a tensor, got None"),
+                         "kxops.zlpr: logits must be a Tensor, got None"),
     "sparse None positives": ("sparse_zlpr(torch.randn(2, 3), None, -1, [True])", "TypeError",
-                              "kxops.sparse_zlpr: positives must be a tensor, got None"),
+                              "kxops.sparse_zlpr: positives must be a Tensor, got None"),
     "backward None grad": ("zlpr_backward(torch.ones(2), None)", "TypeError",
-                           "kxops.zlpr_backward: grad must be a tensor, got None"),
+                           "kxops.zlpr_backward: grad must be a Tensor, got None"),
     "zlpr bits8 labels": ("zlpr(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bits8), "
                           "[True])", "TypeError",
                           "labels must be a bool, integer or floating-point"),
