@@ -6,17 +6,20 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <map>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "adax_math.h"
+#include "checks.h"
 
 namespace kxops::adax {
 
@@ -59,6 +62,28 @@ struct Arguments {
   at::IntArrayRef seeds;                             // empty, or one per tensor
 };
 
+constexpr const char* kOp = "adax_";
+
+// "name[i]", the name of element i of a list argument.
+inline std::string element(const char* name, size_t i) {
+  return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
+// The shared checks on element i of a list, its name built only when the check fails (a step
+// checks every tensor).
+inline void check_element_dense(const char* name, size_t i, const at::Tensor& t) {
+  if (!t.defined() || t.is_nested() || t.layout() != at::kStrided) {
+    check_tensor(kOp, element(name, i).c_str(), t);
+  }
+}
+
+inline void check_element_device(const char* name, size_t i, const at::Tensor& t,
+                                 const char* anchor_name, size_t j, const at::Tensor& anchor) {
+  if (t.device() != anchor.device()) {
+    check_same_device(kOp, element(name, i).c_str(), t, element(anchor_name, j).c_str(), anchor);
+  }
+}
+
 inline void check_written(const at::Tensor& t, const char* name, size_t i) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "kxops.adax_: ", name, "[", i,
               "] has elements that share memory (e.g. an expanded tensor); it is written in "
@@ -66,14 +91,14 @@ inline void check_written(const at::Tensor& t, const char* name, size_t i) {
 }
 
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
-                                const at::Device& device) {
+                                const at::Tensor& first_param) {
   if (!t.has_value()) return;
+  check_tensor(kOp, name, *t);
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "kxops.adax_: ", name,
-                   " must be a floating-point tensor, got ", t->scalar_type());
+                   " must be a floating-point tensor, got ", py(t->scalar_type()));
   TORCH_CHECK_VALUE(t->numel() == 1, "kxops.adax_: ", name, " must have one element, got ",
-                    t->numel(), " (shape ", t->sizes(), ")");
-  TORCH_CHECK(t->device() == device, "kxops.adax_: ", name, " is on ", t->device(),
-              " but the params are on ", device);
+                    t->numel(), " (shape ", py(t->sizes()), ")");
+  check_same_device(kOp, name, *t, "params[0]", first_param);
 }
 
 // The state dtype params[i] takes: exp_avgs[i]'s when it is a compact format (bf16 or uint8,
@@ -82,6 +107,26 @@ inline at::ScalarType state_dtype_of(const Arguments& a, size_t i) {
   const auto type = a.params[i].scalar_type();
   const auto given = a.exp_avgs[i].scalar_type();
   return type != at::kDouble && is_compact(given) ? given : at::toOpMathType(type);
+}
+
+// The block scales of 8-bit state, for tensor i.
+inline void check_scales(const Arguments& a, size_t i) {
+  const auto& p = a.params[i];
+  for (const auto& [name, scales] : {std::pair{"exp_avg_scales", a.exp_avg_scales},
+                                     std::pair{"exp_avg_sq_scales", a.exp_avg_sq_scales}}) {
+    TORCH_CHECK_VALUE(scales.size() == a.params.size(), "kxops.adax_: uint8 state needs ", name,
+                      " with one tensor per param, got ", scales.size(), " for ", a.params.size(),
+                      " params");
+    const auto& s = scales[i];
+    check_element_dense(name, i, s);
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kxops.adax_: ", name, "[", i,
+                     "] must be float32, got ", py(s.scalar_type()));
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == blocks_of(p.numel()), "kxops.adax_: ", name, "[",
+                      i, "] must have shape ", py({blocks_of(p.numel())}), " (one scale per ",
+                      kBlock, " elements of params[", i, "]), got ", py(s.sizes()));
+    check_element_device(name, i, s, "params", i, p);
+    check_written(s, name, i);
+  }
 }
 
 // The scales of 8-bit state and the seed of stochastic rounding, for tensor i.
@@ -100,28 +145,11 @@ inline void check_compact_state(const Arguments& a, size_t i) {
     TORCH_CHECK_VALUE(a.seeds[i] >= 0, "kxops.adax_: seeds[", i, "] must be >= 0, got ",
                       a.seeds[i]);
   }
-  if (a.exp_avgs[i].scalar_type() != at::kByte) return;
-  for (const auto& [name, scales] : {std::pair{"exp_avg_scales", a.exp_avg_scales},
-                                     std::pair{"exp_avg_sq_scales", a.exp_avg_sq_scales}}) {
-    TORCH_CHECK_VALUE(scales.size() == a.params.size(), "kxops.adax_: uint8 state needs ", name,
-                      " with one tensor per param, got ", scales.size(), " for ", a.params.size(),
-                      " params");
-    const auto& s = scales[i];
-    TORCH_CHECK(s.layout() == at::kStrided, "kxops.adax_: ", name, "[", i,
-                "] must be a dense tensor, got layout ", s.layout());
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kxops.adax_: ", name, "[", i,
-                     "] must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == blocks_of(p.numel()), "kxops.adax_: ", name, "[",
-                      i, "] must have shape [", blocks_of(p.numel()), "] (one scale per ", kBlock,
-                      " elements of params[", i, "]), got ", s.sizes());
-    TORCH_CHECK(s.device() == p.device(), "kxops.adax_: ", name, "[", i, "] is on ", s.device(),
-                " but params[", i, "] is on ", p.device());
-    check_written(s, name, i);
-  }
+  if (a.exp_avgs[i].scalar_type() == at::kByte) check_scales(a, i);
 }
 
-// Every argument, before any memory is read or written.
-inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
+// The hyperparameters and the lists' lengths.
+inline void check_hyper(const Arguments& a) {
   const size_t n = a.params.size();
   TORCH_CHECK_VALUE(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
                         a.steps.size() == n,
@@ -141,53 +169,68 @@ inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
     TORCH_CHECK_VALUE(value >= 0.0 && std::isfinite(value), "kxops.adax_: ", name,
                       " must be finite and >= 0, got ", value);
   }
-  if (n == 0) return;
-  const auto device = a.params[0].device();
-  TORCH_CHECK(device.type() == device_type, "kxops.adax_: params[0] is on ", device,
-              "; this kernel is for ", device_type, " tensors");
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = a.params[i];
-    const auto type = p.scalar_type();
-    TORCH_CHECK(p.layout() == at::kStrided, "kxops.adax_: params[", i,
-                "] must be a dense (strided) tensor, got layout ", p.layout());
-    TORCH_CHECK_TYPE(
-        type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
-        "kxops.adax_: params[", i, "] must be float32, float64, float16 or bfloat16, got ", type,
-        " (step complex params as torch.view_as_real)");
-    TORCH_CHECK(p.device() == device, "kxops.adax_: params[", i, "] is on ", p.device(),
-                " but params[0] is on ", device, "; call the op once per device");
-    check_written(p, "params", i);
-    const auto state_type = state_dtype_of(a, i);
-    for (const auto& [name, other, want] :
-         {std::tuple{"grads", &a.grads[i], type},
-          std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
-          std::tuple{"exp_avg_sqs", &a.exp_avg_sqs[i], state_type}}) {
-      TORCH_CHECK(other->layout() == at::kStrided, "kxops.adax_: ", name, "[", i, "] has layout ",
-                  other->layout(), "; AdaX does not support sparse gradients or state");
-      TORCH_CHECK_TYPE(other->scalar_type() == want, "kxops.adax_: ", name, "[", i, "] has dtype ",
-                       other->scalar_type(), " but must be ", want, " for ", type, " params");
-      TORCH_CHECK(other->device() == device, "kxops.adax_: ", name, "[", i, "] is on ",
-                  other->device(), " but params[", i, "] is on ", device);
-      TORCH_CHECK_VALUE(other->sizes() == p.sizes(), "kxops.adax_: ", name, "[", i, "] has shape ",
-                        other->sizes(), " but params[", i, "] has shape ", p.sizes());
-    }
-    check_written(a.exp_avgs[i], "exp_avgs", i);
-    check_written(a.exp_avg_sqs[i], "exp_avg_sqs", i);
-    check_compact_state(a, i);
-    const auto& step = a.steps[i];
-    TORCH_CHECK(step.layout() == at::kStrided, "kxops.adax_: state_steps[", i,
-                "] must be a dense tensor, got layout ", step.layout());
-    TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "kxops.adax_: state_steps[", i,
-                     "] must be float32, got ", step.scalar_type());
-    TORCH_CHECK_VALUE(step.numel() == 1, "kxops.adax_: state_steps[", i,
-                      "] must have one element, got ", step.numel(), " (shape ", step.sizes(), ")");
-    TORCH_CHECK(step.device() == device, "kxops.adax_: state_steps[", i, "] is on ", step.device(),
-                " but params[", i, "] is on ", device,
-                " (the optimizer keeps it there with fused=True or capturable=True)");
+}
+
+// params[i]: dense, a kernel dtype, on params[0]'s device, each element its own.
+inline void check_param(const Arguments& a, size_t i) {
+  const auto& p = a.params[i];
+  check_element_dense("params", i, p);
+  TORCH_CHECK_TYPE(is_kernel_float(p.scalar_type()), "kxops.adax_: params[", i,
+                   "] must be float32, float64, float16 or bfloat16, got ", py(p.scalar_type()),
+                   " (step complex params as torch.view_as_real)");
+  check_element_device("params", i, p, "params", 0, a.params[0]);
+  check_written(p, "params", i);
+}
+
+// grads[i], exp_avgs[i], exp_avg_sqs[i] and state_steps[i] against params[i].
+inline void check_param_lists(const Arguments& a, size_t i) {
+  const auto& p = a.params[i];
+  const auto type = p.scalar_type();
+  const auto state_type = state_dtype_of(a, i);
+  for (const auto& [name, other, want] :
+       {std::tuple{"grads", &a.grads[i], type}, std::tuple{"exp_avgs", &a.exp_avgs[i], state_type},
+        std::tuple{"exp_avg_sqs", &a.exp_avg_sqs[i], state_type}}) {
+    TORCH_CHECK_TYPE(other->defined() && other->layout() == at::kStrided, "kxops.adax_: ", name,
+                     "[", i,
+                     "] must be a dense (strided) tensor; AdaX does not support sparse gradients "
+                     "or state");
+    TORCH_CHECK_TYPE(other->scalar_type() == want, "kxops.adax_: ", name, "[", i, "] has dtype ",
+                     py(other->scalar_type()), " but must be ", py(want), " for ", py(type),
+                     " params");
+    check_element_device(name, i, *other, "params", i, p);
+    TORCH_CHECK_VALUE(other->sizes() == p.sizes(), "kxops.adax_: ", name, "[", i, "] has shape ",
+                      py(other->sizes()), " but params[", i, "] has shape ", py(p.sizes()));
   }
-  check_scalar_tensor(a.lr, "lr", device);
-  check_scalar_tensor(a.grad_scale, "grad_scale", device);
-  check_scalar_tensor(a.found_inf, "found_inf", device);
+  check_written(a.exp_avgs[i], "exp_avgs", i);
+  check_written(a.exp_avg_sqs[i], "exp_avg_sqs", i);
+  check_compact_state(a, i);
+  const auto& step = a.steps[i];
+  check_element_dense("state_steps", i, step);
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, "kxops.adax_: state_steps[", i,
+                   "] must be float32, got ", py(step.scalar_type()));
+  TORCH_CHECK_VALUE(step.numel() == 1, "kxops.adax_: state_steps[", i,
+                    "] must have one element, got ", step.numel(), " (shape ", py(step.sizes()),
+                    ")");
+  TORCH_CHECK(step.device() == p.device(), "kxops.adax_: state_steps[", i, "] is on ",
+              step.device(), " but params[", i, "] is on ", p.device(),
+              " (the optimizer keeps it there with fused=True or capturable=True)");
+}
+
+// Every argument, before any memory is read or written.
+inline void check_arguments(const Arguments& a, at::DeviceType device_type) {
+  check_hyper(a);
+  if (a.params.empty()) return;
+  const auto& first = a.params[0];
+  check_tensor(kOp, "params[0]", first);
+  TORCH_CHECK(first.device().type() == device_type, "kxops.adax_: params[0] is on ", first.device(),
+              "; this kernel is for ", device_type, " tensors");
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    check_param(a, i);
+    check_param_lists(a, i);
+  }
+  check_scalar_tensor(a.lr, "lr", first);
+  check_scalar_tensor(a.grad_scale, "grad_scale", first);
+  check_scalar_tensor(a.found_inf, "found_inf", first);
 }
 
 // The bytes a tensor's elements span in its storage, [begin, end); nothing for an empty one.
@@ -299,39 +342,43 @@ void run(const Arguments& a) {
 
 // The op's two overloads (lr as a float, lr as a one-element tensor).
 template <at::DeviceType kDevice, Impl impl>
-struct Overloads {
-  static void scalar_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
-                        double beta1, double beta2, double weight_decay, double eps, bool decoupled,
-                        bool maximize, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf,
-                        std::optional<at::TensorList> exp_avg_scales,
-                        std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
-                        bool stochastic_rounding) {
-    const Hyper hyper{lr,  beta1,     beta2,    weight_decay,
-                      eps, decoupled, maximize, stochastic_rounding};
-    const std::optional<at::Tensor> no_lr;
-    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper, grad_scale,
-                        found_inf, exp_avg_scales.value_or(at::TensorList()),
-                        exp_avg_sq_scales.value_or(at::TensorList()), seeds});
-  }
+void scalar_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+               double beta2, double weight_decay, double eps, bool decoupled, bool maximize,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf,
+               std::optional<at::TensorList> exp_avg_scales,
+               std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
+               bool stochastic_rounding) {
+  const Hyper hyper{lr, beta1, beta2, weight_decay, eps, decoupled, maximize, stochastic_rounding};
+  const std::optional<at::Tensor> no_lr;
+  run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, no_lr, hyper, grad_scale,
+                      found_inf, exp_avg_scales.value_or(at::TensorList()),
+                      exp_avg_sq_scales.value_or(at::TensorList()), seeds});
+}
 
-  static void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                        const at::Tensor& lr, double beta1, double beta2, double weight_decay,
-                        double eps, bool decoupled, bool maximize,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf,
-                        std::optional<at::TensorList> exp_avg_scales,
-                        std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
-                        bool stochastic_rounding) {
-    const Hyper hyper{0.0, beta1,     beta2,    weight_decay,
-                      eps, decoupled, maximize, stochastic_rounding};
-    const std::optional<at::Tensor> lr_tensor = lr;
-    run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, hyper,
-                        grad_scale, found_inf, exp_avg_scales.value_or(at::TensorList()),
-                        exp_avg_sq_scales.value_or(at::TensorList()), seeds});
-  }
-};
+template <at::DeviceType kDevice, Impl impl>
+void tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
+               double beta1, double beta2, double weight_decay, double eps, bool decoupled,
+               bool maximize, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf,
+               std::optional<at::TensorList> exp_avg_scales,
+               std::optional<at::TensorList> exp_avg_sq_scales, at::IntArrayRef seeds,
+               bool stochastic_rounding) {
+  const Hyper hyper{0.0, beta1, beta2, weight_decay, eps, decoupled, maximize, stochastic_rounding};
+  const std::optional<at::Tensor> lr_tensor = lr;
+  run<kDevice, impl>({params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, hyper,
+                      grad_scale, found_inf, exp_avg_scales.value_or(at::TensorList()),
+                      exp_avg_sq_scales.value_or(at::TensorList()), seeds});
+}
+
+// Registers both overloads' checked host functions over the device's kernel impl; each device
+// file calls it once.
+template <at::DeviceType kDevice, Impl impl>
+void register_ops(torch::Library& m) {
+  m.impl("adax_", &scalar_lr<kDevice, impl>);
+  m.impl("adax_.tensor_lr", &tensor_lr<kDevice, impl>);
+}
 
 }  // namespace kxops::adax

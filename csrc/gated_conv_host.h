@@ -12,14 +12,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
-#include <sstream>
-#include <string>
 #include <tuple>
 #include <utility>
 
+#include "checks.h"
 #include "gated_conv_math.h"
 #include "gemm.h"
 
@@ -37,139 +38,108 @@ struct EpilogueArgs {
 };
 
 // The ops are public (torch.ops.kxops.*), so every argument is checked here before any memory
-// is touched, in the words and error types of the Python wrapper's checks
-// (kxops/reference/gated_conv.py) after the op's name; only a device mismatch is a
-// RuntimeError here, as for every kxops op.
+// is touched, with the shared checks of checks.h and in the words and error types of
+// kxops/_checks.py (its gated_conv section), in the same order; `op` is the registered op's
+// name, gated_conv or gated_conv_backward.
 
-// A shape or dtype as Python prints it: (2, 3), (4,), torch.float32.
-inline std::string py(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i > 0 ? ", " : "") << sizes[i];
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
-inline std::string py(at::ScalarType type) {
-  return "torch." + std::string(c10::getDtypeNames(type).first);
-}
-
-inline void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.layout() == at::kStrided, "kxops gated_conv: ", name,
-              " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device() == x.device(), "kxops gated_conv: ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; put all inputs on the same device");
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "kxops gated_conv: ", name, " has dtype ",
-                   py(t.scalar_type()), " but x has dtype ", py(x.scalar_type()),
-                   "; they must match");
-}
-
-inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, "kxops gated_conv: ", name, " must have shape ", py(shape),
-                    ", got ", py(t.sizes()));
-}
-
-inline void check_x_and_weight(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.layout() == at::kStrided, "kxops gated_conv: x must be a dense (strided) tensor");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "kxops gated_conv: x must be a floating-point tensor (float64, float32, float16 or "
-      "bfloat16), got dtype ",
-      py(dtype));
-  TORCH_CHECK_VALUE(x.dim() == 3, "kxops gated_conv: x must be [batch, time, channels], got shape ",
+inline void check_x_and_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_kernel_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 3, "kxops.", op, ": x must be [batch, time, channels], got shape ",
                     py(x.sizes()));
-  TORCH_CHECK_VALUE(weight.dim() == 3,
-                    "kxops gated_conv: weight must be [2*out_channels, in_channels, kernel_size] "
-                    "(the nn.Conv1d layout), got shape ",
+  check_like(op, "weight", weight, "x", x);
+  TORCH_CHECK_VALUE(weight.dim() == 3, "kxops.", op,
+                    ": weight must be [2*out_channels, in_channels, kernel_size] (the nn.Conv1d "
+                    "layout), got shape ",
                     py(weight.sizes()));
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(2), "kxops gated_conv: channel mismatch: x has ",
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(2), "kxops.", op, ": channel mismatch: x has ",
                     x.size(2), " channels but weight expects ", weight.size(1), " (weight shape ",
                     py(weight.sizes()), ")");
   const int64_t two_out = weight.size(0);
-  TORCH_CHECK_VALUE(two_out > 0 && two_out % 2 == 0,
-                    "kxops gated_conv: weight.shape[0] must be 2*out_channels (value and gate "
-                    "halves), got ",
+  TORCH_CHECK_VALUE(two_out > 0 && two_out % 2 == 0, "kxops.", op,
+                    ": weight.shape[0] must be 2*out_channels (value and gate halves), got ",
                     two_out);
-  TORCH_CHECK_VALUE(weight.size(2) % 2 == 1,
-                    "kxops gated_conv: kernel_size must be odd for a 'same' convolution, got ",
-                    weight.size(2));
-  check_like_x("weight", weight, x);
+  TORCH_CHECK_VALUE(weight.size(2) % 2 == 1, "kxops.", op,
+                    ": kernel_size must be odd for a 'same' convolution, got ", weight.size(2));
 }
 
-inline void check_residual(const std::optional<at::Tensor>& residual_weight,
+// An optional operand of x's dtype and device, of the given shape.
+inline void check_optional_like_x(const char* op, const char* name,
+                                  const std::optional<at::Tensor>& t, const at::Tensor& x,
+                                  at::IntArrayRef shape) {
+  if (!t.has_value()) return;
+  check_like(op, name, *t, "x", x);
+  check_shape(op, name, *t, shape);
+}
+
+inline void check_mask_and_keep(const char* op, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>& gate_keep, const at::Tensor& x,
+                                int64_t out) {
+  const int64_t batch = x.size(0), time = x.size(1);
+  if (mask.has_value()) {
+    check_like(op, "mask", *mask, "x", x);
+    TORCH_CHECK_VALUE(mask->sizes() == x.sizes().slice(0, 2), "kxops.", op,
+                      ": mask must be [batch, time] = ", py({batch, time}), ", got ",
+                      py(mask->sizes()));
+  }
+  if (gate_keep.has_value()) {
+    check_tensor(op, "gate_keep", *gate_keep);
+    check_same_device(op, "gate_keep", *gate_keep, "x", x);
+    TORCH_CHECK_TYPE(gate_keep->scalar_type() == at::kBool, "kxops.", op,
+                     ": gate_keep must be a bool tensor, got ", py(gate_keep->scalar_type()));
+    TORCH_CHECK_VALUE(gate_keep->sizes() == at::IntArrayRef({batch, time, out}), "kxops.", op,
+                      ": gate_keep must be [batch, time, out_channels] = ", py({batch, time, out}),
+                      ", got ", py(gate_keep->sizes()));
+  }
+}
+
+inline void check_residual(const char* op, const std::optional<at::Tensor>& residual_weight,
                            const std::optional<at::Tensor>& residual_bias, bool residual,
                            const at::Tensor& x, int64_t out) {
   const int64_t in = x.size(2);
   if (residual_weight.has_value()) {
-    TORCH_CHECK_VALUE(residual,
-                      "kxops gated_conv: residual_weight is given but residual=False: the "
-                      "projection belongs to the residual branch (drop it, or set residual=True)");
-    check_like_x("residual_weight", *residual_weight, x);
-    check_shape("residual_weight", *residual_weight, {out, in, 1});
+    TORCH_CHECK_VALUE(residual, "kxops.", op,
+                      ": residual_weight is given but residual=False: the projection belongs to "
+                      "the residual branch (drop it, or set residual=True)");
   } else {
-    TORCH_CHECK_VALUE(!residual_bias.has_value(),
-                      "kxops gated_conv: residual_bias needs residual_weight (the 1x1 projection)");
-    TORCH_CHECK_VALUE(!residual || out == in,
-                      "kxops gated_conv: residual=True with out_channels=", out,
-                      " != in_channels=", in,
+    TORCH_CHECK_VALUE(!residual_bias.has_value(), "kxops.", op,
+                      ": residual_bias needs residual_weight (the 1x1 projection)");
+    TORCH_CHECK_VALUE(!residual || out == in, "kxops.", op,
+                      ": residual=True with out_channels=", out, " != in_channels=", in,
                       " needs residual_weight [out_channels, in_channels, 1] (a 1x1 projection "
                       "of x)");
   }
-  if (residual_bias.has_value()) {
-    check_like_x("residual_bias", *residual_bias, x);
-    check_shape("residual_bias", *residual_bias, {out});
-  }
+  check_optional_like_x(op, "residual_weight", residual_weight, x, {out, in, 1});
+  check_optional_like_x(op, "residual_bias", residual_bias, x, {out});
 }
 
-inline void check_arguments(const at::Tensor& x, const at::Tensor& weight,
+// The arguments both ops share (the backward has no bias: std::nullopt).
+inline void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask,
                             const std::optional<at::Tensor>& gate_keep,
                             const std::optional<at::Tensor>& residual_weight,
                             const std::optional<at::Tensor>& residual_bias, int64_t dilation,
                             double drop_gate, bool residual) {
-  check_x_and_weight(x, weight);
-  TORCH_CHECK_VALUE(dilation >= 1, "kxops gated_conv: dilation must be an int >= 1, got ",
-                    dilation);
-  TORCH_CHECK_VALUE(drop_gate >= 0.0 && drop_gate <= 1.0,
-                    "kxops gated_conv: drop_gate must be in [0, 1], got ", drop_gate);
-  const int64_t batch = x.size(0), time = x.size(1), out = weight.size(0) / 2;
-  if (bias.has_value()) {
-    check_like_x("bias", *bias, x);
-    check_shape("bias", *bias, {2 * out});
-  }
-  if (mask.has_value()) {
-    check_like_x("mask", *mask, x);
-    TORCH_CHECK_VALUE(mask->sizes() == x.sizes().slice(0, 2),
-                      "kxops gated_conv: mask must be [batch, time] = ", py({batch, time}),
-                      ", got ", py(mask->sizes()));
-  }
-  if (gate_keep.has_value()) {
-    TORCH_CHECK(gate_keep->layout() == at::kStrided && gate_keep->device() == x.device(),
-                "kxops gated_conv: gate_keep must be a dense tensor on x's device ", x.device());
-    TORCH_CHECK_TYPE(gate_keep->scalar_type() == at::kBool,
-                     "kxops gated_conv: gate_keep must be bool, got ",
-                     py(gate_keep->scalar_type()));
-    TORCH_CHECK_VALUE(gate_keep->sizes() == at::IntArrayRef({batch, time, out}),
-                      "kxops gated_conv: gate_keep must be [batch, time, out_channels] = ",
-                      py({batch, time, out}), ", got ", py(gate_keep->sizes()));
-  }
-  check_residual(residual_weight, residual_bias, residual, x, out);
+  check_x_and_weight(op, x, weight);
+  TORCH_CHECK_VALUE(dilation >= 1, "kxops.", op, ": dilation must be an int >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(drop_gate >= 0.0 && drop_gate <= 1.0, "kxops.", op,
+                    ": drop_gate must be in [0, 1], got ", drop_gate);
+  const int64_t out = weight.size(0) / 2;
+  check_optional_like_x(op, "bias", bias, x, {2 * out});
+  check_mask_and_keep(op, mask, gate_keep, x, out);
+  check_residual(op, residual_weight, residual_bias, residual, x, out);
 }
 
 // The backward's own arguments: the upstream gradient [B, T, out] and the forward's z
 // [B, T + gap, 2 out] (gap: Gapped::pad).
 inline void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x,
                                      const at::Tensor& z, const at::Tensor& weight, int64_t gap) {
+  constexpr const char* op = "gated_conv_backward";
   const int64_t batch = x.size(0), time = x.size(1), two_out = weight.size(0);
-  for (const auto& [name, t, steps, channels] : {std::tuple{"grad_y", &grad_y, time, two_out / 2},
-                                                 std::tuple{"z", &z, time + gap, two_out}}) {
-    check_like_x(name, *t, x);
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({batch, steps, channels}),
-                      "kxops gated_conv_backward: ", name, " must have shape ",
-                      py({batch, steps, channels}), ", got ", py(t->sizes()));
-  }
+  check_like(op, "grad_y", grad_y, "x", x);
+  check_shape(op, "grad_y", grad_y, {batch, time, two_out / 2});
+  check_like(op, "z", z, "x", x);
+  check_shape(op, "z", z, {batch, time + gap, two_out});
 }
 
 // The row arithmetic of the gapped layout. Only the taps that can reach a real step are
@@ -296,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
   // The ops run in the dtypes they are given, whatever autocast the caller holds (the wrapper
   // has applied it already); see gemm::NoAutocast.
   const gemm::NoAutocast no_autocast;
-  check_arguments(x_in, weight, bias, mask, gate_keep, residual_weight, residual_bias, dilation,
-                  drop_gate, residual);
+  check_arguments("gated_conv", x_in, weight, bias, mask, gate_keep, residual_weight, residual_bias,
+                  dilation, drop_gate, residual);
   const auto x = x_in.contiguous();
   const Gapped geometry(x, weight, dilation);
   const auto z = conv_forward(geometry.input(x, mask), weight, bias, geometry);
@@ -309,14 +279,14 @@ std::tuple<at::Tensor, at::Tensor> gated_conv_forward(
 }
 
 // The epilogue's gradients: dz in the gapped layout with zero gap rows (so that the GEMMs of
-// the convolution's backward may run over all rows), and dr (undefined without the residual).
+// the convolution's backward may run over all rows), and dr when with_dr (undefined otherwise).
 template <typename Epilogue>
 std::pair<at::Tensor, at::Tensor> gate_grads(const EpilogueArgs& args, const at::Tensor& grad_y,
-                                             const Gapped& geometry) {
+                                             const Gapped& geometry, bool with_dr) {
   auto dz = grad_y.new_empty({geometry.batch, geometry.time + geometry.pad, 2 * args.out});
   dz.narrow(1, geometry.time, geometry.pad).zero_();
   at::Tensor dr =
-      args.residual ? grad_y.new_empty({geometry.batch, geometry.time, args.out}) : at::Tensor();
+      with_dr ? grad_y.new_empty({geometry.batch, geometry.time, args.out}) : at::Tensor();
   Epilogue::backward(args, grad_y.contiguous(), dz, dr);
   return {dz.view({geometry.out_rows(), 2 * args.out}), dr};
 }
@@ -353,22 +323,39 @@ inline at::Tensor conv_input_grad(const at::Tensor& dz_rows, const at::Tensor& w
   return grad_gapped;
 }
 
-// A fresh empty tensor for each gradient that was not asked for: the op's outputs must not
-// alias one another (its schema says they are all new tensors; opcheck's test_schema).
+// A fresh empty tensor for each gradient that is not computed: the op's outputs must not alias
+// one another (its schema says they are all new tensors; opcheck's test_schema).
 inline at::Tensor no_grad_for(const at::Tensor& weight) { return weight.new_empty({0}); }
 
-// The residual branch's gradients (x's, the projection's weight and bias) from dr; x's is
-// undefined without the residual, the projection's empty without a projection.
+// Which gradients the backward computes: those asked for (grad_mask: x, weight, bias,
+// residual_weight, residual_bias) of inputs that were given.
+struct Wanted {
+  bool x, weight, bias, residual_weight, residual_bias;
+  Wanted(std::array<bool, 5> grad_mask, const std::optional<at::Tensor>& residual_weight_in,
+         const std::optional<at::Tensor>& residual_bias_in)
+      : x(grad_mask[0]),
+        weight(grad_mask[1]),
+        bias(grad_mask[2]),
+        residual_weight(grad_mask[3] && residual_weight_in.has_value()),
+        residual_bias(grad_mask[4] && residual_bias_in.has_value()) {}
+  // dr, the residual branch's gradient, feeds x's and the projection's gradients.
+  bool dr(bool residual) const { return residual && (x || residual_weight || residual_bias); }
+};
+
+// The residual branch's gradients (x's, the projection's weight and bias) from dr, each
+// computed when wanted; x's is undefined without the residual (or when not wanted), the
+// projection's empty without a projection (or when not wanted).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_grads(
     const at::Tensor& dr, const at::Tensor& x, const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias, const at::Tensor& weight) {
-  if (!residual_weight.has_value()) {  // dr: x itself, or undefined
-    return {dr, no_grad_for(weight), no_grad_for(weight)};
+    const Wanted& wanted, const at::Tensor& weight) {
+  if (!residual_weight.has_value() || !dr.defined()) {  // dr: x itself, or not computed
+    return {wanted.x ? dr : at::Tensor(), no_grad_for(weight), no_grad_for(weight)};
   }
   const auto dr_rows = as_rows(dr);
-  return {gemm::mm(dr_rows, residual_weight->squeeze(-1)).view(x.sizes()),
-          gemm::mm(dr_rows.t(), as_rows(x)).unsqueeze(-1),
-          residual_bias.has_value() ? dr_rows.sum(0) : no_grad_for(weight)};
+  return {wanted.x ? gemm::mm(dr_rows, residual_weight->squeeze(-1)).view(x.sizes()) : at::Tensor(),
+          wanted.residual_weight ? gemm::mm(dr_rows.t(), as_rows(x)).unsqueeze(-1)
+                                 : no_grad_for(weight),
+          wanted.residual_bias ? dr_rows.sum(0) : no_grad_for(weight)};
 }
 
 // grad_x = (the residual branch's gradient) + d(conv input) * m, the second term added in
@@ -391,28 +378,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& weight,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate_keep,
     const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias, bool has_bias, int64_t dilation,
+    const std::optional<at::Tensor>& residual_bias, std::array<bool, 5> grad_mask, int64_t dilation,
     double drop_gate, bool residual) {
   // A backward run inside an autocast region multiplies and sums (CUDA autocast runs sum in
   // fp32) in the forward's dtypes, as autograd expects of the gradients.
   const gemm::NoAutocast no_autocast;
-  check_arguments(x_in, weight, std::nullopt, mask, gate_keep, residual_weight, residual_bias,
-                  dilation, drop_gate, residual);
+  check_arguments("gated_conv_backward", x_in, weight, std::nullopt, mask, gate_keep,
+                  residual_weight, residual_bias, dilation, drop_gate, residual);
   const Gapped geometry(x_in, weight, dilation);
   check_backward_arguments(grad_y, x_in, z, weight, geometry.pad);
+  const Wanted wanted(grad_mask, residual_weight, residual_bias);
   const auto x = x_in.contiguous();
   const auto args = epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual),
                                   geometry, mask, gate_keep, drop_gate, residual);
-  const auto [dz_rows, dr] = gate_grads<Epilogue>(args, grad_y, geometry);
+  const auto [dz_rows, dr] = gate_grads<Epilogue>(args, grad_y, geometry, wanted.dr(residual));
   // x * m is rebuilt, not saved: the forward keeps x itself (the residual needs it unmasked,
   // and a soft mask cannot be divided back out), and x * m costs one pass.
-  const auto grad_w = conv_weight_grad(dz_rows, geometry.input(x, mask), weight, geometry);
-  const auto grad_conv_input =
-      geometry.tap_sequences(conv_input_grad(dz_rows, weight, geometry), geometry.centre());
-  auto [grad_residual, grad_rw, grad_rb] =
-      residual_grads(dr, x, residual_weight, residual_bias, weight);
-  return {input_grad(std::move(grad_residual), grad_conv_input, mask), grad_w,
-          has_bias ? dz_rows.sum(0) : no_grad_for(weight), grad_rw, grad_rb};
+  const auto grad_w = wanted.weight
+                          ? conv_weight_grad(dz_rows, geometry.input(x, mask), weight, geometry)
+                          : no_grad_for(weight);
+  auto [grad_residual, grad_rw, grad_rb] = residual_grads(dr, x, residual_weight, wanted, weight);
+  const auto grad_x =
+      wanted.x ? input_grad(std::move(grad_residual),
+                            geometry.tap_sequences(conv_input_grad(dz_rows, weight, geometry),
+                                                   geometry.centre()),
+                            mask)
+               : no_grad_for(weight);
+  return {grad_x, grad_w, wanted.bias ? dz_rows.sum(0) : no_grad_for(weight), grad_rw, grad_rb};
+}
+
+// Registers both ops' checked host drivers with the device's fused epilogues (Epilogue::forward
+// and ::backward); each device file calls it once.
+template <typename Epilogue>
+void register_ops(torch::Library& m) {
+  m.impl("gated_conv", &gated_conv_forward<Epilogue>);
+  m.impl("gated_conv_backward", &gated_conv_backward<Epilogue>);
 }
 
 }  // namespace kxops::gated_conv

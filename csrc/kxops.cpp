@@ -53,12 +53,13 @@ TORCH_LIBRARY(kxops, m) {
       "gated_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? gate_keep, "
       "Tensor? residual_weight, Tensor? residual_bias, int dilation, float drop_gate, "
       "bool residual) -> (Tensor, Tensor)");
-  // Returns (grad_x, grad_weight, grad_bias, grad_residual_weight, grad_residual_bias); the
-  // gradient of an input that was None is an empty tensor. residual_bias is needed to
+  // Returns (grad_x, grad_weight, grad_bias, grad_residual_weight, grad_residual_bias), those
+  // asked for by grad_mask (x, weight, bias, residual_weight, residual_bias); a gradient not
+  // asked for, or of an input that was None, is an empty tensor. residual_bias is needed to
   // recompute the projected residual.
   m.def(
       "gated_conv_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor? mask, "
-      "Tensor? gate_keep, Tensor? residual_weight, Tensor? residual_bias, bool has_bias, "
+      "Tensor? gate_keep, Tensor? residual_weight, Tensor? residual_bias, bool[5] grad_mask, "
       "int dilation, float drop_gate, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ZLPR loss. Returns (the loss in fp32/fp64: per row for reduction "none", else 0-dim, the

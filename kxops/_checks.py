@@ -223,102 +223,161 @@ def check_zlpr_backward_op(grad_loss, grad):
     check_same_device("zlpr_backward", "grad_loss", grad_loss, "grad", grad)
 
 
-# ---- gated_conv ------------------------------------------------------------------------
-
+# ---- gated_conv, gated_conv_backward ---------------------------------------------------
+# The checks of csrc/gated_conv_host.h, in its order and words: the wrapper, the reference and
+# the fake kernels of both ops call check_gated_conv_inputs (op: the registered op's name).
 
 _INT64_MAX = 2**63 - 1
 
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
-def _shape(t):
-    return tuple(t.shape)
-
-def check_dilation(dilation):
+def check_dilation(dilation, op="gated_conv"):
     """The dilation as a Python int (NumPy and other integer types accepted)."""
     try:
         value = None if isinstance(dilation, bool) else operator.index(dilation)
     except TypeError:
         value = None
     if value is None or value < 1:
-        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+        raise ValueError(f"kxops.{op}: dilation must be an int >= 1, got {dilation!r}")
     if value > _INT64_MAX:
-        raise ValueError(f"dilation must be at most 2**63 - 1, got {dilation!r} (any dilation "
-                         "of at least the sequence length gives the same result)")
+        raise ValueError(f"kxops.{op}: dilation must be at most 2**63 - 1, got {dilation!r} "
+                         "(any dilation of at least the sequence length gives the same result)")
     return value
 
-def check_drop_gate(drop_gate):
+
+def check_drop_gate(drop_gate, op="gated_conv"):
     """The gate dropout probability as a float in [0, 1]."""
     if isinstance(drop_gate, bool) or not isinstance(drop_gate, numbers.Real):
-        raise TypeError(f"drop_gate must be a real number, got {type(drop_gate).__name__}")
+        raise TypeError(f"kxops.{op}: drop_gate must be a real number, got "
+                        f"{type(drop_gate).__name__}")
     if not 0.0 <= float(drop_gate) <= 1.0:  # NaN fails too
-        raise ValueError(f"drop_gate must be in [0, 1], got {drop_gate!r}")
+        raise ValueError(f"kxops.{op}: drop_gate must be in [0, 1], got {drop_gate!r}")
     return float(drop_gate)
 
-def check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
-                            residual_weight, residual_bias):
-    """Validate the arguments of dilated_gated_conv1d; return (out_channels, dilation as an
-    int, drop_gate as a float)."""
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError("x must be a floating-point tensor (float64, float32, float16 or "
-                        f"bfloat16), got dtype {x.dtype}")
+
+def _check_optional_tensor(op, name, t):
+    """None or a tensor (the ops' Tensor? arguments)."""
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"kxops.{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+
+
+def check_shape(op, name, t, shape):
+    """t.shape == shape (a tuple), in csrc/checks.h check_shape's words."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"kxops.{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_optional_like_x(op, name, t, x, shape):
+    """None, or an operand of x's dtype and device of the given shape."""
+    if t is not None:
+        check_like(op, name, t, "x", x)
+        check_shape(op, name, t, shape)
+
+
+def _check_x_and_weight(op, x, weight):
+    """x [B, T, in] of a kernel dtype, weight [2 out, in, k] like it, k odd; returns out."""
+    check_dense(op, "x", x)
+    check_kernel_dtype(op, "x", x)
     if x.dim() != 3:
-        raise ValueError(f"x must be [batch, time, channels], got shape {_shape(x)}")
+        raise ValueError(f"kxops.{op}: x must be [batch, time, channels], got shape "
+                         f"{tuple(x.shape)}")
+    check_like(op, "weight", weight, "x", x)
     if weight.dim() != 3:
-        raise ValueError(f"weight must be [2*out_channels, in_channels, kernel_size] (the "
-                         f"nn.Conv1d layout), got shape {_shape(weight)}")
+        raise ValueError(f"kxops.{op}: weight must be [2*out_channels, in_channels, "
+                         f"kernel_size] (the nn.Conv1d layout), got shape {tuple(weight.shape)}")
     two_out, in_channels, kernel_size = weight.shape
     if in_channels != x.shape[-1]:
-        raise ValueError(f"channel mismatch: x has {x.shape[-1]} channels but weight expects "
-                         f"{in_channels} (weight shape {_shape(weight)})")
+        raise ValueError(f"kxops.{op}: channel mismatch: x has {x.shape[-1]} channels but "
+                         f"weight expects {in_channels} (weight shape {tuple(weight.shape)})")
     if two_out == 0 or two_out % 2:
-        raise ValueError(f"weight.shape[0] must be 2*out_channels (value and gate halves), got "
-                         f"{two_out}")
+        raise ValueError(f"kxops.{op}: weight.shape[0] must be 2*out_channels (value and gate "
+                         f"halves), got {two_out}")
     if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd for a 'same' convolution, got {kernel_size}")
-    dilation = check_dilation(dilation)
-    drop_gate = check_drop_gate(drop_gate)
-    out_channels = two_out // 2
-    tensors = {"weight": weight, "bias": bias, "mask": mask, "residual_weight": residual_weight,
-               "residual_bias": residual_bias}
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put all inputs "
-                             "on the same device")
-        if name != "mask" and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must "
-                            "match")
-    if bias is not None and _shape(bias) != (two_out,):
-        raise ValueError(f"bias must have shape ({two_out},), got {_shape(bias)}")
-    if mask is not None:
-        if _shape(mask) != _shape(x)[:2]:
-            raise ValueError(f"mask must be [batch, time] = {_shape(x)[:2]}, got {_shape(mask)}")
-        if mask.is_complex():
-            raise TypeError(f"mask must be bool or real, got {mask.dtype}")
-    if residual_weight is not None and not residual:
-        raise ValueError("residual_weight is given but residual=False: the projection belongs "
-                         "to the residual branch (drop it, or set residual=True)")
-    if residual_weight is None:
-        if residual_bias is not None:
-            raise ValueError("residual_bias needs residual_weight (the 1x1 projection)")
-        if residual and out_channels != in_channels:
-            raise ValueError(
-                f"residual=True with out_channels={out_channels} != in_channels={in_channels} "
-                "needs residual_weight [out_channels, in_channels, 1] (a 1x1 projection of x)")
+        raise ValueError(f"kxops.{op}: kernel_size must be odd for a 'same' convolution, got "
+                         f"{kernel_size}")
+    return two_out // 2
+
+
+def _check_mask(op, mask, x, mask_like_x):
+    """mask [B, T]: of x's dtype for the ops (mask_like_x), any real dtype for the wrapper and
+    the reference (which convert it)."""
+    if mask is None:
+        return
+    if mask_like_x:
+        check_like(op, "mask", mask, "x", x)
     else:
-        if _shape(residual_weight) != (out_channels, in_channels, 1):
-            raise ValueError(f"residual_weight must have shape ({out_channels}, {in_channels}, "
-                             f"1), got {_shape(residual_weight)}")
-        if residual_bias is not None and _shape(residual_bias) != (out_channels,):
-            raise ValueError(f"residual_bias must have shape ({out_channels},), got "
-                             f"{_shape(residual_bias)}")
+        check_real_values(op, "mask", mask)
+        check_same_device(op, "mask", mask, "x", x)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"kxops.{op}: mask must be [batch, time] = {tuple(x.shape[:2])}, got "
+                         f"{tuple(mask.shape)}")
+
+
+def _check_gate_keep(op, gate_keep, x, out_channels):
+    """The ops' gate-dropout keep mask: bool [B, T, out] on x's device."""
+    if gate_keep is None:
+        return
+    check_dense(op, "gate_keep", gate_keep)
+    check_same_device(op, "gate_keep", gate_keep, "x", x)
+    if gate_keep.dtype != torch.bool:
+        raise TypeError(f"kxops.{op}: gate_keep must be a bool tensor, got {gate_keep.dtype}")
+    shape = (*x.shape[:2], out_channels)
+    if gate_keep.shape != shape:
+        raise ValueError(f"kxops.{op}: gate_keep must be [batch, time, out_channels] = {shape}, "
+                         f"got {tuple(gate_keep.shape)}")
+
+
+def _check_residual(op, residual, residual_weight, residual_bias, x, out_channels):
+    """The residual branch: x itself (out == in) or its 1x1 projection [out, in, 1] (+ bias)."""
+    in_channels = x.shape[-1]
+    if residual_weight is not None:
+        if not residual:
+            raise ValueError(f"kxops.{op}: residual_weight is given but residual=False: the "
+                             "projection belongs to the residual branch (drop it, or set "
+                             "residual=True)")
+    elif residual_bias is not None:
+        raise ValueError(f"kxops.{op}: residual_bias needs residual_weight (the 1x1 projection)")
+    elif residual and out_channels != in_channels:
+        raise ValueError(
+            f"kxops.{op}: residual=True with out_channels={out_channels} != "
+            f"in_channels={in_channels} needs residual_weight [out_channels, in_channels, 1] (a "
+            "1x1 projection of x)")
+    _check_optional_like_x(op, "residual_weight", residual_weight, x,
+                           (out_channels, in_channels, 1))
+    _check_optional_like_x(op, "residual_bias", residual_bias, x, (out_channels,))
+
+
+def check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
+                            residual_weight, residual_bias, *, op="gated_conv", gate_keep=None,
+                            mask_like_x=False):
+    """The arguments of dilated_gated_conv1d and of both ops, as csrc/gated_conv_host.h
+    checks them; returns (out_channels, dilation as an int, drop_gate as a float)."""
+    for name, t in (("bias", bias), ("mask", mask), ("gate_keep", gate_keep),
+                    ("residual_weight", residual_weight), ("residual_bias", residual_bias)):
+        _check_optional_tensor(op, name, t)
+    out_channels = _check_x_and_weight(op, x, weight)
+    dilation = check_dilation(dilation, op)
+    drop_gate = check_drop_gate(drop_gate, op)
+    _check_optional_like_x(op, "bias", bias, x, (2 * out_channels,))
+    _check_mask(op, mask, x, mask_like_x)
+    _check_gate_keep(op, gate_keep, x, out_channels)
+    _check_residual(op, residual, residual_weight, residual_bias, x, out_channels)
     return out_channels, dilation, drop_gate
+
+
+def check_gated_conv_backward_inputs(grad_y, x, z, weight, mask, gate_keep, residual_weight,
+                                     residual_bias, dilation, drop_gate, residual, gap):
+    """kxops::gated_conv_backward's arguments; gap(time, kernel_size, dilation): the rows
+    after each sequence in z's gapped layout."""
+    op = "gated_conv_backward"
+    out_channels, dilation, _ = check_gated_conv_inputs(
+        x, weight, None, mask, dilation, drop_gate, residual, residual_weight, residual_bias,
+        op=op, gate_keep=gate_keep, mask_like_x=True)
+    batch, time, _ = x.shape
+    z_steps = time + gap(time, weight.shape[2], dilation)
+    for name, t, shape in (("grad_y", grad_y, (batch, time, out_channels)),
+                           ("z", z, (batch, z_steps, 2 * out_channels))):
+        check_like(op, name, t, "x", x)
+        check_shape(op, name, t, shape)
 
 
 # ---- global_pointer_zlpr ---------------------------------------------------------------
@@ -548,16 +607,35 @@ def check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps):
     """The lists are of one length (in the op's words, csrc/adax_host.h)."""
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if len({len(tensors) for tensors in lists}) > 1:
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
-                         f"same length, got {', '.join(str(len(t)) for t in lists)}")
+        raise ValueError("kxops.adax_: params, grads, exp_avgs, exp_avg_sqs and state_steps must "
+                         f"have the same length, got {', '.join(str(len(t)) for t in lists)}")
+
 
 def check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps):
     """The list checks of the paths without the compiled op, in the op's words (it also checks
     dtypes, devices and layouts, which torch's own ops check on these paths)."""
     check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse:
-            raise RuntimeError("AdaX does not support sparse gradients")
+        if g.layout != torch.strided:
+            raise TypeError(f"kxops.adax_: grads[{i}] must be a dense (strided) tensor; AdaX "
+                            "does not support sparse gradients or state")
         if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {list(g.shape)} but params[{i}] has shape "
-                             f"{list(p.shape)}")
+            raise ValueError(f"kxops.adax_: grads[{i}] has shape {tuple(g.shape)} but "
+                             f"params[{i}] has shape {tuple(p.shape)}")
+
+
+def check_lr_for_capture(params, lr):
+    """A tensor lr is read on the device at each replay of a captured step, so that a
+    scheduler's changes take effect; one on another device would need a copy inside the
+    capture (which fails) or be baked into the graph."""
+    if not isinstance(lr, torch.Tensor) or not params:
+        return
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    devices = sorted({str(p.device) for p in params if p.device != lr.device})
+    if devices:
+        raise RuntimeError(
+            f"kxops.adax_: lr is a Tensor on {lr.device} but the params are on "
+            f"{', '.join(devices)}; a step captured in a CUDA graph needs lr on the params' "
+            "device (e.g. lr=torch.tensor(1e-3, device='cuda')) so that lr_scheduler's changes "
+            "reach the replays")

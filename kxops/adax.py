@@ -44,23 +44,6 @@ def _rounds(params, state_steps):
     return rounds
 
 
-def _check_lr_for_capture(params, lr):
-    """A tensor lr is read on the device at each replay of a captured step, so that a
-    scheduler's changes take effect; one on another device would need a copy inside the
-    capture (which fails) or be baked into the graph."""
-    if not isinstance(lr, torch.Tensor) or not params:
-        return
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return
-    devices = sorted({str(p.device) for p in params if p.device != lr.device})
-    if devices:
-        raise RuntimeError(
-            f"AdaX: lr is a Tensor on {lr.device} but the params are on {', '.join(devices)}; "
-            "a step captured in a CUDA graph needs lr on the params' device (e.g. "
-            "lr=torch.tensor(1e-3, device='cuda')) so that lr_scheduler's changes reach the "
-            "replays")
-
-
 def _local_shards(tensors):
     """DTensor (FSDP2) params, grads and state update through their local shards: the step is
     elementwise, so each rank updates what it holds."""
@@ -304,7 +287,7 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fus
                            "pass fused=False, foreach=False")
     fused, foreach = resolve_path(params, foreach=foreach, fused=fused,
                                   differentiable=differentiable)
-    _check_lr_for_capture(params, lr)
+    _checks.check_lr_for_capture(params, lr)
     if fused or foreach:
         params, grads, exp_avgs, exp_avg_sqs = ref.as_real(params, grads, exp_avgs, exp_avg_sqs)
     if fused:
@@ -327,10 +310,11 @@ if _ext.LOADED:
                    weight_decay, eps, decoupled, maximize, grad_scale=None, found_inf=None,
                    exp_avg_scales=None, exp_avg_sq_scales=None, seeds=(),
                    stochastic_rounding=False):
+        _checks.check_adax_inputs(params, grads, exp_avgs, exp_avg_sqs, state_steps)
         if params:
             _checks.check_devices("adax_", "params[0]", params[0], params=params, grads=grads,
-                               exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                               state_steps=state_steps, lr=lr, grad_scale=grad_scale,
-                               found_inf=found_inf, exp_avg_scales=exp_avg_scales or [],
-                               exp_avg_sq_scales=exp_avg_sq_scales or [])
+                                  exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                                  state_steps=state_steps, lr=lr, grad_scale=grad_scale,
+                                  found_inf=found_inf, exp_avg_scales=exp_avg_scales or [],
+                                  exp_avg_sq_scales=exp_avg_sq_scales or [])
         return None

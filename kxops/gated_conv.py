@@ -54,8 +54,8 @@ def _gap(time, kernel_size, dilation):
     return reach * dilation
 
 
-def _empty_grad_unless(present, like, shape):
-    return like.new_empty(shape if present else (0,))
+def _grad_or_empty(wanted, like, shape):
+    return like.new_empty(shape if wanted else (0,))
 
 
 if _ext.LOADED:
@@ -63,11 +63,9 @@ if _ext.LOADED:
     @torch.library.register_fake("kxops::gated_conv")
     def _gated_conv_fake(x, weight, bias, mask, gate_keep, residual_weight, residual_bias,
                          dilation, drop_gate, residual):
-        _checks.check_devices("gated_conv", "x", x, weight=weight, bias=bias, mask=mask,
-                           gate_keep=gate_keep, residual_weight=residual_weight,
-                           residual_bias=residual_bias)
         _checks.check_gated_conv_inputs(x, weight, bias, mask, dilation, drop_gate, residual,
-                                    residual_weight, residual_bias)
+                                        residual_weight, residual_bias, gate_keep=gate_keep,
+                                        mask_like_x=True)
         batch, time, _ = x.shape
         two_out = weight.shape[0]
         z_steps = time + _gap(time, weight.shape[2], dilation)
@@ -75,60 +73,58 @@ if _ext.LOADED:
 
     @torch.library.register_fake("kxops::gated_conv_backward")
     def _gated_conv_backward_fake(grad_y, x, z, weight, mask, gate_keep, residual_weight,
-                                  residual_bias, has_bias, dilation, drop_gate, residual):
-        _checks.check_devices("gated_conv_backward", "x", x, grad_y=grad_y, z=z, weight=weight,
-                           mask=mask, gate_keep=gate_keep, residual_weight=residual_weight,
-                           residual_bias=residual_bias)
-        _checks.check_gated_conv_inputs(x, weight, None, mask, dilation, drop_gate, residual,
-                                    residual_weight, residual_bias)
+                                  residual_bias, grad_mask, dilation, drop_gate, residual):
+        _checks.check_gated_conv_backward_inputs(grad_y, x, z, weight, mask, gate_keep,
+                                                 residual_weight, residual_bias, dilation,
+                                                 drop_gate, residual, _gap)
         out_channels = weight.shape[0] // 2
-        batch, time, _ = x.shape
-        z_steps = time + _gap(time, weight.shape[2], dilation)
-        for name, t, shape in (("grad_y", grad_y, (batch, time, out_channels)),
-                               ("z", z, (batch, z_steps, 2 * out_channels))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"kxops gated_conv_backward: {name} must have shape {shape}, "
-                                 f"got {tuple(t.shape)}")
+        wants_x, wants_weight, wants_bias, wants_rw, wants_rb = grad_mask
         return (
-            x.new_empty(x.shape),  # the kernels return contiguous gradients
-            weight.new_empty(weight.shape),
-            _empty_grad_unless(has_bias, weight, (weight.shape[0],)),
-            _empty_grad_unless(residual_weight is not None, weight,
-                               (out_channels, weight.shape[1], 1)),
-            _empty_grad_unless(residual_bias is not None, weight, (out_channels,)),
+            _grad_or_empty(wants_x, x, x.shape),  # the kernels return contiguous gradients
+            _grad_or_empty(wants_weight, weight, weight.shape),
+            _grad_or_empty(wants_bias, weight, (weight.shape[0],)),
+            _grad_or_empty(wants_rw and residual_weight is not None, weight,
+                           (out_channels, weight.shape[1], 1)),
+            _grad_or_empty(wants_rb and residual_bias is not None, weight, (out_channels,)),
         )
 
     def _setup_context(ctx, inputs, output):
-        (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
+        (x, weight, _bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
          residual) = inputs
         if mask is not None and mask.requires_grad:  # rather than silently no gradient
             raise NotImplementedError(
-                "kxops::gated_conv does not differentiate mask; pass mask.detach(), or call "
-                "kxops.dilated_gated_conv1d, which computes the mask's gradient")
+                "kxops.gated_conv: the op does not differentiate mask; pass mask.detach(), or "
+                "call kxops.dilated_gated_conv1d, which computes the mask's gradient")
         ctx.save_for_backward(x, output[1], weight, mask, keep, residual_weight, residual_bias)
         # z is internal and never gets a gradient: without this, autograd would pass the
         # backward an activation-sized tensor of zeros for it, filled on every call.
         ctx.set_materialize_grads(False)
-        ctx.has_bias = bias is not None
         ctx.config = (dilation, drop_gate, residual)
+
+    # The differentiable inputs in gated_conv_backward's grad_mask order (x, weight, bias,
+    # residual_weight, residual_bias) among gated_conv's inputs.
+    _GRAD_INPUTS = (0, 1, 2, 5, 6)
 
     def _backward(ctx, grad_y, _grad_z):
         if grad_y is None:  # y got no gradient (grads are not materialised): nothing flows
             return (None,) * 10
         x, z, weight, mask, keep, residual_weight, residual_bias = ctx.saved_tensors
-        grad_x, grad_w, grad_b, grad_rw, grad_rb = torch.ops.kxops.gated_conv_backward(
-            grad_y, x, z, weight, mask, keep, residual_weight, residual_bias, ctx.has_bias,
+        grad_mask = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+        grads = torch.ops.kxops.gated_conv_backward(
+            grad_y, x, z, weight, mask, keep, residual_weight, residual_bias, grad_mask,
             *ctx.config)
-        return (grad_x, grad_w, grad_b if ctx.has_bias else None, None, None,
-                grad_rw if residual_weight is not None else None,
-                grad_rb if residual_bias is not None else None, None, None, None)
+        result = [None] * 10
+        for i, wanted, grad in zip(_GRAD_INPUTS, grad_mask, grads):
+            result[i] = grad if wanted else None
+        return tuple(result)
 
     torch.library.register_autograd("kxops::gated_conv", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):
         raise NotImplementedError(
-            "kxops.dilated_gated_conv1d does not support double backward (second-order "
-            "gradients); use kxops.reference.dilated_gated_conv1d for them")
+            "kxops.gated_conv_backward: kxops.dilated_gated_conv1d does not support double "
+            "backward (second-order gradients); use kxops.reference.dilated_gated_conv1d for "
+            "them")
 
     # Registered so that differentiating the gradients fails with this message rather than a
     # confusing one from inside the kernel.

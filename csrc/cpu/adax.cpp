@@ -685,9 +685,6 @@ void adax_cpu_impl(const TensorLists& lists, const std::optional<at::Tensor>& lr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("adax_", &Overloads<at::kCPU, &adax_cpu_impl>::scalar_lr);
-  m.impl("adax_.tensor_lr", &Overloads<at::kCPU, &adax_cpu_impl>::tensor_lr);
-}
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { register_ops<at::kCPU, &adax_cpu_impl>(m); }
 
 }  // namespace kxops::adax

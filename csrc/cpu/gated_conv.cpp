@@ -110,7 +110,7 @@ struct CpuEpilogue {
           using T = at::opmath_type<scalar_t>;
           const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
           scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-          scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+          scalar_t* dr_data = dr.defined() ? dr.mutable_data_ptr<scalar_t>() : nullptr;
           for_each_row<scalar_t>(a, [&](int64_t row, RowBuffers<T>& b, T m) {
             const int64_t out = a.out;
             at::vec::convert(dy_data + row * out, b.dy.data(), out);
@@ -135,9 +135,6 @@ struct CpuEpilogue {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CPU, m) {
-  m.impl("gated_conv", &gated_conv_forward<CpuEpilogue>);
-  m.impl("gated_conv_backward", &gated_conv_backward<CpuEpilogue>);
-}
+TORCH_LIBRARY_IMPL(kxops, CPU, m) { register_ops<CpuEpilogue>(m); }
 
 }  // namespace kxops::gated_conv

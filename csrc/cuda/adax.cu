@@ -415,9 +415,6 @@ void adax_cuda_impl(const TensorLists& lists, const std::optional<at::Tensor>& l
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
-  m.impl("adax_", &Overloads<at::kCUDA, &adax_cuda_impl>::scalar_lr);
-  m.impl("adax_.tensor_lr", &Overloads<at::kCUDA, &adax_cuda_impl>::tensor_lr);
-}
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) { register_ops<at::kCUDA, &adax_cuda_impl>(m); }
 
 }  // namespace kxops::adax

@@ -172,7 +172,7 @@ struct CudaEpilogue {
         at::kHalf, at::kBFloat16, a.z.scalar_type(), "gated_conv_backward_cuda", [&] {
           const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
           scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-          scalar_t* dr_data = a.residual ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+          scalar_t* dr_data = dr.defined() ? dr.mutable_data_ptr<scalar_t>() : nullptr;
           with_vector_width<scalar_t>(
               a, {dy_data, dz_data, dr_data}, [&](auto width, unsigned int blocks) {
                 gate_backward_kernel<scalar_t, decltype(width)::value>
@@ -186,9 +186,6 @@ struct CudaEpilogue {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
-  m.impl("gated_conv", &gated_conv_forward<CudaEpilogue>);
-  m.impl("gated_conv_backward", &gated_conv_backward<CudaEpilogue>);
-}
+TORCH_LIBRARY_IMPL(kxops, CUDA, m) { register_ops<CudaEpilogue>(m); }
 
 }  // namespace kxops::gated_conv

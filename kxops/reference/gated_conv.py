@@ -10,8 +10,7 @@ A tap that lies wholly outside the sequence (``|j - k//2| * dilation >= T``) rea
 only and is not applied (its weight gets a zero gradient), so any dilation, however large, costs
 no more than one that reaches past both ends.
 
-The input checks here are the contract that the compiled ops share: they check the same in the
-same words (csrc/gated_conv_host.h), after the op's name.
+The arguments are checked by kxops/_checks.py, in the words of the compiled ops.
 """
 
 

@@ -439,24 +439,25 @@ def test_fused_opcheck(device):
 BAD_OP_ARGUMENTS = [
     ("lengths", "ValueError", "same length", "g = g + g"),
     ("long param", "TypeError", r"params\[1\] must be float32, float64, float16 or bfloat16, "
-     "got Long", "p[1] = p[1].long()"),
+     "got torch.int64", "p[1] = p[1].long()"),
     ("complex param", "TypeError", r"params\[1\] must be float32",
      "p[1] = torch.zeros(4, dtype=torch.complex64); g[1] = g[1].to(torch.complex64)"),
     # A float type the kernels do not dispatch: refused before the float32 tensor 0 is stepped.
     ("float8 param", "TypeError", r"params\[1\] must be float32",
      "p[1] = p[1].to(torch.float8_e4m3fn); g[1] = g[1].to(torch.float8_e4m3fn)"),
-    ("grad dtype", "TypeError", r"grads\[1\] has dtype Double but must be Float",
+    ("grad dtype", "TypeError", r"grads\[1\] has dtype torch.float64 but must be torch.float32 for "
+     r"torch.float32 params",
      "g[1] = g[1].double()"),
     ("exp_avg dtype", "TypeError", r"exp_avgs\[1\] has dtype", "m[1] = m[1].double()"),
     ("exp_avg_sq dtype", "TypeError", r"exp_avg_sqs\[1\] has dtype",
      "v[1] = v[1].bfloat16()"),
-    ("grad shape", "ValueError", r"grads\[1\] has shape \[5\] but params\[1\] has shape \[4\]",
+    ("grad shape", "ValueError", r"grads\[1\] has shape \(5,\) but params\[1\] has shape \(4,\)",
      "g[1] = torch.randn(5)"),
-    ("grad numel", "ValueError", r"grads\[1\] has shape \[2, 2\]", "g[1] = torch.randn(2, 2)"),
-    ("exp_avg shape", "ValueError", r"exp_avgs\[1\] has shape \[2\]", "m[1] = m[1][:2]"),
-    ("exp_avg_sq shape", "ValueError", r"exp_avg_sqs\[1\] has shape \[40\]",
+    ("grad numel", "ValueError", r"grads\[1\] has shape \(2, 2\)", "g[1] = torch.randn(2, 2)"),
+    ("exp_avg shape", "ValueError", r"exp_avgs\[1\] has shape \(2,\)", "m[1] = m[1][:2]"),
+    ("exp_avg_sq shape", "ValueError", r"exp_avg_sqs\[1\] has shape \(40,\)",
      "v[1] = torch.zeros(40)"),
-    ("step dtype", "TypeError", r"state_steps\[1\] must be float32, got Double",
+    ("step dtype", "TypeError", r"state_steps\[1\] must be float32, got torch.float64",
      "s[1] = s[1].double()"),
     ("step numel", "ValueError", r"state_steps\[1\] must have one element",
      "s[1] = torch.zeros(2)"),
@@ -523,7 +524,7 @@ def test_op_checks_every_argument_before_touching_memory(tensor_lr):
     lines = dict(line.split(" |", 1) for line in result.stdout.splitlines())
     for name, error, match, _ in cases:
         got = lines[name]
-        assert got.startswith(error + "|"), (name, got)
+        assert got.startswith(error + "|kxops.adax_: "), (name, got)
         assert re.search(match, got), (name, match, got)
         assert got.endswith("|untouched"), (name, got)
 
@@ -1044,20 +1045,30 @@ def test_foreach_step_is_as_lean_as_torchs_foreach_adam(cls, torch_cls):
     assert ours <= theirs and our_temporaries <= their_temporaries, counts
 
 
+# Each: (name, the error, its message without the op's prefix, the bad grads of a param [3]).
+BAD_LISTS = [
+    ("lengths", ValueError, "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
+     "same length, got 1, 2, 1, 1, 1", "[torch.randn(3)] * 2"),
+    ("grad shape", ValueError, "grads[0] has shape (4,) but params[0] has shape (3,)",
+     "[torch.randn(4)]"),
+]
+
+
 @pytest.mark.parametrize("path", [dict(fused=True), dict(foreach=True),
                                   dict(fused=False, foreach=False)])
-def test_lists_of_unequal_length_are_refused_in_the_ops_words(path):
-    """Every path, the compiled op's included, refuses unequal lists with the op's message (the
-    for-loop and foreach paths used to say it their own way)."""
+@pytest.mark.parametrize("name, error, message, grads", BAD_LISTS,
+                         ids=[case[0] for case in BAD_LISTS])
+def test_bad_lists_are_refused_in_the_ops_words(path, name, error, message, grads):
+    """Every path, the compiled op's (C++) included, refuses unequal lists and a grad of
+    another shape with the op's message and its prefix kxops.adax_ (the for-loop and foreach
+    paths used to say it their own way)."""
     if path.get("fused"):
         needs_kernel("adax_", "cpu")
     p = [torch.randn(3)]
-    with pytest.raises(ValueError) as error:
-        adax(p, [torch.randn(3)] * 2, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())],
+    with pytest.raises(error) as raised:
+        adax(p, eval(grads), [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())],
              **path, decoupled=True, maximize=False, **HYPER)
-    assert str(error.value).removeprefix("kxops.adax_: ") == (
-        "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
-        "1, 2, 1, 1, 1")
+    assert str(raised.value) == "kxops.adax_: " + message
 
 
 # --- compact state: bf16 and 8-bit moments, stochastic rounding -----------------------------
@@ -1366,13 +1377,13 @@ def test_bad_state_options():
 BAD_COMPACT_OP_ARGUMENTS = [
     ("no scales", dict(exp_avg_scales=None), ValueError, "uint8 state needs exp_avg_scales"),
     ("scale count", dict(exp_avg_scales=[torch.zeros(2)]), ValueError,
-     r"exp_avg_scales\[0\] must have shape \[1\]"),
+     r"exp_avg_scales\[0\] must have shape \(1,\)"),
     ("scale dtype", dict(exp_avg_sq_scales=[torch.zeros(1, dtype=torch.float64)]), TypeError,
      r"exp_avg_sq_scales\[0\] must be float32"),
     ("no seeds", dict(seeds=[], stochastic_rounding=True), ValueError, "one seed per param"),
     ("negative seed", dict(seeds=[-1]), ValueError, r"seeds\[0\] must be >= 0"),
     ("mixed moments", dict(exp_avg_sqs=[torch.zeros(5, dtype=torch.bfloat16)]), TypeError,
-     r"exp_avg_sqs\[0\] has dtype BFloat16 but must be Byte"),
+     r"exp_avg_sqs\[0\] has dtype torch.bfloat16 but must be torch.uint8"),
 ]
 
 
@@ -1583,3 +1594,55 @@ def test_op_refuses_a_seed_list_of_another_length(state_dtype, stochastic):
     """)
     assert result.returncode == 0, result.stderr
     assert "ValueError" in result.stdout and "seed" in result.stdout, result.stdout
+
+
+_EVERY_LIST_ELEMENT_WRONG = """
+import torch, kxops
+WRONG = {"int": lambda t: t.int(), "float64": lambda t: t.double(),
+         "bigger": lambda t: torch.zeros([s + 1 for s in t.shape] or [2], dtype=t.dtype),
+         "extra dim": lambda t: t[..., None, None], "0-dim": lambda t: t.reshape(-1)[0].clone(),
+         "meta": lambda t: t.to("meta"), "empty": lambda t: t.reshape(-1)[:0],
+         "expanded": lambda t: torch.zeros(1).expand(3)}
+LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")
+for name in LISTS + ("lr", "grad_scale", "found_inf"):
+    for how, wrong in WRONG.items():
+        lists = dict(params=[torch.randn(4), torch.randn(4)],
+                     grads=[torch.randn(4), torch.randn(4)],
+                     exp_avgs=[torch.zeros(4), torch.zeros(4)],
+                     exp_avg_sqs=[torch.zeros(4), torch.zeros(4)],
+                     state_steps=[torch.zeros(()), torch.zeros(())])
+        kw = dict(lr=torch.tensor(1e-2), grad_scale=torch.tensor(1.0),
+                  found_inf=torch.tensor(0.0))
+        if name in LISTS:
+            lists[name][1] = wrong(lists[name][1])
+        else:
+            kw[name] = wrong(kw[name])
+        before = [t.clone() for k in LISTS if k != "grads" for t in lists[k] if not t.is_meta]
+        print(name, how, end=" | ", flush=True)  # names a crashing case
+        try:
+            torch.ops.kxops.adax_.tensor_lr(*lists.values(), **kw, beta1=0.9, beta2=1e-4,
+                                            weight_decay=0.0, eps=1e-8, decoupled=True,
+                                            maximize=False)
+            print("ok")
+        except Exception as e:
+            after = [t for k in LISTS if k != "grads" for t in lists[k] if not t.is_meta]
+            untouched = all(torch.equal(a, b) for a, b in zip(before, after))
+            print(type(e).__name__ + ": " + str(e).splitlines()[0],
+                  "" if untouched else "| MODIFIED")
+"""
+
+
+def test_every_argument_wrong_in_turn_never_crashes():
+    """Each tensor argument of kxops::adax_ (a list's second element, or lr, grad_scale,
+    found_inf) wrong in turn (dtype, shape, rank, meta device, empty, expanded), in a
+    subprocess: never a crash, and either accepted or refused by the op's own check (its
+    prefix) with every tensor left as it was."""
+    needs_kernel("adax_", "cpu")
+    result = run_isolated(_EVERY_LIST_ELEMENT_WRONG)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == 8 * 8, result.stdout  # every case ran
+    for line in lines:
+        said = line.split(" | ")[1]
+        assert said == "ok" or said.partition(": ")[2].startswith("kxops.adax_: "), line
+        assert "MODIFIED" not in line, line

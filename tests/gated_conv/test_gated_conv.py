@@ -246,7 +246,8 @@ def test_dgcnn_stack():
     (dict(bias=torch.randn(5)), ValueError, "bias must have shape"),
     (dict(drop_gate=1.5), ValueError, "drop_gate"),
     (dict(residual_bias=torch.randn(3)), ValueError, "residual_bias needs"),
-    (dict(x=torch.ones(2, 5, 3, dtype=torch.long)), TypeError, "floating-point"),
+    (dict(x=torch.ones(2, 5, 3, dtype=torch.long)), TypeError,
+     "x must be a float64, float32, float16 or bfloat16 tensor, got torch.int64"),
 ])
 def test_bad_inputs(kwargs, error, message):
     args = dict(x=torch.randn(2, 5, 3), weight=torch.randn(6, 3, 3), bias=None, mask=None)
@@ -419,7 +420,8 @@ _OP_CASES = [
     ("gated_conv", "dict(mask=torch.ones(2, 4))", "ValueError", "mask must be"),
     ("gated_conv", "dict(mask=torch.ones(2, 5, dtype=torch.bool))", "TypeError",
      "mask has dtype"),
-    ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 4))", "TypeError", "gate_keep must be bool"),
+    ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 4))", "TypeError",
+     "gate_keep must be a bool tensor"),
     ("gated_conv", "dict(gate_keep=torch.ones(2, 5, 3, dtype=torch.bool))", "ValueError",
      "gate_keep must be"),
     ("gated_conv", "dict(residual_weight=torch.randn(4, 3, 2))", "ValueError",
@@ -481,7 +483,7 @@ common = dict(mask=torch.ones(2, 5), gate_keep=torch.rand(2, 5, 4) > 0.5, residu
               residual_bias=RB)
 forward = dict(x=X, weight=W, bias=B, **common, dilation=2, drop_gate=0.1, residual=True)
 backward = dict(grad_y=torch.randn(2, 5, 4), x=X, z=torch.randn(2, 7, 8), weight=W, **common,
-                has_bias=True, dilation=2, drop_gate=0.1, residual=True)
+                grad_mask=[True] * 5, dilation=2, drop_gate=0.1, residual=True)
 for i, (op, changes, error, match) in enumerate(CASES):
     args = dict(forward if op == "gated_conv" else backward, **eval(changes))
     print("case", i, op, changes, flush=True)  # the last line printed names a crashing case
@@ -711,7 +713,7 @@ def test_op_with_one_meta_tensor_is_refused():
     with pytest.raises(RuntimeError, match="grad_y is on meta but x is on cpu"):
         torch.ops.kxops.gated_conv_backward(torch.randn(2, 5, 4, device="meta"), x,
                                             torch.randn(2, 5, 8), w, None, None, None, None,
-                                            False, 1, 0.0, True)
+                                            [True] * 5, 1, 0.0, True)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         torch.ops.kxops.gated_conv(x.to("meta"), torch.randn(8, 4, 2, device="meta"), None,
                                    None, None, None, None, 1, 0.0, True)
@@ -762,8 +764,9 @@ _ONE_WRONG_ARGUMENT = [
 
 
 def test_op_and_wrapper_refuse_a_wrong_argument_in_the_same_words():
-    """The compiled op called directly refuses each wrong argument with the wrapper's error
-    type and words, after the op's name (the two used to word most of them apart)."""
+    """The compiled op called directly (C++, csrc/gated_conv_host.h), its fake kernel (all
+    tensors on meta) and the wrapper (kxops/_checks.py) refuse each wrong argument with the
+    same error type and words, prefixed by the op's name kxops.gated_conv."""
     needs_kernel("gated_conv", "cpu")
     code = f"""
         import torch, kxops
@@ -772,10 +775,16 @@ def test_op_and_wrapper_refuse_a_wrong_argument_in_the_same_words():
             kw = dict(dilation=1, drop_gate=0.0, residual=True, residual_weight=None,
                       residual_bias=None)
             exec(build)
+
+            def op(device):
+                def to(t):
+                    return None if t is None else t.to(device)
+                return torch.ops.kxops.gated_conv(
+                    to(x), to(weight), to(bias), to(mask), None, to(kw["residual_weight"]),
+                    to(kw["residual_bias"]), kw["dilation"], kw["drop_gate"], kw["residual"])
+
             calls = (lambda: kxops.dilated_gated_conv1d(x, weight, bias, mask, **kw),
-                     lambda: torch.ops.kxops.gated_conv(
-                         x, weight, bias, mask, None, kw["residual_weight"],
-                         kw["residual_bias"], kw["dilation"], kw["drop_gate"], kw["residual"]))
+                     lambda: op("cpu"), lambda: op("meta"))
             said = []
             for call in calls:
                 try:
@@ -783,16 +792,152 @@ def test_op_and_wrapper_refuse_a_wrong_argument_in_the_same_words():
                     said.append("no error")
                 except Exception as e:
                     said.append(type(e).__name__ + ": " + str(e).splitlines()[0])
-            print(build, "|", said[0], "|", said[1])
+            print(" | ".join([build, *said]))
     """
     result = run_isolated(code)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert len(lines) == len(_ONE_WRONG_ARGUMENT), result.stdout
     for line in lines:
-        build, wrapper, op = line.split(" | ")
-        error, _, words = wrapper.partition(": ")
-        assert op == f"{error}: kxops gated_conv: {words}", (build, wrapper, op)
+        _, wrapper, op, fake = line.split(" | ")
+        assert wrapper.partition(": ")[2].startswith("kxops.gated_conv: "), line
+        assert op == wrapper and fake == wrapper, line
+
+
+# Each: code that makes one argument of a good backward call wrong (x [2, 5, 3], weight
+# [8, 3, 3], out 4 with a projection, dilation 2: z [2, 7, 8]).
+_ONE_WRONG_BACKWARD_ARGUMENT = [
+    "a['grad_y'] = None",
+    "a['grad_y'] = torch.randn(2, 5, 3)",
+    "a['grad_y'] = torch.randn(2, 5, 4, dtype=torch.float64)",
+    "a['x'] = None",
+    "a['x'] = torch.randn(2, 5, 3).int()",
+    "a['x'] = torch.randn(5, 3)",
+    "a['z'] = None",
+    "a['z'] = torch.randn(2, 5, 8)",
+    "a['z'] = torch.randn(2, 7, 8).half()",
+    "a['weight'] = None",
+    "a['weight'] = torch.randn(8, 3, 2)",
+    "a['weight'] = torch.randn(8, 3, 3).double()",
+    "a['mask'] = torch.ones(2, 5, dtype=torch.bool)",
+    "a['mask'] = torch.ones(2, 4)",
+    "a['gate_keep'] = torch.ones(2, 5, 4)",
+    "a['gate_keep'] = torch.ones(2, 5, 3, dtype=torch.bool)",
+    "a['residual_weight'] = torch.randn(4, 2, 1)",
+    "a['residual_weight'] = torch.randn(4, 3, 1, dtype=torch.float64)",
+    "a['residual_bias'] = torch.randn(5)",
+    "a.update(residual_weight=None, residual_bias=None)",
+    "a['dilation'] = 0",
+    "a['drop_gate'] = -0.5",
+    "a['residual'] = False",
+]
+
+
+def test_backward_op_and_its_fake_kernel_refuse_a_wrong_argument_in_the_same_words():
+    """kxops::gated_conv_backward called directly with one wrong argument (None where a tensor
+    belongs, a wrong dtype, shape or layout): the C++ op and its fake kernel (all tensors on
+    meta) raise the same error type and words, prefixed kxops.gated_conv_backward; no crash."""
+    needs_kernel("gated_conv", "cpu")
+    code = f"""
+        import torch, kxops
+        for build in {_ONE_WRONG_BACKWARD_ARGUMENT!r}:
+            torch.manual_seed(0)
+            a = dict(grad_y=torch.randn(2, 5, 4), x=torch.randn(2, 5, 3), z=torch.randn(2, 7, 8),
+                     weight=torch.randn(8, 3, 3), mask=torch.ones(2, 5),
+                     gate_keep=torch.rand(2, 5, 4) > 0.5, residual_weight=torch.randn(4, 3, 1),
+                     residual_bias=torch.randn(4), grad_mask=[True] * 5, dilation=2,
+                     drop_gate=0.1, residual=True)
+            exec(build)
+            said = []
+            for device in ("cpu", "meta"):
+                args = [v.to(device) if isinstance(v, torch.Tensor) and not v.is_sparse else v
+                        for v in a.values()]
+                try:
+                    torch.ops.kxops.gated_conv_backward(*args)
+                    said.append("no error")
+                except Exception as e:
+                    said.append(type(e).__name__ + ": " + str(e).splitlines()[0])
+            print(" | ".join([build, *said]), flush=True)
+    """
+    result = run_isolated(code)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(_ONE_WRONG_BACKWARD_ARGUMENT), result.stdout
+    for line in lines:
+        build, op, fake = line.split(" | ")
+        assert op.partition(": ")[2].startswith("kxops.gated_conv_backward: "), line
+        if build.endswith("= None"):
+            # None for a tensor: csrc/checks.h says "a tensor, got None", the shared Python
+            # check_tensor "a Tensor, got NoneType"; both a TypeError naming the argument.
+            name = build.split("'")[1]
+            prefix = f"TypeError: kxops.gated_conv_backward: {name} must be a "
+            assert op.startswith(prefix) and fake.startswith(prefix), line
+        else:
+            assert fake == op, line
+
+
+def _backward_args(projection=True, with_bias=True):
+    cout = 4 if projection else 3
+    x, weight, bias, mask, rw, rb = make_inputs(cout=cout, projection=projection,
+                                                with_bias=with_bias, dtype=torch.float32)
+    keep = torch.rand(2, 7, cout) >= 0.2
+    forward = (x, weight, bias, mask.float(), keep, rw, rb, 2, 0.2, True)
+    y, z = torch.ops.kxops.gated_conv(*forward)
+    return (torch.randn_like(y), x, z, weight, mask.float(), keep, rw, rb), (2, 0.2, True)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_backward_computes_only_the_gradients_asked_for(projection):
+    """grad_mask (x, weight, bias, residual_weight, residual_bias): every gradient asked for is
+    bit for bit the one of the full call, every other one an empty tensor; so is the gradient
+    of an input that was None."""
+    needs_kernel("gated_conv", "cpu")
+    tensors, config = _backward_args(projection)
+    full = torch.ops.kxops.gated_conv_backward(*tensors, [True] * 5, *config)
+    given = [True, True, True, projection, projection]
+    for bits in range(32):
+        grad_mask = [bool(bits >> i & 1) for i in range(5)]
+        grads = torch.ops.kxops.gated_conv_backward(*tensors, grad_mask, *config)
+        for wanted, present, got, want in zip(grad_mask, given, grads, full):
+            if wanted and present:
+                assert torch.equal(got, want), grad_mask
+            else:
+                assert got.shape == (0,), grad_mask
+
+
+def test_autograd_asks_only_for_the_gradients_it_needs():
+    """The block's backward passes the inputs' requires_grad as grad_mask: a frozen x (the first
+    layer's embeddings) skips grad_x's GEMMs, a frozen weight its GEMMs (float64: every GEMM is
+    torch's, counted by the profiler under either engine); the gradients computed are those of
+    the block with every input requiring grad, bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    needs_kernel("gated_conv", "cpu")
+    x, weight, bias, mask, rw, rb = make_inputs(cout=4, projection=True)
+    gemms = ("aten::mm", "aten::addmm")
+
+    def run(needs):
+        inputs = [t.detach().requires_grad_(n) for t, n in zip((x, weight, bias, rw, rb), needs)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = kxops.dilated_gated_conv1d(inputs[0], inputs[1], inputs[2], mask, dilation=2,
+                                           residual_weight=inputs[3], residual_bias=inputs[4])
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = torch.autograd.grad(y.square().sum(), wanted)
+        count = sum(e.count for e in prof.key_averages() if e.key in gemms)
+        return count, dict(zip([i for i, n in enumerate(needs) if n], grads))
+
+    run([True] * 5)  # the first product of a process may be the GEMM engine's trial
+    all_count, all_grads = run([True] * 5)
+    # forward: 3 taps + the projection; backward: the projection, 3 + 3 taps and its 2
+    assert all_count == 13
+    for needs, count in (([False, True, True, True, True], 9),
+                         ([True, False, True, True, True], 10),
+                         ([False, False, True, False, False], 5),
+                         ([False, False, False, True, False], 6)):
+        got_count, grads = run(needs)
+        assert got_count == count, (needs, got_count)
+        for i, grad in grads.items():
+            assert torch.equal(grad, all_grads[i]), (needs, i)
 
 
 def test_cpu_gemm_engine_from_the_environment():
@@ -845,21 +990,16 @@ def test_cpu_gemm_engine_routes_the_gemms(cpu_gemm):
     assert torch_gemm_calls(torch.float64) == 13
 
 
-@pytest.mark.parametrize("has_bias", [False, True])
-def test_opcheck_backward(has_bias):
-    """The backward op passes opcheck too: its gradients that were not asked for (no bias, no
-    projection) are distinct empty tensors, never one tensor returned twice (outputs that alias
-    one another break its schema, which says every output is new)."""
+@pytest.mark.parametrize("grad_mask", [[True] * 5, [True, True, False, True, True],
+                                       [False, True, False, False, True], [False] * 5])
+def test_opcheck_backward(grad_mask):
+    """The backward op passes opcheck too: its gradients that were not asked for (or of a None
+    input: no projection) are distinct empty tensors, never one tensor returned twice (outputs
+    that alias one another break its schema, which says every output is new)."""
     needs_kernel("gated_conv", "cpu")
     for projection in (False, True):
-        cout = 4 if projection else 3
-        x, weight, bias, mask, rw, rb = make_inputs(cout=cout, projection=projection,
-                                                    with_bias=has_bias, dtype=torch.float32)
-        keep = torch.rand(2, 7, cout) >= 0.2
-        args = (x, weight, bias, mask.float(), keep, rw, rb, 2, 0.2, True)
-        y, z = torch.ops.kxops.gated_conv(*args)
-        backward_args = (torch.randn_like(y), x, z, weight, mask.float(), keep, rw, rb,
-                         has_bias, 2, 0.2, True)
+        tensors, config = _backward_args(projection, with_bias=grad_mask[2])
+        backward_args = (*tensors, grad_mask, *config)
         grads = torch.ops.kxops.gated_conv_backward(*backward_args)
         empties = [g for g in grads if g.numel() == 0]
         assert all(a is not b for i, a in enumerate(empties) for b in empties[i + 1:])
@@ -892,3 +1032,52 @@ def test_backward_inside_autocast_keeps_the_forward_dtypes(cpu_gemm):
     for got, expected in zip(grads, want_grads):
         assert got.dtype == torch.float32
         assert_close(got, expected)
+
+
+_EVERY_ARGUMENT_WRONG = """
+import math, torch, kxops
+WRONG = {"None": lambda t: None, "int": lambda t: t.int(), "float64": lambda t: t.double(),
+         "bigger": lambda t: torch.zeros([s + 1 for s in t.shape], dtype=t.dtype),
+         "extra dim": lambda t: t[..., None], "0-dim": lambda t: t.reshape(-1)[0].clone(),
+         "meta": lambda t: t.to("meta"), "empty": lambda t: t[:0]}
+SCALARS = {"dilation": [0, -1, 2**62], "drop_gate": [-0.1, 1.5, math.nan, math.inf],
+           "grad_mask": [[True] * 4, [True] * 6, []]}
+for op in ("gated_conv", "gated_conv_backward"):
+    good = dict(grad_y=torch.randn(2, 5, 4), x=torch.randn(2, 5, 3), z=torch.randn(2, 7, 8),
+                weight=torch.randn(8, 3, 3), bias=torch.randn(8), mask=torch.ones(2, 5),
+                gate_keep=torch.rand(2, 5, 4) > 0.5, residual_weight=torch.randn(4, 3, 1),
+                residual_bias=torch.randn(4), grad_mask=[True] * 5, dilation=2, drop_gate=0.1,
+                residual=True)
+    names = [a.name for a in getattr(torch.ops.kxops, op).default._schema.arguments]
+    for name in names:
+        wrongs = ([(k, f(good[name])) for k, f in WRONG.items()]
+                  if isinstance(good[name], torch.Tensor) else
+                  [(repr(v), v) for v in SCALARS.get(name, [])])
+        for how, value in wrongs:
+            args = [value if n == name else good[n] for n in names]
+            print(op, name, how, end=" | ", flush=True)  # names a crashing case
+            try:
+                getattr(torch.ops.kxops, op)(*args)
+                print("ok")
+            except Exception as e:
+                print(type(e).__name__ + ": " + str(e).splitlines()[0])
+"""
+
+
+def test_every_argument_wrong_in_turn_never_crashes():
+    """Each argument of both ops wrong in turn (None, a wrong dtype, shape or rank, the meta
+    device, empty; bad scalars and grad_mask lengths), in a subprocess: never a crash; a wrong
+    tensor is refused by the op's own check (its prefix) or accepted, a bad scalar too, or by
+    torch's schema parser (a grad_mask of another length)."""
+    needs_kernel("gated_conv", "cpu")
+    result = run_isolated(_EVERY_ARGUMENT_WRONG)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == (7 * 8 + 3 + 4) + (8 * 8 + 3 + 3 + 4), result.stdout  # every case ran
+    for line in lines:
+        case, said = line.split(" | ")
+        op, name, _ = case.split(" ", 2)
+        if name == "grad_mask":
+            assert said.startswith("RuntimeError: Tried to convert a List"), line
+        elif said != "ok":
+            assert said.partition(": ")[2].startswith(f"kxops.{op}: "), line
