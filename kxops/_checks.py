@@ -124,6 +124,12 @@ def check_like(op, name, t, anchor_name, anchor):
                         f"{anchor.dtype}; they must match")
 
 
+def check_shape(op, name, t, shape):
+    """t.shape == shape (a tuple), in csrc/checks.h check_shape's words."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"kxops.{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
 def check_ignore_index(op, ignore_index):
     """ignore_index is any int64 (compared with the ids as int64)."""
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -258,12 +264,6 @@ def _check_optional_tensor(op, name, t):
     """None or a tensor (the ops' Tensor? arguments)."""
     if t is not None and not isinstance(t, torch.Tensor):
         raise TypeError(f"kxops.{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-
-
-def check_shape(op, name, t, shape):
-    """t.shape == shape (a tuple), in csrc/checks.h check_shape's words."""
-    if tuple(t.shape) != shape:
-        raise ValueError(f"kxops.{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def _check_optional_like_x(op, name, t, x, shape):

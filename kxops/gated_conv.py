@@ -20,31 +20,20 @@ def dilated_gated_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, mask=
     A float ``mask`` that requires grad, and ``torch.func`` transforms, run the reference (the
     compiled op differentiates neither); second-order gradients are not supported.
     """
-    if (isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type)
-            and x.is_floating_point() and x.dtype != torch.float64):
-        # A convolution under autocast runs in the autocast dtype, as nn.Conv1d would (float64
-        # is left alone, as autocast leaves it).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, residual_weight, residual_bias = (
-            None if t is None else t.to(dtype)
-            for t in (x, weight, bias, residual_weight, residual_bias))
+    # The convolution runs in the autocast dtype, as nn.Conv1d's would.
+    x, weight, bias, residual_weight, residual_bias = _ext.autocast(
+        x, x, weight, bias, residual_weight, residual_bias)
     out_channels, dilation, drop_gate = _checks.check_gated_conv_inputs(
         x, weight, bias, mask, dilation, drop_gate, residual, residual_weight, residual_bias)
     keep = ref.gate_keep_mask(x, out_channels, drop_gate) if training and drop_gate > 0 else None
     args = (x, weight, bias, mask, keep, residual_weight, residual_bias, dilation, drop_gate,
             residual)
-    mask_needs_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
-    if (not _ext.has_kernel("gated_conv", x.device) or mask_needs_grad
+    if (not _ext.has_kernel("gated_conv", x.device) or _ext.needs_grad(mask)
             or _ext.transform_active()):
         return ref.gated_conv_from_keep(*args)
     if mask is not None:
         mask = mask.to(x.dtype)
     return torch.ops.kxops.gated_conv(x, weight, bias, mask, *args[4:])[0]
-
-
-def _autocast_enabled(device_type):
-    # is_autocast_enabled raises for device types without autocast (meta, ...).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _gap(time, kernel_size, dilation):
