@@ -39,6 +39,8 @@ def check_devices(op: str, anchor_name: str, anchor, **tensors) -> None:
     meta tensor among its arguments, so a mix of meta and real tensors reaches them: they refuse
     it as the C++ kernels' device check does, instead of returning empty tensors. Lists of
     tensors are checked element by element."""
+    if not isinstance(anchor, torch.Tensor):
+        return  # None or another type: the op's own checks name it ("must be a Tensor")
     for name, value in tensors.items():
         items = value if isinstance(value, (list, tuple)) else [value]
         for i, t in enumerate(items):
@@ -195,23 +197,29 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction, op="spa
     check_same_device(op, "positives", positives, "logits", logits)
 
 
-def check_grad_mask(op, grad_mask):
-    """The ops' bool[1] grad_mask: one flag, the logits' (the schema does not fix the length)."""
-    if len(grad_mask) != 1:
-        raise ValueError(f"kxops.{op}: grad_mask must hold 1 flag (logits), got {len(grad_mask)}")
+def check_grad_mask(op, grad_mask, names=("logits",)):
+    """A grad_mask of one flag per name. The zlpr ops' bool[1] does not fix the length in the
+    schema; the others' bool[N] do on real devices, but a call with meta tensors reaches the
+    fake kernel with the list as given."""
+    if len(grad_mask) != len(names):
+        flags = "flag" if len(names) == 1 else "flags"
+        raise ValueError(f"kxops.{op}: grad_mask must hold {len(names)} {flags} "
+                         f"({', '.join(names)}), got {len(grad_mask)}")
 
 
 def check_zlpr_op(logits, labels, grad_mask, reduction):
     """What kxops::zlpr checks (csrc/zlpr_host.h), for its fake kernel."""
+    check_dense("zlpr", "logits", logits)
+    check_kernel_dtype("zlpr", "logits", logits)  # first, in the C++ op's words
     check_zlpr_inputs(logits, labels, reduction)
-    check_kernel_dtype("zlpr", "logits", logits)
     check_grad_mask("zlpr", grad_mask)
 
 
 def check_sparse_zlpr_op(logits, positives, ignore_index, grad_mask, reduction, grad_filter):
     """What kxops::sparse_zlpr checks (csrc/zlpr_host.h), for its fake kernel."""
+    check_dense("sparse_zlpr", "logits", logits)
+    check_kernel_dtype("sparse_zlpr", "logits", logits)  # first, in the C++ op's words
     check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction)
-    check_kernel_dtype("sparse_zlpr", "logits", logits)
     check_grad_mask("sparse_zlpr", grad_mask)
     check_grad_filter("sparse_zlpr", grad_filter)
 
@@ -396,7 +404,9 @@ def _check_not_quantized(**tensors):
 
 def _check_global_pointer_operands(q, k, start_bias, end_bias):
     """q, k and the biases: the GEMMs' operands, all of q's dtype and device."""
-    check_logits(_GP, q, "q")
+    check_dense(_GP, "q", q)
+    # The kernels' dtypes on every path: the reference's bmm has no float8 either.
+    check_kernel_dtype(_GP, "q", q)
     if q.dim() != 4:
         raise ValueError(f"kxops.{_GP}: q must be [batch, heads, L, D] (4 dims), got shape "
                          f"{tuple(q.shape)}")
@@ -459,8 +469,10 @@ def check_global_pointer_block_bytes(block_bytes):
     except TypeError:
         raise TypeError(f"kxops.{_GP}: block_bytes must be an int or None, got "
                         f"{type(block_bytes).__name__}") from None
-    if not 0 < block_bytes < 2**63:
-        raise ValueError(f"kxops.{_GP}: block_bytes must be a positive int64, got {block_bytes}")
+    if block_bytes <= 0:  # csrc/global_pointer_zlpr_host.h's words
+        raise ValueError(f"kxops.{_GP}: block_bytes must be positive, got {block_bytes}")
+    if block_bytes >= 2**63:
+        raise ValueError(f"kxops.{_GP}: block_bytes must fit in int64, got {block_bytes}")
     return block_bytes
 
 
@@ -602,6 +614,26 @@ def check_hyperparameters(lr, betas, eps, weight_decay):
                          f"{sys.float_info.min} <= beta2 < inf)")
     if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+def check_adax_hyper(lr, beta1, beta2, weight_decay, eps):
+    """The step's hyperparameters as csrc/adax_host.h check_hyper checks them, in its words
+    (numbers as C++ prints them: %g), for every path: a param group edited after construction
+    must not step the for-loop or foreach path with a NaN lr (or divide by a zero beta2) where
+    the fused op refuses it. Tensors (a tensor lr, differentiable betas) are left to the op
+    and to torch: reading them would synchronise."""
+    def bad(value, ok):
+        return not isinstance(value, torch.Tensor) and not ok(float(value))
+
+    if bad(beta1, lambda v: 0.0 <= v < 1.0):
+        raise ValueError(f"kxops.adax_: beta1 must be in [0, 1), got {float(beta1):g}")
+    if bad(beta2, lambda v: sys.float_info.min <= v < math.inf):
+        raise ValueError(f"kxops.adax_: beta2 must be positive (at least "
+                         f"{sys.float_info.min:g}) and finite, got {float(beta2):g}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if bad(value, lambda v: 0.0 <= v < math.inf):
+            raise ValueError(f"kxops.adax_: {name} must be finite and >= 0, got "
+                             f"{float(value):g}")
+
 
 def check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps):
     """The lists are of one length (in the op's words, csrc/adax_host.h)."""

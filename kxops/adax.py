@@ -288,6 +288,7 @@ def adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach=None, fus
     fused, foreach = resolve_path(params, foreach=foreach, fused=fused,
                                   differentiable=differentiable)
     _checks.check_lr_for_capture(params, lr)
+    _checks.check_adax_hyper(lr, beta1, beta2, weight_decay, eps)
     if fused or foreach:
         params, grads, exp_avgs, exp_avg_sqs = ref.as_real(params, grads, exp_avgs, exp_avg_sqs)
     if fused:

@@ -66,6 +66,8 @@ if _ext.LOADED:
         _checks.check_gated_conv_backward_inputs(grad_y, x, z, weight, mask, gate_keep,
                                                  residual_weight, residual_bias, dilation,
                                                  drop_gate, residual, _gap)
+        _checks.check_grad_mask("gated_conv_backward", grad_mask,
+                                ("x", "weight", "bias", "residual_weight", "residual_bias"))
         out_channels = weight.shape[0] // 2
         wants_x, wants_weight, wants_bias, wants_rw, wants_rb = grad_mask
         return (

@@ -87,6 +87,7 @@ if _ext.LOADED:
         _checks.check_kernel_dtype(_OP, "q", q)
         _checks.check_global_pointer_block_bytes(block_bytes)
         _checks.check_grad_filter(_OP, grad_filter)
+        _checks.check_grad_mask(_OP, grad_mask, ("q", "k", "start_bias", "end_bias"))
         loss = q.new_empty(q.shape[:2] if reduction == "none" else (),
                            dtype=opmath_dtype(q.dtype))
         # The kernel returns contiguous gradients.

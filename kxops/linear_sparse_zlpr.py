@@ -186,7 +186,8 @@ def _label_parallel(input, weight, bias, positives, ignore_index, reduction, blo
 
 if _ext.LOADED:
 
-    def _grads_fake(input, weight, bias, grad_mask):
+    def _grads_fake(op, input, weight, bias, grad_mask):
+        _checks.check_grad_mask(op, grad_mask, ("input", "weight", "bias"))
         present = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
         shapes = (input.shape, weight.shape, weight.shape[:1])
         # The kernels return contiguous gradients.
@@ -201,7 +202,7 @@ if _ext.LOADED:
         _checks.check_reduction("linear_sparse_zlpr", reduction)
         loss = input.new_empty(input.shape[:-1] if reduction == "none" else (),
                                dtype=zlpr_ref.opmath_dtype(input.dtype))
-        return (loss, *_grads_fake(input, weight, bias, grad_mask))
+        return (loss, *_grads_fake("linear_sparse_zlpr", input, weight, bias, grad_mask))
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_backward")
     def _backward_fake(grad_loss, input, weight, bias, positives, ignore_index, grad_mask,
@@ -210,7 +211,7 @@ if _ext.LOADED:
         _checks.check_linear_op_arguments(op, input, weight, bias, positives, ignore_index,
                                           block_rows, grad_filter, grad_loss=grad_loss)
         _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
-        return _grads_fake(input, weight, bias, grad_mask)
+        return _grads_fake(op, input, weight, bias, grad_mask)
 
     @torch.library.register_fake("kxops::linear_sparse_zlpr_partials")
     def _partials_fake(input, weight, bias, positives, ignore_index, class_offset, num_classes,
@@ -233,7 +234,7 @@ if _ext.LOADED:
         _checks.check_class_slice(op, weight, class_offset, num_classes)
         _checks.check_grad_loss(op, grad_loss, input.shape[:-1], "input.shape[:-1]")
         _checks.check_log_z(op, log_z, input)
-        return _grads_fake(input, weight, bias, grad_mask)
+        return _grads_fake(op, input, weight, bias, grad_mask)
 
     def _setup_context(ctx, inputs, output):
         input, weight, bias, positives, ignore_index, reduction, grad_mask, block_rows = inputs[:8]

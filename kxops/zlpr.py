@@ -244,12 +244,16 @@ if _ext.LOADED:
         logits, labels, grad_mask, reduction = inputs
         call = _LossCall(torch.ops.kxops.zlpr, (), reduction, ())
         _save(ctx, call, logits, labels, output[1] if grad_mask[0] else None, public=False)
+        if not grad_mask[0]:  # the empty gradient output: nothing to differentiate
+            ctx.mark_non_differentiable(output[1])
 
     def _setup_sparse_zlpr(ctx, inputs, output):
         logits, positives, ignore_index, grad_mask, reduction, grad_filter = inputs
         call = _LossCall(torch.ops.kxops.sparse_zlpr, (ignore_index,), reduction,
                          (grad_filter,))
         _save(ctx, call, logits, positives, output[1] if grad_mask[0] else None, public=False)
+        if not grad_mask[0]:  # the empty gradient output: nothing to differentiate
+            ctx.mark_non_differentiable(output[1])
 
     def _zlpr_backward(ctx, grad_loss, grad_of_grad):
         return _logits_grad(ctx, grad_loss, grad_of_grad), None, None, None

@@ -39,10 +39,11 @@ class DilatedGatedConv1d(nn.Module):
         in_channels, out_channels, kernel_size = (
             operator.index(v) for v in (in_channels, out_channels, kernel_size))
         if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"channels must be >= 1, got in={in_channels}, out={out_channels}")
+            raise ValueError(f"kxops.gated_conv: channels must be >= 1, got in={in_channels}, "
+                             f"out={out_channels}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd for a 'same' convolution, got "
-                             f"{kernel_size}")
+            raise ValueError(f"kxops.gated_conv: kernel_size must be odd for a 'same' convolution, "
+                             f"got {kernel_size}")
         dilation, drop_gate = check_dilation(dilation), check_drop_gate(drop_gate)
         factory = dict(device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels

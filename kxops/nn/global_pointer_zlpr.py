@@ -42,9 +42,11 @@ class _GlobalPointerBase(nn.Module):
         self.grad_filter = check_grad_filter("global_pointer_zlpr", grad_filter)
         heads, head_size = operator.index(heads), operator.index(head_size)
         if heads < 1 or head_size < 1:
-            raise ValueError(f"heads and head_size must be >= 1, got {heads}, {head_size}")
+            raise ValueError(f"kxops.global_pointer_zlpr: heads and head_size must be >= 1, got "
+                             f"{heads}, {head_size}")
         if rope and head_size % 2:
-            raise ValueError(f"RoPE rotates pairs: head_size must be even, got {head_size}")
+            raise ValueError(f"kxops.global_pointer_zlpr: RoPE rotates pairs: head_size must be "
+                             f"even, got {head_size}")
         self.heads, self.head_size = heads, head_size
         self.rope, self.tril_mask = bool(rope), bool(tril_mask)
 

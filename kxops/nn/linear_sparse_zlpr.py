@@ -82,14 +82,18 @@ class LinearZLPR(nn.Module):
         The logits exist one block of rows at a time (the loss's block size); a block's GEMM
         may round differently from one over all rows (BLAS picks its kernel by shape), so a
         score can differ from ``logits(input)``'s in its last bit."""
-        if not isinstance(input, torch.Tensor) or input.dim() < 1:
-            raise ValueError("predict: input must be a tensor [..., in_features]")
+        where = "kxops.linear_sparse_zlpr: predict:"
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{where} input must be a Tensor, got {type(input).__name__}")
+        if input.dim() < 1:
+            raise ValueError(f"{where} input must be a tensor [..., in_features]")
         if input.shape[-1] != self.in_features:
-            raise ValueError(f"predict: input must have {self.in_features} features, got "
+            raise ValueError(f"{where} input must have {self.in_features} features, got "
                              f"{input.shape[-1]}")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool)
-                              or not 0 <= k <= self.num_labels):
-            raise ValueError(f"predict: k must be an int in [0, {self.num_labels}], got {k!r}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+            raise TypeError(f"{where} k must be an int in [0, {self.num_labels}], got {k!r}")
+        if k is not None and not 0 <= k <= self.num_labels:
+            raise ValueError(f"{where} k must be an int in [0, {self.num_labels}], got {k!r}")
         lead = input.shape[:-1]
         rows = input.reshape(-1, self.in_features)
         step = self.block_rows or block_rows_for(rows.shape[0], self.weight)

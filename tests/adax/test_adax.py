@@ -1071,6 +1071,29 @@ def test_bad_lists_are_refused_in_the_ops_words(path, name, error, message, grad
     assert str(raised.value) == "kxops.adax_: " + message
 
 
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("lr", -1.0), ("eps", float("nan")),
+                                        ("weight_decay", float("inf")), ("betas", (0.9, 0.0)),
+                                        ("betas", (1.0, 1e-4))])
+def test_a_param_group_edited_after_construction_is_refused_on_every_path(key, value):
+    """A hyperparameter set in param_groups after construction (the constructor's checks do
+    not see it): every path refuses it before anything changes, in the fused op's words (the
+    for-loop and foreach paths used to step with it: NaN params for lr=nan, a bare
+    ZeroDivisionError for beta2=0)."""
+    needs_kernel("adax_", "cpu")
+    messages = set()
+    for path in (dict(fused=True), dict(foreach=True), dict(fused=False, foreach=False)):
+        w = torch.nn.Parameter(torch.randn(4))
+        w.grad = torch.randn(4)
+        before = w.detach().clone()
+        optimizer = kxops.optim.AdaX([w], **path)
+        optimizer.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=r"^kxops\.adax_: ") as raised:
+            optimizer.step()
+        assert torch.equal(w.detach(), before), path
+        messages.add(str(raised.value))
+    assert len(messages) == 1, messages
+
+
 # --- compact state: bf16 and 8-bit moments, stochastic rounding -----------------------------
 
 COMPACT_CASES = [(torch.float32, torch.bfloat16), (torch.float32, torch.uint8),

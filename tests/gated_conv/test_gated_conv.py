@@ -267,6 +267,15 @@ def test_module_bad_arguments(kwargs, message):
         kxops.nn.DilatedGatedConv1d(4, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=4), dict(kernel_size=0),
+                                    dict(out_channels=0), dict(dilation=0)])
+def test_module_bad_arguments_carry_the_op_prefix(kwargs):
+    """The module's own checks word an error as the op does, prefix first (kernel_size and
+    the channel counts used to come without it, while dilation and drop_gate had it)."""
+    with pytest.raises(ValueError, match=r"^kxops\.gated_conv: "):
+        kxops.nn.DilatedGatedConv1d(4, **kwargs)
+
+
 # --- the compiled ops, wherever a kernel is registered --------------------------------------
 
 
@@ -1081,3 +1090,20 @@ def test_every_argument_wrong_in_turn_never_crashes():
             assert said.startswith("RuntimeError: Tried to convert a List"), line
         elif said != "ok":
             assert said.partition(": ")[2].startswith(f"kxops.{op}: "), line
+
+
+def test_backward_fake_kernel_refuses_a_grad_mask_of_the_wrong_length():
+    """bool[5] grad_mask: on a real device torch's argument parser refuses 4 or 6 flags; with
+    meta tensors the list reached the fake kernel as given, which failed with a bare "not
+    enough values to unpack" / "too many values to unpack" ValueError."""
+    needs_kernel("gated_conv", "cpu")
+    x, weight = torch.randn(2, 5, 3, device="meta"), torch.randn(8, 3, 3, device="meta")
+    residual_weight = torch.randn(4, 3, 1, device="meta")
+    y, z = torch.ops.kxops.gated_conv(x, weight, None, None, None, residual_weight, None, 2,
+                                      0.0, True)
+    for flags in (4, 6):
+        with pytest.raises(ValueError, match=r"^kxops.gated_conv_backward: grad_mask must hold "
+                                             r"5 flags \(x, weight, bias, residual_weight, "
+                                             r"residual_bias\), got "):
+            torch.ops.kxops.gated_conv_backward(y, x, z, weight, None, None, residual_weight,
+                                                None, [True] * flags, 2, 0.0, True)

@@ -636,6 +636,68 @@ def test_op_and_wrapper_raise_the_same_error():
                                                                        wrapper_message)
 
 
+def test_op_fake_kernel_and_wrapper_words_agree_exactly():
+    """The same bad argument through the C++ op (CPU), its fake kernel (every tensor on meta)
+    and the wrapper: the same type and the same message, word for word (q's dtype and
+    block_bytes used to be worded differently by the wrapper and the fake kernel; q None
+    reached the fake kernel's device check as an AttributeError)."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = make_problem(2, 3, 6, 4, dtype=torch.float32)
+    arguments = dict(q=q, k=k, pos=pos, m=m, sb=sb, eb=eb, block_bytes=None)
+    cases = [dict(q=q.long(), k=k.long()), dict(q=q.cfloat()), dict(q=None),
+             dict(block_bytes=0), dict(block_bytes=-3), dict(k=k.double())]
+
+    def meta(t):
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    for change in cases:
+        a = {**arguments, **change}
+        errors = []
+        for move in (lambda t: t, meta):
+            with pytest.raises(Exception) as info:
+                OP(move(a["q"]), move(a["k"]), move(a["pos"]), move(a["m"]), move(a["sb"]),
+                   move(a["eb"]), True, -1, "mean", [True] * 4, a["block_bytes"], 0.0)
+            errors.append(info)
+        if a["q"] is not None:
+            with pytest.raises(Exception) as info:
+                fused(a["q"], a["k"], a["pos"], a["m"], a["sb"], a["eb"], reduction="mean",
+                      block_bytes=a["block_bytes"])
+            errors.append(info)
+        messages = {(e.type, str(e.value)) for e in errors}
+        assert len(messages) == 1, (change, messages)
+        assert str(errors[0].value).startswith(PREFIX), (change, errors[0].value)
+
+
+def test_fake_kernel_refuses_a_grad_mask_of_the_wrong_length():
+    """bool[4] grad_mask: on a real device the argument parser refuses 3 or 5 flags; with meta
+    tensors the list reached the fake kernel as given, which returned 4 or 5 outputs instead
+    of the schema's 5 (3 flags: a silently wrong result)."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = (t.to("meta") for t in make_problem(2, 3, 6, 4))
+    for flags in (3, 5):
+        with pytest.raises(ValueError, match=r"^kxops.global_pointer_zlpr: grad_mask must hold "
+                                             r"4 flags \(q, k, start_bias, end_bias\)"):
+            OP(q, k, pos, m, sb, eb, True, -1, "mean", [True] * flags)
+
+
+@pytest.mark.parametrize("cls", ["GlobalPointer", "EfficientGlobalPointer"])
+@pytest.mark.parametrize("heads, head_size", [(0, 4), (2, 0), (2, 3)])
+def test_module_bad_arguments_carry_the_op_prefix(cls, heads, head_size):
+    """heads, head_size (odd under RoPE): the modules' errors start with the op's prefix."""
+    with pytest.raises(ValueError, match=r"^kxops\.global_pointer_zlpr: "):
+        getattr(kxops.nn, cls)(8, heads, head_size)
+
+
+def test_float8_q_is_a_type_error_of_the_op():
+    """float8 q: no kernel and no reference (bmm has no float8) take it; the wrapper used to
+    raise torch's NotImplementedError from the reference's bmm, without the prefix."""
+    q = torch.randn(1, 1, 3, 2).to(torch.float8_e5m2)
+    pos = torch.zeros(1, 1, 1, dtype=torch.long)
+    for loss in (kxops.global_pointer_zlpr_loss, kxops.reference.global_pointer_zlpr_loss):
+        with pytest.raises(TypeError, match=r"^kxops.global_pointer_zlpr: q must be a float64"):
+            loss(q, q, pos)
+
+
 # Each argument of the op wrong in turn (by its schema position), as the attack of a caller:
 # None, a wrong dtype, shape or device, a wrong grad_mask length, a bad reduction.
 ATTACKS = {

@@ -437,6 +437,32 @@ def test_fake_kernels_say_what_the_cpp_ops_say():
         assert on_cpu[case] == on_meta[case], case
 
 
+def test_fake_kernels_refuse_none_and_a_grad_mask_of_the_wrong_length():
+    """The fake kernels (every tensor on meta) with input None or a grad_mask of 2 or 4
+    flags: the op's prefixed TypeError / ValueError. input None used to reach the device check
+    as an AttributeError ('NoneType' object has no attribute 'device'), a short grad_mask a bare
+    IndexError (list index out of range), a long one no error at all."""
+    x, w, b = (torch.randn(*shape, device="meta") for shape in ((4, 3), (7, 3), (7,)))
+    p = torch.zeros(4, 2, dtype=torch.long, device="meta")
+    g, log_z = torch.randn(4, device="meta"), torch.randn(4, 2, device="meta")
+    calls = {
+        "linear_sparse_zlpr": lambda inp, m: torch.ops.kxops.linear_sparse_zlpr(
+            inp, w, b, p, -1, "mean", m, 0),
+        "linear_sparse_zlpr_backward": lambda inp, m: torch.ops.kxops.linear_sparse_zlpr_backward(
+            g, inp, w, b, p, -1, m, 0),
+        "linear_sparse_zlpr_partials_backward": lambda inp, m: (
+            torch.ops.kxops.linear_sparse_zlpr_partials_backward(g, log_z, inp, w, b, p, -1, 0,
+                                                                  7, m, 0)),
+    }
+    for op, call in calls.items():
+        with pytest.raises(TypeError, match=f"^kxops.{op}: input must be a Tensor, got None"):
+            call(None, [True] * 3)
+        for flags in (2, 4):
+            with pytest.raises(ValueError, match=rf"^kxops.{op}: grad_mask must hold 3 flags "
+                                                 r"\(input, weight, bias\), got "):
+                call(x, [True] * flags)
+
+
 def test_direct_op_errors_in_a_subprocess():
     """Every op called directly with bad arguments raises the right error, never crashes."""
     done = run_isolated("""
@@ -608,6 +634,21 @@ def test_block_rows_for_asks_the_driver():
         torch.ops.kxops.linear_sparse_zlpr_block_rows(torch.zeros(3), 5)
     with pytest.raises(ValueError, match=r"^kxops\.linear_sparse_zlpr_block_rows: rows must"):
         torch.ops.kxops.linear_sparse_zlpr_block_rows(torch.zeros(3, 2), -1)
+
+
+def test_predict_bad_arguments_follow_the_contract():
+    """predict's errors: the op's prefix, TypeError for a wrong type (input not a tensor, k not
+    an int), ValueError for a bad value (they were all unprefixed ValueErrors)."""
+    head = kxops.nn.LinearZLPR(3, 5)
+    cases = [((None,), {}, TypeError), (([1.0, 2.0, 3.0],), {}, TypeError),
+             ((torch.tensor(1.0),), {}, ValueError), ((torch.randn(2, 4),), {}, ValueError),
+             ((torch.randn(2, 3),), dict(k=2.0), TypeError),
+             ((torch.randn(2, 3),), dict(k=True), TypeError),
+             ((torch.randn(2, 3),), dict(k=6), ValueError),
+             ((torch.randn(2, 3),), dict(k=-1), ValueError)]
+    for args, kwargs, error in cases:
+        with pytest.raises(error, match=r"^kxops\.linear_sparse_zlpr: predict: "):
+            head.predict(*args, **kwargs)
 
 
 def test_predict_under_autocast_matches_logits_topk():

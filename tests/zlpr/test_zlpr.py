@@ -894,6 +894,52 @@ def test_direct_op_without_computed_gradient_still_differentiates():
                                                                     reduction="sum"))(logits))
 
 
+@pytest.mark.parametrize("op", ["zlpr", "sparse_zlpr"])
+def test_direct_op_empty_gradient_output_is_not_differentiable(op):
+    """grad_mask=[False]: the empty gradient output takes no part in autograd (it used to
+    require grad, and a backward through it, e.g. (loss + grad.sum()).backward() or opcheck's
+    test_aot_dispatch_dynamic, failed with "Mismatch in shape: grad_output[0] has a shape of
+    torch.Size([0])")."""
+    needs_kernel("zlpr", "cpu")
+    logits, labels = random_problem((3, 7), soft=True, dtype=torch.float64)
+    targets = labels if op == "zlpr" else torch.tensor([[0, 2], [6, -1], [-1, -1]])
+    extra = () if op == "zlpr" else (-1,)
+    for reduction in ("none", "mean", "sum"):
+        leaf = logits.detach().requires_grad_(True)
+        loss, grad = getattr(torch.ops.kxops, op)(leaf, targets, *extra, [False], reduction)
+        assert grad.numel() == 0 and not grad.requires_grad
+        (loss.sum() + grad.sum()).backward()
+        expected = logits.detach().requires_grad_(True)
+        getattr(torch.ops.kxops, op)(expected, targets, *extra, [True], reduction)[0].sum(
+            ).backward()
+        assert torch.equal(leaf.grad, expected.grad)
+        torch.library.opcheck(getattr(torch.ops.kxops, op),
+                              (logits.detach().requires_grad_(True), targets, *extra, [False],
+                               reduction))
+
+
+@pytest.mark.parametrize("op", ["zlpr", "sparse_zlpr"])
+def test_fake_kernel_words_a_dtype_error_as_the_op(op):
+    """Integer or complex logits: the fake kernel (meta tensors) raises the C++ op's message
+    word for word (it used to say the wrapper's "must be a floating-point tensor")."""
+    needs_kernel("zlpr", "cpu")
+
+    def call(device, dtype):
+        logits = torch.zeros(2, 3, dtype=dtype, device=device)
+        if op == "zlpr":
+            return torch.ops.kxops.zlpr(logits, torch.ones(2, 3, device=device), [True])
+        return torch.ops.kxops.sparse_zlpr(
+            logits, torch.zeros(2, 1, dtype=torch.long, device=device), -1, [True])
+
+    for dtype in (torch.long, torch.cfloat):
+        with pytest.raises(TypeError) as on_cpu:
+            call("cpu", dtype)
+        with pytest.raises(TypeError) as on_meta:
+            call("meta", dtype)
+        assert str(on_meta.value) == str(on_cpu.value)
+        assert str(on_cpu.value).startswith(f"kxops.{op}: logits must be a float64")
+
+
 # --- the backward returns the forward's gradient ----------------------------------------------
 
 
