@@ -27,6 +27,30 @@ inline std::string py(at::ScalarType type) {
   return "torch." + std::string(c10::getDtypeNames(type).first);
 }
 
+// A layout as Python prints it: torch.strided, torch.sparse_coo, torch.sparse_csr, ...
+inline std::string py(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided:
+      return "torch.strided";
+    case at::kSparse:
+      return "torch.sparse_coo";
+    case at::kSparseCsr:
+      return "torch.sparse_csr";
+    case at::kSparseCsc:
+      return "torch.sparse_csc";
+    case at::kSparseBsr:
+      return "torch.sparse_bsr";
+    case at::kSparseBsc:
+      return "torch.sparse_bsc";
+    case at::kMkldnn:
+      return "torch._mkldnn";
+    case at::kJagged:
+      return "torch.jagged";
+    default:
+      return c10::str(layout);
+  }
+}
+
 // The floating dtypes of every kernel (kxops/_checks.py KERNEL_DTYPES).
 inline bool is_kernel_float(at::ScalarType type) {
   return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
@@ -39,7 +63,7 @@ inline void check_tensor(const char* op, const char* name, const at::Tensor& t) 
   TORCH_CHECK_TYPE(!t.is_nested(), "kxops.", op, ": ", name,
                    " must be a dense (strided) tensor, got a nested tensor");
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, "kxops.", op, ": ", name,
-                   " must be a dense (strided) tensor, got layout ", t.layout());
+                   " must be a dense (strided) tensor, got layout ", py(t.layout()));
 }
 
 // A dense tensor of a kernel float dtype.

@@ -3,9 +3,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 #include <string>
 
 #include "build_info.h"
+#include "checks.h"
 #include "gemm.h"
 
 extern "C" {
@@ -140,5 +144,49 @@ TORCH_LIBRARY(kxops, m) {
   m.def("_set_cpu_gemm_engine(str engine) -> ()",
         [](c10::string_view engine) { gemm::set_engine(std::string(engine)); });
 }
+
+// A sparse, sparse-compressed, nested or mkldnn tensor dispatches to a key that has no kxops
+// kernel, where the dispatcher would raise its own "Could not run" error. This kernel, registered
+// for those keys for every kxops op with tensor arguments, refuses it by the op's and the
+// argument's names instead, as every op's own checks do for the tensors they reach.
+void refuse_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const auto values = torch::jit::last(*stack, arguments.size());
+  const std::string name = op.schema().name().substr(std::string("kxops::").size());
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const std::string& argument = arguments[i].name();
+    if (values[i].isTensor()) check_tensor(name.c_str(), argument.c_str(), values[i].toTensor());
+    if (!values[i].isTensorList()) continue;
+    const auto tensors = values[i].toTensorList();
+    for (size_t j = 0; j < tensors.size(); ++j) {
+      const std::string element = argument + "[" + std::to_string(j) + "]";
+      check_tensor(name.c_str(), element.c_str(), tensors[j]);
+    }
+  }
+  TORCH_CHECK_TYPE(false, "kxops.", name,
+                   ": every tensor argument must be a dense (strided) tensor");
+}
+
+// Every kxops op that takes a tensor (the underscore ops take none), with its overload name.
+void register_non_strided_refusals(torch::Library& m) {
+  for (const auto& op : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (op.name.rfind("kxops::", 0) != 0 || op.name.rfind("kxops::_", 0) == 0) continue;
+    std::string name = op.name.substr(std::string("kxops::").size());
+    if (!op.overload_name.empty()) name += "." + op.overload_name;
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_non_strided>());
+  }
+}
+
+// After TORCH_LIBRARY above in this file, so that every op is defined when these run.
+TORCH_LIBRARY_IMPL(kxops, SparseCPU, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, SparseCUDA, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, SparseCsrCPU, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, SparseCsrCUDA, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, NestedTensorCPU, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, NestedTensorCUDA, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, MkldnnCPU, m) { register_non_strided_refusals(m); }
+// Nested tensors meet autograd first; an op without an autograd formula (adax_) has no kernel
+// there, so the refusal stands there too.
+TORCH_LIBRARY_IMPL(kxops, AutogradNestedTensor, m) { register_non_strided_refusals(m); }
 
 }  // namespace kxops

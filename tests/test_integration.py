@@ -1,8 +1,9 @@
-"""The three blocks together: the example's training run, a whole training step under
-torch.compile(fullgraph=True), and autocast."""
+"""The ops together: the example's training run, a whole training step under
+torch.compile(fullgraph=True), autocast, and what every op refuses alike."""
 
 import importlib.util
 import pathlib
+import re
 
 import pytest
 import torch
@@ -84,3 +85,43 @@ def test_autocast_through_all_ops(device, dtype):
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.float(), full_precision, rtol=5e-2, atol=5e-2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# One bad layout per op family, called directly (the public wrappers check layouts first):
+# (op, its arguments with one non-strided tensor, that argument's name).
+def _non_strided_calls(layout):
+    def bad(t):
+        return {"sparse": t.to_sparse, "csr": t.to_sparse_csr,
+                "nested": lambda: torch.nested.nested_tensor(list(t))}[layout]()
+
+    x, w = torch.randn(2, 5, 4), torch.randn(8, 4, 3)
+    logits, ids = torch.randn(3, 5), torch.tensor([[0], [1], [2]])
+    q, pos = torch.randn(1, 2, 3, 4), torch.zeros(1, 2, 1, dtype=torch.long)
+    p = torch.zeros(2, 3)
+    ops = torch.ops.kxops
+    return [
+        (ops.zlpr, (bad(logits), torch.ones(3, 5), [False]), "logits"),
+        (ops.sparse_zlpr, (logits, bad(ids), -1, [False]), "positives"),
+        (ops.zlpr_backward, (torch.ones(3), bad(logits)), "grad"),
+        (ops.gated_conv, (bad(x), w, None, None, None, None, None, 1, 0.0, False), "x"),
+        (ops.linear_sparse_zlpr, (torch.randn(3, 4), bad(torch.randn(5, 4)), None, ids, -1,
+                                  "mean", [False] * 3, 0), "weight"),
+        (ops.global_pointer_zlpr, (bad(q), q, pos, None, None, None, True, -1, "mean",
+                                   [False] * 4), "q"),
+        (ops.adax_, ([p], [bad(torch.ones(2, 3))], [p.clone()], [p.clone()], [torch.zeros(())]),
+         "grads[0]"),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["sparse", "csr", "nested"])
+def test_every_op_refuses_a_non_strided_tensor_by_name(layout):
+    """A sparse, compressed-sparse or nested tensor reaches no kernel: each op refuses it as a
+    TypeError in its own words (not the dispatcher's "Could not run ..." error)."""
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8, decoupled=True,
+                 maximize=False)
+    for op, args, name in _non_strided_calls(layout):
+        kwargs = hyper if op is torch.ops.kxops.adax_ else {}
+        op_name = op._qualified_op_name.split("::")[1]
+        with pytest.raises(TypeError, match=rf"^kxops\.{op_name}: {re.escape(name)} must be a "
+                                            r"dense \(strided\) tensor, got "):
+            op(*args, **kwargs)
