@@ -71,14 +71,20 @@ PEERS = {"kxops_fused": "adamw_fused", "adamw_fused": "adamw_fused", "authors_lo
 TABLES = {"adamw_fused": "adax", "adamw_foreach": "adax_foreach"}
 
 
-@pytest.mark.parametrize("provider", list(PEERS))
-@pytest.mark.parametrize("size_index", [0, 1, 2])
-def test_adax_step(benchmark, device, provider, size_index):
-    numel = size_for(SIZES[device.type], size_index)
+def _params_with_grads(numel, device):
+    """TENSORS params of numel elements in all, each with a random gradient."""
     params = [torch.nn.Parameter(torch.randn(numel // TENSORS, device=device))
               for _ in range(TENSORS)]
     for p in params:
         p.grad = torch.randn_like(p)
+    return params
+
+
+@pytest.mark.parametrize("provider", list(PEERS))
+@pytest.mark.parametrize("size_index", [0, 1, 2])
+def test_adax_step(benchmark, device, provider, size_index):
+    numel = size_for(SIZES[device.type], size_index)
+    params = _params_with_grads(numel, device)
     optimizer = optimizer_for(provider, params)
     peer = PEERS[provider]  # steps the same parameters with its own state
     peer_step = optimizer_for(peer, params).step if provider != peer else None
@@ -128,10 +134,7 @@ STATE_SIZES = {"cpu": [1_000_000, 20_000_000], "cuda": [1_000_000, 100_000_000]}
 @pytest.mark.parametrize("size_index", [0, 1])
 def test_adax_state(benchmark, device, provider, size_index):
     numel = size_for(STATE_SIZES[device.type], size_index)
-    params = [torch.nn.Parameter(torch.randn(numel // TENSORS, device=device))
-              for _ in range(TENSORS)]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    params = _params_with_grads(numel, device)
     if provider.startswith("kxops"):
         if not kxops.adax.fused_available(params):
             pytest.skip("no compiled AdaX kernel on this device yet")

@@ -57,11 +57,14 @@ inline bool is_kernel_float(at::ScalarType type) {
 }
 
 // A tensor argument at all (None reaches a Tensor argument as an undefined tensor), dense and
-// strided: a sparse, nested or mkldnn tensor would reach ATen's internals.
+// strided and not quantized: a sparse, nested, quantized or mkldnn tensor would reach ATen's
+// internals.
 inline void check_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.defined(), "kxops.", op, ": ", name, " must be a Tensor, got None");
   TORCH_CHECK_TYPE(!t.is_nested(), "kxops.", op, ": ", name,
                    " must be a dense (strided) tensor, got a nested tensor");
+  TORCH_CHECK_TYPE(!t.is_quantized(), "kxops.", op, ": ", name,
+                   " must be a dense (strided) tensor, got a quantized tensor");
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, "kxops.", op, ": ", name,
                    " must be a dense (strided) tensor, got layout ", py(t.layout()));
 }

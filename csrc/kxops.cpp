@@ -145,10 +145,10 @@ TORCH_LIBRARY(kxops, m) {
         [](c10::string_view engine) { gemm::set_engine(std::string(engine)); });
 }
 
-// A sparse, sparse-compressed, nested or mkldnn tensor dispatches to a key that has no kxops
-// kernel, where the dispatcher would raise its own "Could not run" error. This kernel, registered
-// for those keys for every kxops op with tensor arguments, refuses it by the op's and the
-// argument's names instead, as every op's own checks do for the tensors they reach.
+// A sparse, sparse-compressed, nested, quantized or mkldnn tensor dispatches to a key that has no
+// kxops kernel, where the dispatcher would raise its own "Could not run" error. This kernel,
+// registered for those keys for every kxops op with tensor arguments, refuses it by the op's and
+// the argument's names instead, as every op's own checks do for the tensors they reach.
 void refuse_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const auto values = torch::jit::last(*stack, arguments.size());
@@ -185,6 +185,8 @@ TORCH_LIBRARY_IMPL(kxops, SparseCsrCUDA, m) { register_non_strided_refusals(m); 
 TORCH_LIBRARY_IMPL(kxops, NestedTensorCPU, m) { register_non_strided_refusals(m); }
 TORCH_LIBRARY_IMPL(kxops, NestedTensorCUDA, m) { register_non_strided_refusals(m); }
 TORCH_LIBRARY_IMPL(kxops, MkldnnCPU, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, QuantizedCPU, m) { register_non_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(kxops, QuantizedCUDA, m) { register_non_strided_refusals(m); }
 // Nested tensors meet autograd first; an op without an autograd formula (adax_) has no kernel
 // there, so the refusal stands there too.
 TORCH_LIBRARY_IMPL(kxops, AutogradNestedTensor, m) { register_non_strided_refusals(m); }

@@ -76,10 +76,12 @@ def check_tensor(op, name, t):
 
 
 def check_dense(op, name, t):
-    """A dense (strided) tensor: sparse, nested and mkldnn tensors are refused by name."""
+    """A dense (strided) tensor: sparse, nested, quantized and mkldnn tensors are refused by
+    name."""
     check_tensor(op, name, t)
-    if t.layout != torch.strided or t.is_nested:
-        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+    if t.layout != torch.strided or t.is_nested or t.is_quantized:
+        kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
+                else f"layout {t.layout}")
         raise TypeError(f"kxops.{op}: {name} must be a dense (strided) tensor, got {kind}")
 
 
@@ -394,14 +396,6 @@ def check_gated_conv_backward_inputs(grad_y, x, z, weight, mask, gate_keep, resi
 _GP = "global_pointer_zlpr"
 
 
-def _check_not_quantized(**tensors):
-    """A quantized tensor would reach the dispatcher, which has no quantized kernel for it."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_quantized:
-            raise TypeError(f"kxops.{_GP}: {name} must be a dense (strided) tensor, got a "
-                            "quantized tensor")
-
-
 def _check_global_pointer_operands(q, k, start_bias, end_bias):
     """q, k and the biases: the GEMMs' operands, all of q's dtype and device."""
     check_dense(_GP, "q", q)
@@ -448,8 +442,6 @@ def check_global_pointer_inputs(q, k, positives, mask, start_bias, end_bias, tri
                                 ignore_index, reduction):
     """The arguments of kxops.global_pointer_zlpr_loss, its reference and the op's fake kernel,
     in the C++ op's order: types (TypeError), shapes and values (ValueError)."""
-    _check_not_quantized(q=q, k=k, positives=positives, mask=mask, start_bias=start_bias,
-                         end_bias=end_bias)
     _check_global_pointer_operands(q, k, start_bias, end_bias)
     _check_global_pointer_positives_and_mask(q, positives, mask)
     if not isinstance(tril, bool):

@@ -92,7 +92,9 @@ def test_autocast_through_all_ops(device, dtype):
 def _non_strided_calls(layout):
     def bad(t):
         return {"sparse": t.to_sparse, "csr": t.to_sparse_csr,
-                "nested": lambda: torch.nested.nested_tensor(list(t))}[layout]()
+                "nested": lambda: torch.nested.nested_tensor(list(t)),
+                "quantized": lambda: torch.quantize_per_tensor(t.float(), 1.0, 0, torch.qint32),
+                }[layout]()
 
     x, w = torch.randn(2, 5, 4), torch.randn(8, 4, 3)
     logits, ids = torch.randn(3, 5), torch.tensor([[0], [1], [2]])
@@ -113,10 +115,10 @@ def _non_strided_calls(layout):
     ]
 
 
-@pytest.mark.parametrize("layout", ["sparse", "csr", "nested"])
+@pytest.mark.parametrize("layout", ["sparse", "csr", "nested", "quantized"])
 def test_every_op_refuses_a_non_strided_tensor_by_name(layout):
-    """A sparse, compressed-sparse or nested tensor reaches no kernel: each op refuses it as a
-    TypeError in its own words (not the dispatcher's "Could not run ..." error)."""
+    """A sparse, compressed-sparse, nested or quantized tensor reaches no kernel: each op refuses
+    it as a TypeError in its own words (not the dispatcher's "Could not run ..." error)."""
     hyper = dict(lr=1e-3, beta1=0.9, beta2=1e-4, weight_decay=0.0, eps=1e-8, decoupled=True,
                  maximize=False)
     for op, args, name in _non_strided_calls(layout):
