@@ -213,8 +213,8 @@ struct BlockGrads {
     if (want_input) sparse_grad::rows_product(g, weight, input.narrow(0, start, n), scale);
     params.add(g, x_block, scale);
   }
-  // g's gradient products: from its sparse form where the filter left it sparse enough, else
-  // the dense GEMMs.
+  // g's gradient products: from its sparse form where the filter left it sparse enough (on
+  // either device: sparse_rows converts g), else the dense GEMMs.
   void add(int64_t start, const Tensor& g, const Tensor& x_block, const Tensor& weight,
            double scale, bool filtered) {
     const Tensor rows_out = want_input ? input.narrow(0, start, g.size(0)) : Tensor();
@@ -236,7 +236,8 @@ struct BlockGrads {
 };
 
 // Whether the block gradients filtered by grad_filter come straight in sparse form (see
-// sparse_grad_host.h): the CPU kernel's, for fp32/fp64 operands the sparse products take.
+// sparse_grad_host.h): the CPU kernel's, for fp32/fp64 operands the sparse products take. The
+// CUDA row kernel writes g dense; BlockGrads::add converts it.
 inline bool sparse_kernel_output(const Tensor& input, const Tensor& weight, double grad_filter) {
   const auto type = input.scalar_type();
   return grad_filter > 0 && input.is_cpu() && (type == at::kFloat || type == at::kDouble) &&

@@ -5,14 +5,18 @@
 //   cols_product:  out [m, d] += scale * g^T @ operand   (operand [n, d]), col_sums [m] += ...
 // Deterministic, without atomics: a row of out is one task's sum over its row's nonzeros in
 // column order; a column of out one task's sum over its column's nonzeros in row order (a
-// counting sort keeps that order), each added straight into the accumulator. Both are then
-// independent of the thread count, and cols_product of the block split of the rows: blocks run
-// in row order, so the accumulator sees the same additions in the same order whatever the
-// blocks.
+// stable sort by column keeps that order), each added straight into the accumulator. Both are
+// then independent of the thread count, and cols_product of the block split of the rows: blocks
+// run in row order, so the accumulator sees the same additions in the same order whatever the
+// blocks. The sums themselves are sparse_grad_math.h's, shared by both devices.
 //
-// CPU, fp32/fp64, row-major operands and outputs (unit stride along d). sparse_rows returns
-// nothing where those do not hold or where more than kMaxDensity of g is nonzero: the caller
-// then runs its dense GEMMs (exact either way; they differ only in rounding).
+// One driver for both devices: the CPU converts and transposes with its own loops
+// (cpu/sparse_grad.cpp); CUDA with at:: ops (the portable route below, which the CPU also runs
+// under KXOPS_SPARSE_GRAD_PORTABLE=1 so that the tests check it), its products one CUDA kernel
+// (cuda/sparse_grad.cu). fp32/fp64, row-major operands and outputs (unit stride along d).
+// sparse_rows returns nothing where those do not hold or where more than max_density() of g is
+// nonzero: the caller then runs its dense GEMMs (exact either way; they differ only in
+// rounding).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,16 +36,105 @@ constexpr double kMaxDensity = 0.05;
 
 double max_density();
 
+// Whether nnz nonzeros of an [n, m] block are few enough for the sparse products.
+inline bool sparse_enough(int64_t nnz, int64_t n, int64_t m) {
+  return static_cast<double>(nnz) <=
+         max_density() * static_cast<double>(n) * static_cast<double>(m);
+}
+
+// Whether the CPU converts and transposes through the portable route too
+// (KXOPS_SPARSE_GRAD_PORTABLE=1, read at each call; for the tests: the same bits either way).
+bool portable_on_cpu();
+
 // g's nonzeros: row_start [n + 1] (int64), col [nnz] (int64), value [nnz] (g's dtype).
 struct SparseRows {
   at::Tensor row_start, col, value;
   int64_t cols = 0;
 };
 
+// g^T's: each column's nonzeros in row order, col_start [m + 1], row [nnz] (int64), value
+// [nnz] already times the product's scale.
+struct SparseCols {
+  at::Tensor col_start, row, value;
+};
+
+// Whether g and the products' operands (undefined ones skipped; 1-D: col_sums) are what the
+// sparse products take: fp32/fp64, one device (CPU, or CUDA in a CUDA build), unit stride along
+// d.
+bool takes_operands(const at::Tensor& g, std::initializer_list<at::Tensor> operands);
+
+namespace cpu {
+// g [n, m] in CSR (vector scans over each row), or nothing where max_density() is passed.
+std::optional<SparseRows> sparse_rows(const at::Tensor& g);
+// A counting sort by column (rows stay in order), values times scale.
+SparseCols transpose(const SparseRows& g, double scale);
+
+// The products' kernel on each device: for each output row r of a CSR (start [R + 1], index,
+// value), out[r] = (zero_init ? 0 : out[r]) + sum_k (scale * value[k]) * operand[index[k]] over
+// r's nonzeros in order (sparse_grad_math.h's sparse_dot), and sums[r] += value[k] in order
+// where sums is defined. out undefined: the sums alone.
+void sparse_product(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
+                    double scale, const at::Tensor& operand, const at::Tensor& out,
+                    const at::Tensor& sums, bool zero_init);
+}  // namespace cpu
+#ifdef KXOPS_WITH_CUDA
+namespace cuda {
+void sparse_product(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
+                    double scale, const at::Tensor& operand, const at::Tensor& out,
+                    const at::Tensor& sums, bool zero_init);
+}  // namespace cuda
+#endif
+
+// The portable route (the CUDA one): g's CSR through at:: ops, in the same order as the CPU's
+// scan (nonzero_static walks g row-major; a NaN counts as nonzero: it must reach the products).
+// The density rule needs the count on the host: one read of it per block (a device sync on
+// CUDA, the only one of the sparse products), which nonzero_static then takes as its size,
+// without a second.
+inline std::optional<SparseRows> portable_sparse_rows(const at::Tensor& g) {
+  const int64_t n = g.size(0), m = g.size(1);
+  const at::Tensor nonzero = g.ne(0);
+  at::Tensor row_start = at::zeros({n + 1}, g.options().dtype(at::kLong));
+  row_start.narrow(0, 1, n).copy_(nonzero.sum(1).cumsum(0));
+  const int64_t nnz = row_start[n].item<int64_t>();
+  if (!sparse_enough(nnz, n, m)) return std::nullopt;
+  const at::Tensor where = at::nonzero_static(nonzero, nnz);
+  const at::Tensor rows = where.select(1, 0), cols = where.select(1, 1);
+  c10::List<std::optional<at::Tensor>> index;
+  index.push_back(rows);
+  index.push_back(cols);
+  return SparseRows{row_start, cols.contiguous(), at::index(g, index), m};
+}
+
+// g^T's CSR through at:: ops: a stable sort by column keeps each column's rows in order, as the
+// CPU's counting sort does; the values scaled by one multiply each, as there.
+inline SparseCols portable_transpose(const SparseRows& g, double scale) {
+  const int64_t nnz = g.value.numel();
+  const auto [sorted_col, order] = at::sort(g.col, /*stable=*/std::optional<bool>(true), /*dim=*/0);
+  const at::Tensor row = at::repeat_interleave(g.row_start.diff(), std::optional<int64_t>(nnz));
+  return {at::_convert_indices_from_coo_to_csr(sorted_col, g.cols),
+          row.index_select(0, order).contiguous(), g.value.index_select(0, order).mul_(scale)};
+}
+
+inline void sparse_product(const at::Tensor& start, const at::Tensor& index,
+                           const at::Tensor& value, double scale, const at::Tensor& operand,
+                           const at::Tensor& out, const at::Tensor& sums, bool zero_init) {
+#ifdef KXOPS_WITH_CUDA
+  if (value.is_cuda()) {
+    cuda::sparse_product(start, index, value, scale, operand, out, sums, zero_init);
+    return;
+  }
+#endif
+  cpu::sparse_product(start, index, value, scale, operand, out, sums, zero_init);
+}
+
 // g in CSR, or nothing (see above). `operands`: every tensor the products will read or write
 // (undefined ones are skipped), checked for dtype, device and layout.
-std::optional<SparseRows> sparse_rows(const at::Tensor& g,
-                                      std::initializer_list<at::Tensor> operands);
+inline std::optional<SparseRows> sparse_rows(const at::Tensor& g,
+                                             std::initializer_list<at::Tensor> operands) {
+  if (!takes_operands(g, operands)) return std::nullopt;
+  if (g.is_cpu() && !portable_on_cpu()) return cpu::sparse_rows(g);
+  return portable_sparse_rows(g);
+}
 
 // CPU, fp32/fp64 logits [rows, m]: kxops::sparse_zlpr's row losses (reduction "none") and its
 // gradient filtered by grad_filter > 0 straight into sparse form, the dense gradient never
@@ -51,8 +144,21 @@ std::tuple<at::Tensor, std::optional<SparseRows>> sparse_zlpr_with_sparse_grad(
     const at::Tensor& logits, const at::Tensor& positives, int64_t ignore_index,
     double grad_filter);
 
-void rows_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  double scale);
+inline void rows_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
+                         double scale) {
+  sparse_product(g.row_start, g.col, g.value, scale, operand, out, at::Tensor(),
+                 /*zero_init=*/true);
+}
+
+// out and col_sums are each optional (an undefined tensor: not computed). overwrite: out's
+// content is ignored (each row zeroed by the task that sums into it; col_sums still adds).
+inline void cols_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
+                         const at::Tensor& col_sums, double scale, bool overwrite = false) {
+  if (!out.defined() && !col_sums.defined()) return;
+  const SparseCols t = g.value.is_cpu() && !portable_on_cpu() ? cpu::transpose(g, scale)
+                                                              : portable_transpose(g, scale);
+  sparse_product(t.col_start, t.row, t.value, 1.0, operand, out, col_sums, overwrite);
+}
 
 // A row of g packing blocks one after the other (the GlobalPointer's spans): the block's
 // entries [offset, offset + rows * width) of the row, row-major, stand for the products' rows
@@ -73,10 +179,5 @@ bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& b
 void packed_products(const SparseRows& g, const std::vector<PackedBlock>& blocks,
                      const at::Tensor& rows_operand, const at::Tensor& cols_operand,
                      const at::Tensor& rows_out, const at::Tensor& cols_out);
-
-// out and col_sums are each optional (an undefined tensor: not computed). overwrite: out's
-// content is ignored (each row zeroed by the task that sums into it; col_sums still adds).
-void cols_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  const at::Tensor& col_sums, double scale, bool overwrite = false);
 
 }  // namespace kxops::sparse_grad

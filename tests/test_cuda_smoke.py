@@ -162,3 +162,53 @@ def test_cuda_smoke_grad_filter(reduction):
 
     assert_matches_reference(pointer(kxops.global_pointer_zlpr_loss),
                              pointer(kxops.reference.global_pointer_zlpr_loss), q, k)
+
+
+def sparse_product_grads(fn, inputs, device):
+    """fn's output and gradients with every input moved to device, back on the CPU."""
+    return [t.cpu() for t in outputs_and_grads(fn, *[t.to(device) for t in inputs])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_smoke_grad_filter_sparse_products(monkeypatch, reduction, dtype):
+    """The filtered gradients' sparse products on CUDA (CSR through at:: ops, the products in
+    cuda/sparse_grad.cu): a trained-like linear head (about 1% of the entries survive) and a
+    GlobalPointer forced sparse, against the CPU's filtered gradients and the dense CUDA GEMMs
+    (KXOPS_SPARSE_GRAD_MAX_DENSITY=0) on the same filtered gradient; the same bits run twice
+    (no atomics)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(2000, 48, generator=gen, dtype=dtype), dim=1)
+    positives = torch.randint(0, 2000, (64, 3), generator=gen)
+    x = 8 * w[positives].sum(1) + 0.3 * torch.randn(64, 48, generator=gen, dtype=dtype)
+    b = torch.full((2000,), -12.0, dtype=dtype)
+    grad = torch.ops.kxops.sparse_zlpr(torch.nn.functional.linear(x, w, b), positives, -1,
+                                       [True], "none", 2**-12)[1]
+    assert 0 < (grad != 0).double().mean() < 0.05  # the default rule picks the sparse products
+
+    def linear(x, w, b):
+        return kxops.linear_sparse_zlpr_loss(x, w, positives.to(x.device), b,
+                                             reduction=reduction, grad_filter=2**-12,
+                                             block_rows=24)
+
+    q, k = torch.randn(2, 3, 20, 8, dtype=dtype) * 2, torch.randn(2, 3, 20, 8, dtype=dtype) * 2
+    spans = torch.randint(0, 400, (2, 3, 4))
+
+    def pointer(q, k):
+        return kxops.global_pointer_zlpr_loss(q, k, spans.to(q.device), reduction=reduction,
+                                              grad_filter=2**-8)
+
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
+    for fn, inputs, density in ((linear, (x, w, b), None), (pointer, (q, k), "1")):
+        if density is not None:
+            monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", density)
+        cpu = sparse_product_grads(fn, inputs, "cpu")
+        sparse = sparse_product_grads(fn, inputs, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(sparse, sparse_product_grads(fn, inputs,
+                                                                                  "cuda")))
+        monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", "0")
+        dense = sparse_product_grads(fn, inputs, "cuda")
+        monkeypatch.delenv("KXOPS_SPARSE_GRAD_MAX_DENSITY")
+        for ours, want in ((sparse, cpu), (sparse, dense)):
+            for a, b in zip(ours, want):
+                torch.testing.assert_close(a, b, equal_nan=True, **tolerance)

@@ -9,8 +9,9 @@
 #   test      every test marked cuda
 #   sanitize  compute-sanitizer: memcheck over the smoke test, racecheck and synccheck over the
 #             smoke tests of the kernels with shared memory and barriers (ZLPR, AdaX)
-#   bench     benchmarks/run.py on CUDA, one op at a time (zlpr, adax, gated_conv, then the
-#             two fused heads)
+#   bench     benchmarks/run.py on CUDA: first the trained-like linear head (exact, with
+#             grad_filter through the CUDA sparse products, and its peers), then one op at a
+#             time (zlpr, adax, gated_conv, then the two fused heads)
 #   profile   tools/profile_cuda.py (torch.profiler table of each op's kernels) and Nsight
 #             Compute's speed-of-light and memory sections of kxops's own kernels
 #
@@ -38,6 +39,8 @@ summary=()
 # Every file a stage runs, so that the dry run (CI) fails as soon as one moves.
 SMOKE_TEST=tests/test_cuda_smoke.py
 BENCH_OPS=(zlpr adax gated_conv linear_sparse_zlpr global_pointer_zlpr)
+# The trained-like filtered linear head (the sparse gradient products), timed before the rest.
+TRAINED_BENCH=test_linear_sparse_zlpr_trained
 PROFILER=tools/profile_cuda.py
 check_paths() {
   local path missing=0
@@ -46,6 +49,8 @@ check_paths() {
     path=${path%.py}.py
     [ -f "$path" ] || { echo "gpu_verify.sh: $path does not exist" >&2; missing=1; }
   done
+  grep -q "def $TRAINED_BENCH(" benchmarks/bench_linear_sparse_zlpr.py ||
+    { echo "gpu_verify.sh: $TRAINED_BENCH is not in bench_linear_sparse_zlpr.py" >&2; missing=1; }
   return $missing
 }
 check_paths || exit 2
@@ -113,11 +118,14 @@ stage_bench() {
     "$PY" -m pip install --no-index --find-links build/gpu-wheels pytest-benchmark \
       >"$LOGS/bench_install.log" 2>&1
   local op
+  step bench_trained_linear 60 150 "$PY" benchmarks/run.py --out "$LOGS/bench" \
+    -k "cuda and $TRAINED_BENCH"
   # One op per run: a deadline then loses only the ops not yet measured; run.py --out merges
   # each op's rows into the same CSV.
   # -k on the file name: "zlpr" alone would also select the two heads' files.
   for op in "${BENCH_OPS[@]}"; do
-    step "bench_$op" 60 240 "$PY" benchmarks/run.py --out "$LOGS/bench" -k "cuda and bench_$op"
+    step "bench_$op" 60 240 "$PY" benchmarks/run.py --out "$LOGS/bench" \
+      -k "cuda and bench_$op and not $TRAINED_BENCH"
   done
 }
 

@@ -1,5 +1,6 @@
-// Sparse gradient products on CPU (see sparse_grad_host.h): at::parallel_for over rows or
-// columns, each a Vectorized axpy per nonzero.
+// Sparse gradient products on CPU (see sparse_grad_host.h): at::parallel_for over output rows,
+// each row's sum over its nonzeros (sparse_grad_math.h) taken a few vectors of the row at a
+// time; the CPU's own CSR scan and counting-sort transpose.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 
 #include "cpu/nonzeros.h"
 #include "sparse_grad_host.h"
+#include "sparse_grad_math.h"
 
 namespace kxops::sparse_grad {
 namespace {
@@ -46,6 +48,11 @@ double max_density() {
   return density;
 }
 
+bool portable_on_cpu() {
+  const char* value = std::getenv("KXOPS_SPARSE_GRAD_PORTABLE");
+  return value != nullptr && value[0] == '1' && value[1] == '\0';
+}
+
 namespace {
 
 template <typename T>
@@ -61,9 +68,7 @@ std::optional<SparseRows> to_sparse_rows(const at::Tensor& g) {
   });
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
   const int64_t nnz = start[n];
-  if (static_cast<double>(nnz) > max_density() * static_cast<double>(n) * static_cast<double>(m)) {
-    return std::nullopt;
-  }
+  if (!sparse_enough(nnz, n, m)) return std::nullopt;
   SparseRows out{row_start, at::empty({nnz}, row_start.options()), at::empty({nnz}, g.options()),
                  m};
   int64_t* col = out.col.mutable_data_ptr<int64_t>();
@@ -84,40 +89,116 @@ int64_t grain_for(int64_t items, int64_t nnz, int64_t d) {
   return std::max<int64_t>(1, kGrainNonzeros * 64 / per_item);
 }
 
-template <typename T>
-void rows_product_impl(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                       T scale) {
-  const int64_t n = out.size(0), d = out.size(1);
-  const int64_t* start = g.row_start.const_data_ptr<int64_t>();
-  const int64_t* col = g.col.const_data_ptr<int64_t>();
-  const T* value = g.value.const_data_ptr<T>();
-  const T* b = operand.const_data_ptr<T>();
-  T* y = out.mutable_data_ptr<T>();
-  const int64_t b_stride = operand.stride(0), y_stride = out.stride(0);
-  at::parallel_for(0, n, grain_for(n, g.value.numel(), d), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* row = y + i * y_stride;
-      std::fill(row, row + d, T(0));
-      for (int64_t k = start[i]; k < start[i + 1]; ++k) {
-        axpy(scale * value[k], b + col[k] * b_stride, row, d);
-      }
+// kLanes vectors of an output row, the CPU's Acc of sparse_dot: kLanes independent fused
+// multiply-add chains. kLanes 1 takes the row's last vectors, the final one partial (count
+// elements).
+template <typename T, int kLanes>
+struct VecLanes {
+  using Vec = Vectorized<T>;
+  Vec v[kLanes];
+  VecLanes() = default;
+  explicit VecLanes(T a) {
+    for (int i = 0; i < kLanes; ++i) v[i] = Vec(a);
+  }
+  static VecLanes load(const T* p, int64_t count) {
+    VecLanes out;
+    if constexpr (kLanes == 1) {
+      out.v[0] = Vec::loadu(p, count);
+    } else {
+      for (int i = 0; i < kLanes; ++i) out.v[i] = Vec::loadu(p + i * Vec::size());
     }
-  });
+    return out;
+  }
+  void store(T* p, int64_t count) const {
+    if constexpr (kLanes == 1) {
+      v[0].store(p, count);
+    } else {
+      for (int i = 0; i < kLanes; ++i) v[i].store(p + i * Vec::size());
+    }
+  }
+};
+
+template <typename T, int kLanes>
+VecLanes<T, kLanes> multiply_add(const VecLanes<T, kLanes>& a, const VecLanes<T, kLanes>& b,
+                                 const VecLanes<T, kLanes>& c) {
+  VecLanes<T, kLanes> out;
+  for (int i = 0; i < kLanes; ++i) out.v[i] = at::vec::fmadd(a.v[i], b.v[i], c.v[i]);
+  return out;
+}
+
+// The CSR of a product and its operands, as sparse_product takes them.
+template <typename T>
+struct Product {
+  const int64_t *start, *index;
+  const T* value;
+  T scale;
+  const T* operand;
+  int64_t operand_stride;
+  bool zero_init;
+
+  // Elements [j, j + count) of output row r.
+  template <int kLanes>
+  void sum_lanes(int64_t r, T* row, int64_t j, int64_t count) const {
+    using Lanes = VecLanes<T, kLanes>;
+    const Lanes init = zero_init ? Lanes(T(0)) : Lanes::load(row + j, count);
+    const T* column = operand + j;
+    const auto load = [&](int64_t i) { return Lanes::load(column + i * operand_stride, count); };
+    sparse_dot(start[r], start[r + 1], index, value, scale, init, load).store(row + j, count);
+  }
+
+  // The whole output row r of d elements.
+  void sum_row(int64_t r, T* row, int64_t d) const {
+    constexpr int kLanes = 4;
+    constexpr int64_t kWidth = Vectorized<T>::size();
+    int64_t j = 0;
+    for (; j + kLanes * kWidth <= d; j += kLanes * kWidth) {
+      sum_lanes<kLanes>(r, row, j, kLanes * kWidth);
+    }
+    for (; j < d; j += kWidth) sum_lanes<1>(r, row, j, std::min(kWidth, d - j));
+  }
+};
+
+template <typename T>
+void sparse_product_impl(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
+                         T scale, const at::Tensor& operand, const at::Tensor& out,
+                         const at::Tensor& sums, bool zero_init) {
+  const int64_t rows = start.numel() - 1, d = out.defined() ? out.size(1) : 0;
+  const Product<T> product{start.const_data_ptr<int64_t>(),
+                           index.const_data_ptr<int64_t>(),
+                           value.const_data_ptr<T>(),
+                           scale,
+                           d > 0 ? operand.const_data_ptr<T>() : nullptr,
+                           d > 0 ? operand.stride(0) : 0,
+                           zero_init};
+  T* y = out.defined() ? out.mutable_data_ptr<T>() : nullptr;
+  const int64_t y_stride = out.defined() ? out.stride(0) : 0;
+  T* sum = sums.defined() ? sums.mutable_data_ptr<T>() : nullptr;
+  at::parallel_for(0, rows, grain_for(rows, value.numel(), std::max<int64_t>(d, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       product.sum_row(r, y + r * y_stride, d);
+                       if (sum != nullptr) {
+                         sum[r] = sparse_sum(product.start[r], product.start[r + 1], product.value,
+                                             sum[r]);
+                       }
+                     }
+                   });
 }
 
 template <typename T>
-void cols_product_impl(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                       const at::Tensor& col_sums, T scale, bool overwrite) {
+SparseCols transpose_impl(const SparseRows& g, T scale) {
   const int64_t n = g.row_start.numel() - 1, m = g.cols, nnz = g.value.numel();
   const int64_t* start = g.row_start.const_data_ptr<int64_t>();
   const int64_t* col = g.col.const_data_ptr<int64_t>();
   const T* value = g.value.const_data_ptr<T>();
-  // Counting sort by column; rows stay in ascending order within a column.
-  std::vector<int64_t> col_start(m + 1, 0), row_of(nnz);
-  std::vector<T> value_of(nnz);
+  SparseCols out{at::zeros({m + 1}, g.row_start.options()), at::empty({nnz}, g.col.options()),
+                 at::empty({nnz}, g.value.options())};
+  int64_t* col_start = out.col_start.mutable_data_ptr<int64_t>();
+  int64_t* row_of = out.row.mutable_data_ptr<int64_t>();
+  T* value_of = out.value.mutable_data_ptr<T>();
   for (int64_t k = 0; k < nnz; ++k) ++col_start[col[k] + 1];
   for (int64_t j = 0; j < m; ++j) col_start[j + 1] += col_start[j];
-  std::vector<int64_t> next(col_start.begin(), col_start.end() - 1);
+  std::vector<int64_t> next(col_start, col_start + m);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = start[i]; k < start[i + 1]; ++k) {
       const int64_t slot = next[col[k]]++;
@@ -125,21 +206,7 @@ void cols_product_impl(const SparseRows& g, const at::Tensor& operand, const at:
       value_of[slot] = scale * value[k];
     }
   }
-  const int64_t d = out.defined() ? out.size(1) : 1;
-  T* y = out.defined() ? out.mutable_data_ptr<T>() : nullptr;
-  T* sums = col_sums.defined() ? col_sums.mutable_data_ptr<T>() : nullptr;
-  const T* b = y != nullptr ? operand.const_data_ptr<T>() : nullptr;
-  const int64_t b_stride = y != nullptr ? operand.stride(0) : 0;
-  const int64_t y_stride = y != nullptr ? out.stride(0) : 0;
-  at::parallel_for(0, m, grain_for(m, nnz, d), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      if (overwrite && y != nullptr) std::fill(y + j * y_stride, y + j * y_stride + d, T(0));
-      for (int64_t k = col_start[j]; k < col_start[j + 1]; ++k) {
-        if (y != nullptr) axpy(value_of[k], b + row_of[k] * b_stride, y + j * y_stride, d);
-        if (sums != nullptr) sums[j] += value_of[k];
-      }
-    }
-  });
+  return out;
 }
 
 template <typename T>
@@ -179,28 +246,47 @@ bool takes(const at::Tensor& t, const at::Tensor& g) {
 
 }  // namespace
 
-std::optional<SparseRows> sparse_rows(const at::Tensor& g,
-                                      std::initializer_list<at::Tensor> operands) {
+bool takes_operands(const at::Tensor& g, std::initializer_list<at::Tensor> operands) {
   const auto type = g.scalar_type();
-  if (!g.is_cpu() || (type != at::kFloat && type != at::kDouble) || !takes(g, g)) {
-    return std::nullopt;
-  }
+#ifdef KXOPS_WITH_CUDA
+  const bool device = g.is_cpu() || g.is_cuda();
+#else
+  const bool device = g.is_cpu();
+#endif
+  if (!device || (type != at::kFloat && type != at::kDouble) || !takes(g, g)) return false;
   for (const auto& t : operands) {
-    if (t.defined() && t.dim() == 2 && !takes(t, g)) return std::nullopt;
-    if (t.defined() && t.dim() == 1 && (t.scalar_type() != type || t.stride(0) != 1)) {
-      return std::nullopt;
+    if (t.defined() && t.dim() == 2 && !takes(t, g)) return false;
+    if (t.defined() && t.dim() == 1 &&
+        (t.scalar_type() != type || t.device() != g.device() || t.stride(0) != 1)) {
+      return false;
     }
   }
-  return AT_DISPATCH_FLOATING_TYPES(type, "sparse_rows",
+  return true;
+}
+
+namespace cpu {
+
+std::optional<SparseRows> sparse_rows(const at::Tensor& g) {
+  return AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_rows",
                                     [&] { return to_sparse_rows<scalar_t>(g); });
 }
 
-void rows_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  double scale) {
-  AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "rows_product", [&] {
-    rows_product_impl<scalar_t>(g, operand, out, static_cast<scalar_t>(scale));
+SparseCols transpose(const SparseRows& g, double scale) {
+  return AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "sparse_grad_transpose", [&] {
+    return transpose_impl<scalar_t>(g, static_cast<scalar_t>(scale));
   });
 }
+
+void sparse_product(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
+                    double scale, const at::Tensor& operand, const at::Tensor& out,
+                    const at::Tensor& sums, bool zero_init) {
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "sparse_product", [&] {
+    sparse_product_impl<scalar_t>(start, index, value, static_cast<scalar_t>(scale), operand, out,
+                                  sums, zero_init);
+  });
+}
+
+}  // namespace cpu
 
 bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& blocks) {
   const double density = max_density();
@@ -225,14 +311,6 @@ void packed_products(const SparseRows& g, const std::vector<PackedBlock>& blocks
                      const at::Tensor& rows_out, const at::Tensor& cols_out) {
   AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "packed_products", [&] {
     packed_products_impl<scalar_t>(g, blocks, rows_operand, cols_operand, rows_out, cols_out);
-  });
-}
-
-void cols_product(const SparseRows& g, const at::Tensor& operand, const at::Tensor& out,
-                  const at::Tensor& col_sums, double scale, bool overwrite) {
-  if (!out.defined() && !col_sums.defined()) return;
-  AT_DISPATCH_FLOATING_TYPES(g.value.scalar_type(), "cols_product", [&] {
-    cols_product_impl<scalar_t>(g, operand, out, col_sums, static_cast<scalar_t>(scale), overwrite);
   });
 }
 

@@ -1135,3 +1135,46 @@ def test_grad_filter_compile_fullgraph():
     assert_close(got[0], want[0])
     for g, r in zip(got[1], want[1]):
         assert_close(g, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_filter_portable_route_same_bits(monkeypatch, dtype):
+    """The route CUDA takes (CSR and its transpose through at:: ops, sparse_grad_host.h), forced
+    on the CPU with KXOPS_SPARSE_GRAD_PORTABLE=1: bit for bit the CPU's own scan and counting
+    sort, for every op of the head, NaN gradient entries and a row without survivors (the sums
+    themselves, sparse_grad_math.h, are the CUDA kernel's too); the dense GEMMs agree up to
+    rounding."""
+    x, w, b, positives = trained_like(rows=40, classes=700, dtype=dtype)
+    x_nan = x.detach().clone()
+    x_nan[3, 0] = torch.nan  # every entry of row 3 survives, as NaN
+    x_nan[4] = 0
+    x_nan.requires_grad_()
+    positives_nan = positives.clone()
+    positives_nan[4] = -1  # row 4: no entry survives
+    grad_loss = torch.rand(40, dtype=dtype)
+    args = (x.detach(), w.detach(), b.detach(), positives, -1, 0, 700)
+    log_z = torch.logaddexp(torch.ops.kxops.linear_sparse_zlpr_partials(*args, 0),
+                            torch.zeros((), dtype=dtype))
+
+    def run():
+        out = []
+        for reduction in REDUCTIONS:
+            out += loss_and_grads(kxops.linear_sparse_zlpr_loss, x, w, b, positives, reduction,
+                                  grad_loss if reduction == "none" else torch.ones((), dtype=dtype),
+                                  grad_filter=FILTER, block_rows=13)[1]
+        out += loss_and_grads(kxops.linear_sparse_zlpr_loss, x_nan, w, b, positives_nan, "sum",
+                              torch.ones((), dtype=dtype), grad_filter=FILTER)[1]
+        return out + list(torch.ops.kxops.linear_sparse_zlpr_partials_backward(
+            grad_loss, log_z, *args, [True] * 3, 0, FILTER))
+
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", "1")  # every block sparse
+    want = run()
+    assert any(g.isnan().any() for g in want)
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_PORTABLE", "1")
+    got = run()
+    for g, r in zip(got, want):
+        assert torch.equal(g.isnan(), r.isnan())
+        assert torch.equal(g.nan_to_num(), r.nan_to_num())
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", "0")  # the dense GEMMs: rounding apart
+    for g, r in zip(run(), want):
+        assert_close(g, r)
