@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -127,6 +128,19 @@ inline void check_reduction(const char* op, c10::string_view reduction) {
 inline void check_grad_filter(const char* op, double grad_filter) {
   TORCH_CHECK_VALUE(std::isfinite(grad_filter) && grad_filter >= 0, "kxops.", op,
                     ": grad_filter must be a finite number >= 0 (0: no filter), got ", grad_filter);
+}
+
+// grad_mask as its N flags, one per differentiable input (names: theirs, comma-separated). A
+// schema's bool[N] does not fix the list's length, so a list of another length is refused here
+// in the op's words (before, the dispatcher's unboxing raised a RuntimeError without them).
+template <size_t N>
+std::array<bool, N> check_grad_mask(const char* op, const c10::List<bool>& grad_mask,
+                                    const char* names) {
+  TORCH_CHECK_VALUE(grad_mask.size() == N, "kxops.", op, ": grad_mask must hold ", N,
+                    N == 1 ? " flag (" : " flags (", names, "), got ", grad_mask.size());
+  std::array<bool, N> flags{};
+  for (size_t i = 0; i < N; ++i) flags[i] = grad_mask[i];
+  return flags;
 }
 
 }  // namespace kxops

@@ -378,8 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& z, const at::Tensor& weight,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate_keep,
     const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias, std::array<bool, 5> grad_mask, int64_t dilation,
-    double drop_gate, bool residual) {
+    const std::optional<at::Tensor>& residual_bias, const c10::List<bool>& grad_mask,
+    int64_t dilation, double drop_gate, bool residual) {
   // A backward run inside an autocast region multiplies and sums (CUDA autocast runs sum in
   // fp32) in the forward's dtypes, as autograd expects of the gradients.
   const gemm::NoAutocast no_autocast;
@@ -387,7 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_con
                   residual_weight, residual_bias, dilation, drop_gate, residual);
   const Gapped geometry(x_in, weight, dilation);
   check_backward_arguments(grad_y, x_in, z, weight, geometry.pad);
-  const Wanted wanted(grad_mask, residual_weight, residual_bias);
+  const Wanted wanted(check_grad_mask<5>("gated_conv_backward", grad_mask,
+                                         "x, weight, bias, residual_weight, residual_bias"),
+                      residual_weight, residual_bias);
   const auto x = x_in.contiguous();
   const auto args = epilogue_args(z, residual_branch(x, residual_weight, residual_bias, residual),
                                   geometry, mask, gate_keep, drop_gate, residual);

@@ -35,6 +35,9 @@ namespace kxops::linear_sparse_zlpr {
 
 using at::Tensor;
 
+// The inputs grad_mask's flags stand for, in order.
+constexpr const char* kGradNames = "input, weight, bias";
+
 // ---- argument checks (every op checks every argument before touching memory; the same
 // words as kxops/_checks.py's linear_sparse_zlpr section) ----
 
@@ -286,7 +289,7 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& positives, int64_t ignore_index, c10::string_view reduction,
-    std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
+    const c10::List<bool>& grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr";
   check_arguments(op, input, weight, bias, positives, block_rows);
   check_grad_filter(op, grad_filter);
@@ -295,7 +298,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   Tensor row_loss = at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
-  BlockGrads grads(rows, input, weight, grad_mask, bias.has_value());
+  BlockGrads grads(rows, input, weight, check_grad_mask<3>(op, grad_mask, kGradNames),
+                   bias.has_value());
   const double scale = reduction == "mean" && rows > 0 ? 1.0 / static_cast<double>(rows) : 1.0;
   for_each_block(input, weight, bias, positives, ignore_index, block_rows, grads.any(), grad_filter,
                  [&](int64_t start, const Tensor& x_block, const Tensor& loss, const Tensor& g,
@@ -319,7 +323,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> linear_sparse_zlpr(
 inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
     const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& positives, int64_t ignore_index,
-    std::array<bool, 3> grad_mask, int64_t block_rows, double grad_filter) {
+    const c10::List<bool>& grad_mask, int64_t block_rows, double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr_backward";
   check_arguments(op, input, weight, bias, positives, block_rows);
   check_grad_filter(op, grad_filter);
@@ -328,7 +332,8 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_backward(
   NoAutocast no_autocast;
   const int64_t rows = leading_rows(input);
   const Tensor row_grad = grad_loss.reshape({rows, 1});
-  BlockGrads grads(rows, input, weight, grad_mask, bias.has_value());
+  BlockGrads grads(rows, input, weight, check_grad_mask<3>(op, grad_mask, kGradNames),
+                   bias.has_value());
   if (grads.any()) {
     for_each_block(input, weight, bias, positives, ignore_index, block_rows, true, grad_filter,
                    [&](int64_t start, const Tensor& x_block, const Tensor& loss, const Tensor& g,
@@ -463,7 +468,7 @@ inline Tensor linear_sparse_zlpr_partials(const Tensor& input, const Tensor& wei
 inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
     const Tensor& grad_loss, const Tensor& log_z, const Tensor& input, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& positives, int64_t ignore_index,
-    int64_t class_offset, int64_t num_classes, std::array<bool, 3> grad_mask, int64_t block_rows,
+    int64_t class_offset, int64_t num_classes, const c10::List<bool>& grad_mask, int64_t block_rows,
     double grad_filter) {
   constexpr const char* op = "linear_sparse_zlpr_partials_backward";
   const auto a =
@@ -476,7 +481,8 @@ inline std::tuple<Tensor, Tensor, Tensor> linear_sparse_zlpr_partials_backward(
   const auto [index, valid] = slice_positives(a.ids, ignore_index, class_offset, a.classes);
   const Tensor row_grad = grad_loss.reshape({a.rows, 1}).to(at::toOpMathType(input.scalar_type()));
   const Tensor z = log_z.reshape({a.rows, 2});
-  BlockGrads grads(a.rows, input, weight, grad_mask, bias.has_value());
+  BlockGrads grads(a.rows, input, weight, check_grad_mask<3>(op, grad_mask, kGradNames),
+                   bias.has_value());
   const double neg_inf = -std::numeric_limits<double>::infinity();
   for (int64_t start = 0; grads.any() && start < a.rows; start += a.step) {
     const int64_t n = std::min(a.step, a.rows - start);

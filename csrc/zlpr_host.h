@@ -24,13 +24,6 @@ inline void check_logits(const char* op, const at::Tensor& logits) {
                     ": logits must have at least 1 dim (the class dim), got a 0-dim tensor");
 }
 
-// grad_mask: one flag, the logits' (the schema's bool[1] does not fix the list's length).
-inline bool check_grad_mask(const char* op, const c10::List<bool>& grad_mask) {
-  TORCH_CHECK_VALUE(grad_mask.size() == 1, "kxops.", op,
-                    ": grad_mask must hold 1 flag (logits), got ", grad_mask.size());
-  return grad_mask[0];
-}
-
 inline void check_dense(const at::Tensor& logits, const at::Tensor& labels) {
   check_logits("zlpr", logits);
   check_real_values("zlpr", "labels", labels);
@@ -114,7 +107,7 @@ void register_ops(torch::Library& m) {
   m.impl("zlpr", [](const at::Tensor& logits, const at::Tensor& labels,
                     const c10::List<bool>& grad_mask, c10::string_view reduction) {
     check_dense(logits, labels);
-    const bool compute_grad = check_grad_mask("zlpr", grad_mask);
+    const bool compute_grad = check_grad_mask<1>("zlpr", grad_mask, "logits")[0];
     check_reduction("zlpr", reduction);
     auto [row_loss, grad] = dense_kernel(logits, labels, compute_grad, reduction);
     return std::make_tuple(reduce_rows(row_loss, reduction), grad);
@@ -123,7 +116,7 @@ void register_ops(torch::Library& m) {
          [](const at::Tensor& logits, const at::Tensor& positives, int64_t ignore_index,
             const c10::List<bool>& grad_mask, c10::string_view reduction, double grad_filter) {
            check_sparse(logits, positives);
-           const bool compute_grad = check_grad_mask("sparse_zlpr", grad_mask);
+           const bool compute_grad = check_grad_mask<1>("sparse_zlpr", grad_mask, "logits")[0];
            check_reduction("sparse_zlpr", reduction);
            check_grad_filter("sparse_zlpr", grad_filter);
            auto [row_loss, grad] =

@@ -200,9 +200,8 @@ def check_sparse_zlpr_inputs(logits, positives, ignore_index, reduction, op="spa
 
 
 def check_grad_mask(op, grad_mask, names=("logits",)):
-    """A grad_mask of one flag per name. The zlpr ops' bool[1] does not fix the length in the
-    schema; the others' bool[N] do on real devices, but a call with meta tensors reaches the
-    fake kernel with the list as given."""
+    """A grad_mask of one flag per name, in csrc/checks.h check_grad_mask's words: a schema's
+    bool[N] does not fix the list's length, so the C++ ops and the fake kernels check it."""
     if len(grad_mask) != len(names):
         flags = "flag" if len(names) == 1 else "flags"
         raise ValueError(f"kxops.{op}: grad_mask must hold {len(names)} {flags} "

@@ -1092,13 +1092,14 @@ def test_every_argument_wrong_in_turn_never_crashes():
             assert said.partition(": ")[2].startswith(f"kxops.{op}: "), line
 
 
-def test_backward_fake_kernel_refuses_a_grad_mask_of_the_wrong_length():
-    """bool[5] grad_mask: on a real device torch's argument parser refuses 4 or 6 flags; with
-    meta tensors the list reached the fake kernel as given, which failed with a bare "not
-    enough values to unpack" / "too many values to unpack" ValueError."""
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_backward_refuses_a_grad_mask_of_the_wrong_length(device):
+    """bool[5] grad_mask: the schema does not fix the list's length. The C++ op refuses 4 or 6
+    flags in its words (it was the dispatcher's unboxing RuntimeError without them); with meta
+    tensors the fake kernel does (it failed with a bare "not enough values to unpack")."""
     needs_kernel("gated_conv", "cpu")
-    x, weight = torch.randn(2, 5, 3, device="meta"), torch.randn(8, 3, 3, device="meta")
-    residual_weight = torch.randn(4, 3, 1, device="meta")
+    x, weight = torch.randn(2, 5, 3, device=device), torch.randn(8, 3, 3, device=device)
+    residual_weight = torch.randn(4, 3, 1, device=device)
     y, z = torch.ops.kxops.gated_conv(x, weight, None, None, None, residual_weight, None, 2,
                                       0.0, True)
     for flags in (4, 6):
