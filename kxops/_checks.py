@@ -135,11 +135,16 @@ def check_shape(op, name, t, shape):
 
 
 def check_ignore_index(op, ignore_index):
-    """ignore_index is any int64 (compared with the ids as int64)."""
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    """ignore_index is any int64 (compared with the ids as int64); NumPy's and other integer
+    types are accepted, as the ops' int arguments accept them."""
+    try:
+        value = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        value = None
+    if value is None:
         raise TypeError(f"kxops.{op}: ignore_index must be an int, got "
                         f"{type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
+    if not -2**63 <= value < 2**63:
         raise ValueError(f"kxops.{op}: ignore_index must fit in int64, got {ignore_index}")
 
 

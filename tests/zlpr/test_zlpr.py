@@ -125,6 +125,17 @@ def test_sparse_custom_ignore_index_and_int32():
     dense = torch.tensor([[0, 0, 0, 0, 1], [0] * 5, [1, 1, 0, 0, 0]], dtype=torch.bool)
     assert_close(kxops.sparse_zlpr_loss(logits, positives, ignore_index=99),
                  kxops.zlpr_loss(logits, dense))
+    # Any integer type, as the ops' int arguments take it (NumPy's ints were refused).
+    np = pytest.importorskip("numpy")
+    for ignore_index in (np.int64(99), np.int32(99)):
+        assert_close(kxops.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index),
+                     kxops.zlpr_loss(logits, dense))
+        assert_close(kxops.reference.sparse_zlpr_loss(logits, positives,
+                                                      ignore_index=ignore_index),
+                     kxops.zlpr_loss(logits, dense))
+    for ignore_index in (99.0, True, "99"):
+        with pytest.raises(TypeError, match=r"^kxops.sparse_zlpr: ignore_index must be an int"):
+            kxops.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index)
 
 
 def test_sparse_exact_when_positives_dominate():
