@@ -99,7 +99,12 @@ def extensions(use_cuda):
         # Compile only: the OpenMP runtime then resolves to the one libtorch_cpu loads, so
         # torch.set_num_threads governs these loops too and no second thread pool exists.
         cxx.append("-fopenmp")
-    sources = ["csrc/kxops.cpp", *relative_sources("csrc/cpu/*.cpp")]
+    # A kernel's copies for other CPU capabilities (*_avx512.cpp: compiled for AVX-512 by a
+    # pragma, picked at run time) are linked last: the linker keeps the first copy of an inline
+    # function that several files compile, so code outside those kernels never runs theirs.
+    capability_copies = relative_sources("csrc/cpu/*_avx512.cpp")
+    sources = ["csrc/kxops.cpp",
+               *(s for s in relative_sources("csrc/cpu/*.cpp") if s not in capability_copies)]
     kwargs = {}
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -113,6 +118,7 @@ def extensions(use_cuda):
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         extension = CppExtension
+    sources += capability_copies
     print(f"kxops: building {'CPU+CUDA' if use_cuda else 'CPU-only'} extension"
           + (f" for archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if use_cuda else ""))
     return [

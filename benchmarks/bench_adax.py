@@ -146,8 +146,12 @@ def test_adax_state(benchmark, device, provider, size_index):
     peer_step = torch.optim.AdamW(params, fused=True).step if provider != "adamw_fused" else None
     optimizer.step()  # the state exists from the first step on
     per_param = _state_bytes_per_param(optimizer, params)
-    # The state's size is part of the row's name: the renderer's tables have no column for it.
-    run_timed(benchmark, optimizer.step, device, provider=f"{provider} ({per_param:.2f} B/param)",
+    # The state's size (and on CPU the copy of the kernel that ran, csrc/adax_cpu.h) is part of
+    # the row's name: the renderer's tables have no column for it.
+    kernel = (f", {torch.ops.kxops._adax_cpu_kernel()}"
+              if provider.startswith("kxops") and device.type == "cpu" else "")
+    run_timed(benchmark, optimizer.step, device,
+              provider=f"{provider} ({per_param:.2f} B/param{kernel})",
               peer_fn=peer_step, nbytes=STATE_STEP_BYTES.get(provider, 28) * numel,
               op="adax_state", mode="step", shape=f"{numel} params / {TENSORS} tensors",
               dtype="float32", peer="adamw_fused (8.00 B/param)")

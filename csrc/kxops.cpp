@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "adax_cpu.h"
 #include "build_info.h"
 #include "checks.h"
 #include "gemm.h"
@@ -136,6 +137,11 @@ TORCH_LIBRARY(kxops, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(e!)[]? exp_avg_scales=None, "
       "Tensor(f!)[]? exp_avg_sq_scales=None, int[] seeds=[], "
       "bool stochastic_rounding=False) -> ()");
+  // The copy of the AdaX CPU kernel in use ("AVX512", "AVX2", csrc/adax_cpu.h), and its test
+  // switch.
+  m.def("_adax_cpu_kernel() -> str", &adax::cpu_kernel);
+  m.def("_set_adax_cpu_kernel(str kernel) -> ()",
+        [](c10::string_view kernel) { adax::set_cpu_kernel(std::string(kernel)); });
 
   // How this binary was built ("key=value;..."), for kxops.info().
   m.def("_build_info() -> str", &build_info);

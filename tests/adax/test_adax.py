@@ -328,6 +328,28 @@ def test_bad_flags_and_grads():
 
 
 
+# The copies of the CPU kernel (csrc/adax_cpu.h): each must give the same numbers.
+CPU_KERNELS = ["AVX2", "AVX512"]
+
+
+@pytest.fixture(params=CPU_KERNELS)
+def cpu_kernel(request, device):
+    """Runs the test with one copy of the CPU kernel, skipped where this build or CPU has none
+    (a CUDA run takes one copy only: the kernel is not the CPU's)."""
+    if not _ext.LOADED:
+        pytest.skip("kxops extension not loaded")
+    if device.type != "cpu" and request.param != CPU_KERNELS[0]:
+        pytest.skip("one run is enough on a CUDA device")
+    try:
+        torch.ops.kxops._set_adax_cpu_kernel(request.param)
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        yield request.param
+    finally:
+        torch.ops.kxops._set_adax_cpu_kernel("auto")
+
+
 def _device_states(params, device):
     exp_avgs, exp_avg_sqs, _ = _states(params)
     return exp_avgs, exp_avg_sqs, [torch.zeros((), device=device) for _ in params]
@@ -341,7 +363,7 @@ FUSED_SHAPES = [(3, 4), (7,), (1,), (2, 2, 2), (33000,), (0,)]
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_fused_matches_for_loop(device, dtype, decoupled, maximize, tensor_lr):
+def test_fused_matches_for_loop(device, dtype, decoupled, maximize, tensor_lr, cpu_kernel):
     needs_kernel("adax_", device)
     params = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
     grads = [torch.randn(s, device=device).to(dtype) for s in FUSED_SHAPES]
@@ -1146,7 +1168,7 @@ def _assert_same_state(got, want, exact_params=True):
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_fused_compact_state_matches_the_reference(param_dtype, state_dtype, stochastic,
-                                                   maximize):
+                                                   maximize, cpu_kernel):
     needs_kernel("adax_", "cpu")
     fused, loop = _compact_lists(param_dtype, state_dtype), _compact_lists(param_dtype,
                                                                            state_dtype)
@@ -1154,6 +1176,59 @@ def test_fused_compact_state_matches_the_reference(param_dtype, state_dtype, sto
     _run_compact(loop, dict(foreach=False, fused=False), stochastic=stochastic,
                  maximize=maximize)
     _assert_same_state(fused, loop, exact_params=False)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_cpu_kernel_copies_give_the_same_bits(state_dtype):
+    """Every copy of the CPU kernel this CPU runs: compact moments, codes and scales bit for
+    bit; params and fp32 moments close (an element in one copy's vector tail is in a vector of
+    the other's, and the vector and scalar updates may round differently, as against the
+    reference)."""
+    needs_kernel("adax_", "cpu")
+    results = {}
+    try:
+        for kernel in CPU_KERNELS:
+            try:
+                torch.ops.kxops._set_adax_cpu_kernel(kernel)
+            except ValueError:
+                continue
+            assert torch.ops.kxops._adax_cpu_kernel() == kernel
+            lists = _compact_lists(torch.float32, state_dtype,
+                                   shapes=[*COMPACT_SHAPES, (129,), (16385,)])
+            _run_compact(lists, dict(fused=True), steps=6)
+            results[kernel] = lists
+    finally:
+        torch.ops.kxops._set_adax_cpu_kernel("auto")
+    first, *others = results.values()
+    for other in others:
+        _assert_same_state(other, first, exact_params=False)
+
+
+def test_cpu_kernel_choice_follows_aten_cpu_capability():
+    """ATEN_CPU_CAPABILITY lowers the choice as it does torch's kernels; the AVX-512 copy is
+    picked where torch would pick AVX-512 and the build has it; the switch refuses a bad name."""
+    needs_kernel("adax_", "cpu")
+    code = """
+        import torch, kxops
+        print(torch.ops.kxops._adax_cpu_kernel(), torch.backends.cpu.get_cpu_capability())
+        """
+    forced = run_isolated(code, env={"ATEN_CPU_CAPABILITY": "avx2"})
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert forced.stdout.split()[:2] == ["AVX2", "AVX2"]
+    chosen = run_isolated(code)
+    assert chosen.returncode == 0, chosen.stderr[-2000:]
+    kernel, capability = chosen.stdout.split()[:2]
+    try:
+        torch.ops.kxops._set_adax_cpu_kernel("AVX512")
+        available = True
+    except ValueError:
+        available = False
+    finally:
+        torch.ops.kxops._set_adax_cpu_kernel("auto")
+    want = "AVX512" if available and capability.startswith("AVX512") else "AVX2"
+    assert kernel == want
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'AVX2' or 'AVX512'"):
+        torch.ops.kxops._set_adax_cpu_kernel("avx1024")
 
 
 @pytest.mark.parametrize("param_dtype, state_dtype", COMPACT_CASES)
