@@ -1,9 +1,12 @@
 """GlobalPointer + sparse ZLPR, forward / backward / full: the fused kxops loss (no grid) vs the
 materialised path a user writes (the [B, heads, L, L] grid, masked, then
-kxops.sparse_zlpr_loss), as L grows. Peak memory of a full step: on CPU the growth of the peak
-resident memory of a fresh process (benchmarks.harness.peak_rss_growth_bytes), on CUDA the
-peak allocated. L 512 is the issue's CPU target shape (B 2, heads 8, D 64, 6 positives, one
-padded sequence).
+kxops.sparse_zlpr_loss), as L grows. Two forward rows: "forward, no grad" (under torch.no_grad,
+inputs not requiring grad: inference, where kxops runs only the logits GEMMs and the row kernel)
+and "forward, grad enabled" (inputs requiring grad: kxops then computes the gradients too, in
+the forward, and the materialised path records its graph). Peak memory of a full step: on CPU
+the growth of the peak resident memory of a fresh process
+(benchmarks.harness.peak_rss_growth_bytes), on CUDA the peak allocated. L 512 is the CPU
+target shape (B 2, heads 8, D 64, 6 positives, one padded sequence).
 
 Trained-like grid (test_global_pointer_zlpr_trained, B 2, heads 8, L 1024, D 64): the exact
 fused loss against the same with the recommended grad_filter 2^-12 (the peer here is the exact
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 import kxops
-from benchmarks.harness import QUICK, peak_rss_growth_bytes, run_modes, size_for
+from benchmarks.harness import QUICK, peak_rss_growth_bytes, run_modes, run_timed, size_for
 from kxops.reference.global_pointer_zlpr import global_pointer_logits
 
 BATCH, HEADS, DIM, POSITIVES = 2, 8, 64, 6
@@ -41,12 +44,22 @@ def problem(length, device):
     return qk, positives, mask
 
 
+def q_and_k(qk):
+    """q and k unbound from the stacked leaf (its backward stacks the two gradients, one copy,
+    where indexing would give each a zero-filled copy of the whole leaf, then add them), or a
+    (q, k) pair of separate leaves (the side-by-side comparisons below: a head's q and k are
+    separate outputs of its projection)."""
+    return qk.unbind(0) if isinstance(qk, torch.Tensor) else qk
+
+
 def fused(qk, positives, mask):
-    return kxops.global_pointer_zlpr_loss(qk[0], qk[1], positives, mask)
+    q, k = q_and_k(qk)
+    return kxops.global_pointer_zlpr_loss(q, k, positives, mask)
 
 
 def materialised(qk, positives, mask):
-    grid = global_pointer_logits(qk[0], qk[1], mask)
+    q, k = q_and_k(qk)
+    grid = global_pointer_logits(q, k, mask)
     return kxops.sparse_zlpr_loss(grid.flatten(-2), positives)
 
 
@@ -73,6 +86,11 @@ def test_global_pointer_zlpr(benchmark, device, mode, provider, length_index):
     peer_fn = PROVIDERS[PEER]
     shape = str([BATCH, HEADS, length, DIM])
     paired = provider != PEER and fits  # where the peer does not fit, no pairing (no ratio)
+    if mode == "forward":
+        return timed_forward(benchmark, device, lambda x: loss_of(x, positives, mask), qk,
+                             (lambda x: peer_fn(x, positives, mask)) if paired else None,
+                             grad=True, provider=provider, op="global_pointer_zlpr",
+                             shape=shape, dtype="float32", peer=PEER)
     run_modes(benchmark, mode, lambda x: loss_of(x, positives, mask), qk, device,
               peer_loss_of=(lambda x: peer_fn(x, positives, mask)) if paired else None,
               provider=provider, op="global_pointer_zlpr", shape=shape, dtype="float32",
@@ -82,6 +100,38 @@ def test_global_pointer_zlpr(benchmark, device, mode, provider, length_index):
             _RSS_SETUP.format(length=length),
             f"PROVIDERS[{provider!r}](qk, positives, mask).backward()")
 
+
+def timed_forward(benchmark, device, loss_of, qk, peer_loss_of, *, grad, **info):
+    """The forward alone, inputs requiring grad and grad enabled (grad=True) or under
+    torch.no_grad with inputs that do not (grad=False), paired with the peer's (see run_timed)."""
+    leaf = qk.detach().requires_grad_(grad)
+
+    def call_of(fn):
+        def call():
+            with torch.set_grad_enabled(grad):
+                return fn(leaf)
+        return call
+
+    run_timed(benchmark, call_of(loss_of), device,
+              peer_fn=call_of(peer_loss_of) if peer_loss_of is not None else None,
+              mode="forward, grad enabled" if grad else "forward, no grad", **info)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("length_index", range(len(LENGTHS)))
+def test_global_pointer_zlpr_no_grad(benchmark, device, provider, length_index):
+    """Inference: the loss under torch.no_grad, at the full rows' lengths."""
+    length = size_for(LENGTHS, length_index)
+    fits = 6 * BATCH * HEADS * length * length * 4 <= MATERIALISED_LIMIT
+    if provider == PEER and not fits:
+        pytest.skip("materialised: the grid path does not fit at this length")
+    qk, positives, mask = problem(length, device)
+    paired = provider != PEER and fits
+    timed_forward(benchmark, device, lambda x: PROVIDERS[provider](x, positives, mask), qk,
+                  (lambda x: materialised(x, positives, mask)) if paired else None, grad=False,
+                  provider=provider, op="global_pointer_zlpr", shape=str([BATCH, HEADS, length,
+                                                                          DIM]),
+                  dtype="float32", peer=PEER)
 
 
 GRAD_FILTER = 2.0**-12
@@ -113,8 +163,8 @@ def trained_problem(length, device):
 
 
 def filtered(qk, positives, mask):
-    return kxops.global_pointer_zlpr_loss(qk[0], qk[1], positives, mask,
-                                          grad_filter=GRAD_FILTER)
+    q, k = q_and_k(qk)
+    return kxops.global_pointer_zlpr_loss(q, k, positives, mask, grad_filter=GRAD_FILTER)
 
 
 TRAINED_PROVIDERS = {"kxops": fused, "kxops f=2^-12": filtered, PEER: materialised}
@@ -147,7 +197,8 @@ def test_global_pointer_zlpr_trained(benchmark, device, mode, provider):
 
 
 def compare_trained(length=TRAINED_LENGTH, rounds=7):
-    """Full steps on the trained-like grid, interleaved, side by side."""
+    """Full steps on the trained-like grid, interleaved, side by side (q and k separate
+    leaves)."""
     from benchmarks.bench_linear_sparse_zlpr import _cpu_model, _median_step_ms
 
     qk, positives, mask = trained_problem(length, torch.device("cpu"))
@@ -155,12 +206,13 @@ def compare_trained(length=TRAINED_LENGTH, rounds=7):
     print(f"trained-like GlobalPointer {[BATCH, HEADS, length, DIM]}: "
           f"{100 * surviving_fraction(qk, positives, mask):.4f}% of the gradient entries survive "
           f"grad_filter={GRAD_FILTER}")
-    leaf = qk.detach().requires_grad_()
+    leaves = tuple(t.detach().requires_grad_() for t in qk.unbind(0))
 
     def step_of(fn):
         def step():
-            leaf.grad = None
-            fn(leaf, positives, mask).backward()
+            for leaf in leaves:
+                leaf.grad = None
+            fn(leaves, positives, mask).backward()
         return step
 
     steps = {name: step_of(fn) for name, fn in TRAINED_PROVIDERS.items()}
@@ -172,5 +224,41 @@ def compare_trained(length=TRAINED_LENGTH, rounds=7):
               f"{medians[PEER] / ms:5.2f}x materialised")
 
 
+def compare_lengths(lengths=(128, 256, 512, 1024), rounds=15):
+    """The no-grad forward and the full step of kxops and the materialised path per L,
+    interleaved, side by side (each timing the mean of enough calls to last a few ms; q and k
+    separate leaves)."""
+    from benchmarks.bench_linear_sparse_zlpr import _median_step_ms
+
+    def no_grad_of(fn, qk, positives, mask, repeats):
+        @torch.no_grad()
+        def forward():
+            for _ in range(repeats):
+                fn(qk, positives, mask)
+        return forward
+
+    def full_of(fn, qk, positives, mask, repeats):
+        leaves = tuple(t.detach().requires_grad_() for t in qk.unbind(0))
+
+        def step():
+            for _ in range(repeats):
+                for leaf in leaves:
+                    leaf.grad = None
+                fn(leaves, positives, mask).backward()
+        return step
+
+    for length in lengths:
+        problem_args = problem(length, torch.device("cpu"))
+        repeats = max(1, 2**20 // (length * length))
+        for what, make in (("forward, no grad", no_grad_of), ("full step", full_of)):
+            calls = {name: make(fn, *problem_args, repeats) for name, fn in PROVIDERS.items()}
+            for call in calls.values():
+                call()  # warm-up
+            ms = {n: m / repeats for n, m in _median_step_ms(calls, rounds).items()}
+            print(f"L{length:5d} {what:17s} kxops {ms['kxops']:8.3f} ms   {PEER} "
+                  f"{ms[PEER]:8.3f} ms   {ms[PEER] / ms['kxops']:5.2f}x")
+
+
 if __name__ == "__main__":
     compare_trained()
+    compare_lengths()

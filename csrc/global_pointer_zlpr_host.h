@@ -224,6 +224,33 @@ inline std::vector<sparse_grad::PackedBlock> packed_blocks(const Packing& packin
   return blocks;
 }
 
+// The filtered gradient of packed rows straight in sparse form (CPU, fp32/fp64, contiguous
+// logits [rows, n], int64 packed positives, -1 ignored): the row kernel's loss and the nonzero
+// entries of its gradient filtered by grad_filter > 0, bit for bit, the dense gradient never
+// formed. maxima [rows] (logits' dtype): each row's negatives' maximum, at least 0 (see
+// update_negative_maxima). Per row it reads the logits once more for their terms, summed as the
+// row kernel sums them, then only the few vectors where a term reaches the filter, recomputed
+// through its rule; it never writes them. kNonFinite: a row needs the row kernel's exact path
+// (a sum or a positive not finite); kTooDense: more than max_density() of the entries survive.
+struct FilteredGrad {
+  at::Tensor row_loss;
+  std::optional<sparse_grad::SparseRows> grad;
+  enum Status { kSparse, kNonFinite, kTooDense } status;
+};
+FilteredGrad filtered_sparse_grad(const at::Tensor& logits, const at::Tensor& positives,
+                                  const at::Tensor& maxima, double grad_filter);
+
+// maxima[r] = max(maxima[r], the largest of row r's logits in [begin, end) that is not at a
+// positive): the row kernel's negatives' maximum taken block by block (exact in any grouping;
+// maxima starts at 0, the row kernel's floor), each block while the GEMM's output of it is still
+// in cache (CPU, fp32/fp64 contiguous logits, int64 packed positives).
+void update_negative_maxima(const at::Tensor& logits, int64_t begin, int64_t end,
+                            const at::Tensor& positives, const at::Tensor& maxima);
+
+// Sets the spans i > j of a diagonal block [heads, rows, width >= rows] of packed logits to
+// -inf (CPU; the same as masked_fill_ with the block's lower triangle, without the mask).
+void fill_lower_triangles(const at::Tensor& block);
+
 // Whether the filtered gradient can come straight from the CPU kernel in sparse form: fp32/fp64
 // on CPU, operands with unit stride along D.
 inline bool sparse_kernel_output(const at::Tensor& qa, const at::Tensor& ka, double grad_filter) {
@@ -284,7 +311,7 @@ inline std::vector<Plan> make_plans(const at::Tensor& q, const at::Tensor& posit
     Plan plan{Packing(valid[b], tril), at::Tensor(), at::Tensor(), at::Tensor(), {}};
     plan.blocks = packed_blocks(plan.packing);
     if (mask.has_value()) plan.idx = order[b].narrow(0, 0, valid[b]);
-    if (tril) {
+    if (tril && !q.is_cpu()) {  // the CPU fills the triangles without a mask
       const int64_t n = plan.packing.block_rows;
       plan.lower = at::ones({n, n}, q.options().dtype(at::kBool)).tril(-1);
     }
@@ -365,7 +392,10 @@ struct ChunkRunner {
                       has_end)};
   }
 
-  at::Tensor packed_logits(const Plan& plan, const at::Tensor& qa, const at::Tensor& ka) const {
+  // The packed logits; where maxima is defined, each row's negatives' maxima too (see
+  // update_negative_maxima).
+  at::Tensor packed_logits(const Plan& plan, const at::Tensor& qa, const at::Tensor& ka,
+                           const at::Tensor& positives, const at::Tensor& maxima) const {
     const int64_t hc = qa.size(0);
     auto logits = at::empty({hc, plan.packing.packed}, q.options());
     const auto neg_inf = at::Scalar(-std::numeric_limits<double>::infinity());
@@ -373,9 +403,15 @@ struct ChunkRunner {
       auto out = logits.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
       gemm::mm_out(out, qa.narrow(1, blk.row0, blk.rows),
                    ka.narrow(1, blk.col0, blk.width).transpose(1, 2));
-      if (tril) {
+      if (tril && out.is_cpu()) {
+        fill_lower_triangles(out);
+      } else if (tril) {
         out.narrow(2, 0, blk.rows)
             .masked_fill_(plan.lower.narrow(0, 0, blk.rows).narrow(1, 0, blk.rows), neg_inf);
+      }
+      if (maxima.defined()) {
+        update_negative_maxima(logits, blk.offset, blk.offset + blk.rows * blk.width, positives,
+                               maxima);
       }
     }
     return logits;
@@ -405,15 +441,21 @@ struct ChunkRunner {
   // The filtered gradient straight from the CPU kernel in sparse form, its products taken from
   // there when every block is sparse enough (as the dense route would find them). False (and
   // nothing written) otherwise: the caller takes the dense route.
+  bool sparse_route_open(const Plan& plan, const at::Tensor& qa, const at::Tensor& ka) const {
+    return results.any_grad() && plan.packing.packed > 0 && !dense_seen.load() &&
+           sparse_kernel_output(qa, ka, grad_filter);
+  }
+
+  // maxima: the rows' negatives' maxima where sparse_route_open, else undefined.
   bool sparse_route(int64_t b, int64_t h0, at::Tensor& logits, const at::Tensor& positives,
-                    const at::Tensor& qa, const at::Tensor& ka) {
+                    const at::Tensor& maxima, const at::Tensor& qa, const at::Tensor& ka) {
     const auto& plan = plans[b];
-    if (!results.any_grad() || plan.packing.packed == 0 || dense_seen.load() ||
-        !sparse_kernel_output(qa, ka, grad_filter)) {
-      return false;
+    if (!maxima.defined()) return false;
+    auto [loss, sparse, status] = filtered_sparse_grad(logits, positives, maxima, grad_filter);
+    if (status == FilteredGrad::kNonFinite) {
+      std::tie(loss, sparse) =
+          sparse_grad::sparse_zlpr_with_sparse_grad(logits, positives, -1, grad_filter);
     }
-    auto [loss, sparse] =
-        sparse_grad::sparse_zlpr_with_sparse_grad(logits, positives, -1, grad_filter);
     if (!sparse.has_value() || !sparse_grad::blocks_sparse_enough(*sparse, plan.blocks)) {
       if (!sparse.has_value()) dense_seen.store(true);
       return false;
@@ -458,9 +500,11 @@ struct ChunkRunner {
   void operator()(int64_t b, int64_t h0, int64_t hc) {
     const auto& plan = plans[b];
     const auto [qa, ka] = operands(b, h0, hc);
-    auto logits = packed_logits(plan, qa, ka);
     const auto positives = plan.positives.narrow(0, h0, hc);
-    if (sparse_route(b, h0, logits, positives, qa, ka)) return;
+    const auto maxima =
+        sparse_route_open(plan, qa, ka) ? at::zeros({hc}, q.options()) : at::Tensor();
+    auto logits = packed_logits(plan, qa, ka, positives, maxima);
+    if (sparse_route(b, h0, logits, positives, maxima, qa, ka)) return;
     const bool compute_grad = results.any_grad();
     auto [loss, grad] = zlpr::sparse_zlpr_rows(logits, positives, -1, compute_grad, grad_filter);
     results.row_loss[b].narrow(0, h0, hc).copy_(loss);
@@ -474,7 +518,7 @@ struct ChunkRunner {
 };
 
 // Runs every (batch, head) row in chunks of heads whose packed logits and gradient fit the
-// byte budget. A multi-thread CPU splits the rows among its threads, each running its chunks
+// byte budget. A multi-thread CPU splits the rows among its threads, each running chunks
 // single-threaded within its share of the budget: one parallel region per call instead of one
 // per GEMM, which on a busy CPU each wait for a time slice.
 inline void schedule(ChunkRunner& run, int64_t budget) {
@@ -493,25 +537,36 @@ inline void schedule(ChunkRunner& run, int64_t budget) {
     }
     return;
   }
-  // Rows [begin, end) in calls of a few heads of one batch.
-  auto run_rows = [&](int64_t begin, int64_t end) {
+  // Each thread's share cut into calls of a few heads of one batch, as a static split gives
+  // them: an equal share of every batch's heads where there are enough heads (the batches'
+  // valid lengths, and so their work, differ), else an equal run of the rows (as
+  // at::parallel_for cuts [0, rows)).
+  std::vector<std::array<int64_t, 3>> calls;  // (b, h0, hc)
+  auto add_rows = [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / heads, h0 = row % heads;
       const int64_t hc = std::min({heads_within(b, budget / threads), heads - h0, end - row});
-      run(b, h0, hc);
+      calls.push_back({b, h0, hc});
       row += hc;
     }
   };
-  // Each thread an equal share of every batch's heads where there are enough heads (the
-  // batches' valid lengths, and so their work, differ), else an equal share of the rows.
-  const bool share_heads = heads >= threads;
-  at::parallel_for(0, share_heads ? threads : rows, 1, [&](int64_t begin, int64_t end) {
+  const int64_t share = (rows + threads - 1) / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    if (heads < threads) {
+      add_rows(std::min(rows, t * share), std::min(rows, (t + 1) * share));
+      continue;
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      add_rows(b * heads + heads * t / threads, b * heads + heads * (t + 1) / threads);
+    }
+  }
+  // The threads take the calls in turn from a shared counter: one the OS delays (a busy CPU)
+  // leaves its calls to the others. Each call's work is the same whichever thread runs it.
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    if (!share_heads) return run_rows(begin, end);
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t b = 0; b < batch; ++b) {
-        run_rows(b * heads + heads * t / threads, b * heads + heads * (t + 1) / threads);
-      }
+    for (size_t i = next++; i < calls.size(); i = next++) {
+      run(calls[i][0], calls[i][1], calls[i][2]);
     }
   });
 }

@@ -146,10 +146,13 @@ def test_long_rows_take_wider_blocks(tril):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_serial_and_threaded_paths(threads):
+@pytest.mark.parametrize("shape", [(2, 3, 100, 4), (3, 1, 60, 4)])
+def test_serial_and_threaded_paths(threads, shape):
     """One thread: the serial loop over batches and chunks of heads (CUDA's); more: the CPU's
-    split of the (batch, head) rows among threads. Both match the materialised path."""
-    q, k, sb, eb, pos, m = make_problem(2, 3, 100, 4)
+    split of the (batch, head) rows among threads (each thread's share of every batch's heads,
+    or with fewer heads than threads a run of rows), the calls taken from a shared counter.
+    Both match the materialised path."""
+    q, k, sb, eb, pos, m = make_problem(*shape)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -1230,3 +1233,115 @@ def test_grad_filter_compile_fullgraph():
     compiled = torch.compile(loss, fullgraph=True)
     assert_same(loss_and_grads(compiled, q, k, pos, m, None, None),
                 loss_and_grads(loss, q, k, pos, m, None, None))
+
+
+def crowded(q, k, batch, gen):
+    """Batch `batch` of q, k (float32) made a row whose spans all score near 0 but a few near
+    +3 (negatives far above the rest) and its positives near +4: with more than 1/FILTER spans
+    per row, a span near 0 is a filter candidate (e^{s - max} >= FILTER) yet below the filter
+    (its gradient 1 / (1 + Z) < FILTER), so the row kernel's candidates overflow and the whole
+    row is scanned against the exact bound; the spans near +3 survive."""
+    q[batch] = 0.02 * torch.randn(q[batch].shape, generator=gen)
+    k[batch] = 0.02 * torch.randn(k[batch].shape, generator=gen)
+    q[batch, :, 10:14, 0], k[batch, :, 40:44, 0] = 2.0, 1.5
+
+
+@pytest.mark.parametrize("second", ["trained", "crowded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_filter_sparse_kernel_route_at_block_sizes_and_threads(second, dtype):
+    """The filtered gradient from the GlobalPointer row kernel's sparse output (the default
+    route) is the filtered reference's, and bit for bit the same at every budget (one head per
+    call, every head at once) and thread count; "crowded" takes its whole-row scan."""
+    q, k, pos, m = trained_like(dtype=dtype)
+    if second == "crowded":
+        crowded(q, k, 1, torch.Generator().manual_seed(5))
+        logits = ref.global_pointer_logits(q, k, m).flatten(-2)
+        grad = torch.ops.kxops.sparse_zlpr(logits, pos, -1, [True], "none", FILTER)[1]
+        assert 0 < (grad[1] != 0).double().mean() < 0.01
+        relative = logits[1] - logits[1].amax(-1, keepdim=True)
+        assert (relative > math.log(FILTER)).double().mean() > 0.5
+    want = loss_and_grads(lambda *a, **kw: ref.global_pointer_zlpr_loss(
+        *a[:4], start_bias=a[4], end_bias=a[5], reduction="none", **kw),
+        q, k, pos, m, None, None, grad_filter=FILTER)
+    first = None
+    saved = torch.get_num_threads()
+    try:
+        for threads, block_bytes in ((1, None), (1, 1), (2, None), (2, 1), (2, 2**40)):
+            torch.set_num_threads(threads)
+            got = loss_and_grads(fused, q, k, pos, m, None, None, grad_filter=FILTER,
+                                 block_bytes=block_bytes)
+            assert_same(got, want)
+            first = first or got
+            assert torch.equal(got[0], first[0])
+            assert all(torch.equal(g, w) for g, w in zip(got[1][:2], first[1][:2]))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_grad_filter_crowded_row_is_the_dense_route():
+    """The whole-row scan (crowded row) gives the bits of the kernel's dense gradient, as
+    test_grad_filter_sparse_kernel_route_is_the_dense_route checks for the candidates' route."""
+    q, k, pos, m = trained_like(batch=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    q[0] = 0.3 * torch.randn(q[0].shape, generator=gen)
+    k[0] = torch.randn(k[0].shape, generator=gen)
+    crowded(q, k, 1, gen)
+
+    def loss_and_sum_grads(batches, **kwargs):
+        leaves = [t[batches].clone().requires_grad_(True) for t in (q, k)]
+        loss = fused(leaves[0], leaves[1], pos[batches], m[batches], None, None, **kwargs)
+        loss.sum().backward()
+        return loss.detach(), [t.grad for t in leaves]
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # batch 0 (dense) first: batch 1 then takes the dense route
+        both = loss_and_sum_grads(slice(0, 2), grad_filter=FILTER)
+        alone = loss_and_sum_grads(slice(1, 2), grad_filter=FILTER)
+        exact = loss_and_sum_grads(slice(1, 2))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(both[0][1:], alone[0]) and torch.equal(alone[0], exact[0])
+    assert all(torch.equal(g[1:], g_alone) for g, g_alone in zip(both[1], alone[1]))
+    assert not torch.equal(alone[1][0], exact[1][0])
+
+
+@pytest.mark.parametrize("which", ["q", "k", "start"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_grad_filter_non_finite_rows(which, value):
+    """A row the sparse kernel cannot sum (NaN, +inf) goes through the row kernel's exact path;
+    -inf spans are masked ones. Other rows keep the sparse kernel's route."""
+    q, k, pos, m = trained_like(dtype=torch.float32)
+    sb = torch.zeros(q.shape[:3])
+    t = {"q": q, "k": k, "start": sb}[which]
+    t[1, 0, 5] = value
+    ours = loss_and_grads(fused, q, k, pos, m, sb, None, grad_filter=FILTER)
+    theirs = loss_and_grads(lambda *a, **kw: ref.global_pointer_zlpr_loss(
+        *a[:4], start_bias=a[4], end_bias=a[5], reduction="none", **kw),
+        q, k, pos, m, sb, None, grad_filter=FILTER)
+    assert_same(ours, theirs)
+    assert torch.isfinite(ours[0][0]).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_of_one_returns_the_op_gradients(masked, reduction):
+    """loss.backward() (upstream gradient 1) takes the op's gradients as they are: the bits of
+    any other upstream gradient's path (2, then halved: exact in binary), zeros at padded
+    steps; retain_graph's second backward adds the same again (nothing aliased)."""
+    q, k, sb, eb, pos, m = make_problem(dtype=torch.float32, mask="tail" if masked else None)
+    grads = []
+    for upstream in (None, torch.tensor(2.0)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, sb, eb)]
+        loss = kxops.global_pointer_zlpr_loss(leaves[0], leaves[1], pos, m, start_bias=leaves[2],
+                                              end_bias=leaves[3], reduction=reduction)
+        loss.backward(upstream, retain_graph=True)
+        first = [t.grad.clone() for t in leaves]
+        grads.append([g if upstream is None else g / 2 for g in first])
+        loss.backward(upstream)
+        assert all(torch.equal(t.grad, 2 * g) for t, g in zip(leaves, first))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    if masked:
+        padded = (m == 0)[:, None, :]
+        assert all((g.masked_select(padded if g.dim() == 3 else padded[..., None]) == 0).all()
+                   for g in grads[0])

@@ -1,6 +1,7 @@
 """GlobalPointer + sparse ZLPR fuzz: the compiled op against the materialised path (the grid +
-kxops.sparse_zlpr_loss) over random shapes, masks, biases, budgets, positives, reductions and
-NaN/inf at random positions (loss and gradients). The hypothesis profile is set in conftest."""
+kxops.sparse_zlpr_loss) over random shapes, masks, biases, budgets, positives, reductions,
+gradient filters and NaN/inf at random positions (loss and gradients). The hypothesis profile
+is set in conftest."""
 
 import math
 
@@ -32,6 +33,7 @@ def problems(draw):
         keep=draw(st.floats(0.0, 1.0)), positives=draw(st.integers(0, 5)),
         block_bytes=draw(st.sampled_from([None, 1, 10_000])),
         specials=draw(st.integers(0, 2)), reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+        grad_filter=draw(st.sampled_from([0.0, 2.0**-12, 2.0**-3])),
         seed=draw(st.integers(0, 2**16)))
 
 
@@ -74,13 +76,15 @@ def test_op_matches_materialised(p):
             torch.zeros_like(t) for t in present]
         return loss, grads
 
-    def materialised(q, k, pos, mask, *, start_bias, end_bias, tril, reduction):
+    def materialised(q, k, pos, mask, *, start_bias, end_bias, tril, reduction, grad_filter):
         grid = ref.global_pointer_logits(q, k, mask, start_bias=start_bias, end_bias=end_bias,
                                          tril=tril)
-        return kxops.sparse_zlpr_loss(grid.flatten(-2), pos, reduction=reduction)
+        return kxops.sparse_zlpr_loss(grid.flatten(-2), pos, reduction=reduction,
+                                      grad_filter=grad_filter)
 
-    loss, grads = run(kxops.global_pointer_zlpr_loss, block_bytes=p["block_bytes"])
-    expected_loss, expected_grads = run(materialised)
+    loss, grads = run(kxops.global_pointer_zlpr_loss, block_bytes=p["block_bytes"],
+                      grad_filter=p["grad_filter"])
+    expected_loss, expected_grads = run(materialised, grad_filter=p["grad_filter"])
     assert_close(loss, expected_loss)
     for i, (g, g_expected) in enumerate(zip(grads, expected_grads)):
         if i < 2 and special_in_qk:
