@@ -577,11 +577,13 @@ inline Outputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& start_bias,
                        const std::optional<at::Tensor>& end_bias, bool tril, int64_t ignore_index,
-                       c10::string_view reduction, std::array<bool, 4> grad_mask,
+                       c10::string_view reduction, const c10::List<bool>& grad_mask,
                        std::optional<int64_t> block_bytes, double grad_filter) {
   check_arguments(q, k, positives, mask, start_bias, end_bias, reduction, block_bytes, grad_filter);
   const c10::OptionalDeviceGuard guard(q.device());
-  Results results(q, reduction, grad_mask, start_bias.has_value(), end_bias.has_value());
+  const auto wanted =
+      check_grad_mask<4>("global_pointer_zlpr", grad_mask, "q, k, start_bias, end_bias");
+  Results results(q, reduction, wanted, start_bias.has_value(), end_bias.has_value());
   if (q.size(0) * q.size(1) > 0) {
     const auto plans = make_plans(q, positives.to(at::kLong), mask, tril, ignore_index);
     ChunkRunner run{q, k, start_bias, end_bias, plans, results, tril, grad_filter};
