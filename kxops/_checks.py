@@ -136,9 +136,12 @@ def check_shape(op, name, t, shape):
 
 def check_ignore_index(op, ignore_index):
     """ignore_index is any int64 (compared with the ids as int64); NumPy's and other integer
-    types are accepted, as the ops' int arguments accept them."""
+    types are accepted, as the ops' int arguments accept them; a bool is refused, a bool tensor
+    (whose __index__ would make it 0 or 1) too."""
     try:
-        value = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+        is_bool = isinstance(ignore_index, bool) or (isinstance(ignore_index, torch.Tensor)
+                                                     and ignore_index.dtype == torch.bool)
+        value = None if is_bool else operator.index(ignore_index)
     except TypeError:
         value = None
     if value is None:

@@ -138,6 +138,20 @@ def test_sparse_custom_ignore_index_and_int32():
             kxops.sparse_zlpr_loss(logits, positives, ignore_index=ignore_index)
 
 
+def test_sparse_ignore_index_bool_tensor_refused_as_bool():
+    """A bool tensor is a bool: its __index__ made torch.tensor(True) ignore_index 1, while the
+    plain True is a TypeError. Integer tensors stay accepted, as the ops' int arguments take
+    them."""
+    logits, _ = random_problem((3, 5), dtype=torch.float32)
+    positives = torch.tensor([[4, 1], [1, 1], [0, 1]])
+    for fn in (kxops.sparse_zlpr_loss, kxops.reference.sparse_zlpr_loss,
+               lambda *a, ignore_index: kxops.nn.SparseZLPRLoss(ignore_index=ignore_index)(*a)):
+        with pytest.raises(TypeError, match=r"^kxops.sparse_zlpr: ignore_index must be an int"):
+            fn(logits, positives, ignore_index=torch.tensor(True))
+        assert_close(fn(logits, positives, ignore_index=torch.tensor(1)),
+                     fn(logits, positives, ignore_index=1))
+
+
 def test_sparse_exact_when_positives_dominate():
     """The subtraction form log(e^a - e^b) cancels here; the exact negative sum does not."""
     num_classes = 50
