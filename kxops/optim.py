@@ -256,6 +256,13 @@ def _check_saved_state(saved, saved_id, p):
         if t.dtype != torch.float32:
             raise ValueError(f"{where}['{key}'] must be float32 (the blocks' scales), got "
                              f"{t.dtype}")
+        codes = saved[key.removesuffix("_scales")]
+        bad = ~ref.canonical_scales(t, codes.view(torch.uint8))
+        if bool(bad.any()):
+            block = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{where}['{key}'][{block}] = {t[block].item()!r} is not a scale "
+                             "the optimizer writes (a power of two in [2**-100, 2**127], or 0 "
+                             "for a block whose codes are all 0)")
 
 
 def _check_saved_seed(saved, saved_id):

@@ -39,15 +39,7 @@ def cpu_gemm(request):
     """The test runs under each CPU GEMM engine of the fused ops (csrc/gemm.h) in turn, in this
     process; the process's own choice is restored after. oneDNN is skipped where torch's oneDNN
     fp32 matmul does not run (CPUs without AVX-512, builds without oneDNN)."""
-    from kxops import _ext
+    from tests.utils import switched
 
-    if not _ext.LOADED:
-        pytest.skip("the extension is not loaded")
-    try:
-        torch.ops.kxops._set_cpu_gemm_engine(request.param)
-    except ValueError as e:
-        pytest.skip(str(e))
-    try:
-        yield request.param
-    finally:
-        torch.ops.kxops._set_cpu_gemm_engine("auto")
+    yield from switched(lambda engine: torch.ops.kxops._set_cpu_gemm_engine(engine),
+                        request.param)

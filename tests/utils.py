@@ -109,3 +109,19 @@ def assert_error_rule(ours, theirs, exact, dtype):
     their_error = (theirs.double() - exact).abs().max().item()
     floor = atol + rtol * exact.abs().max().item()
     assert our_error <= 2 * their_error + floor, (our_error, their_error, floor)
+
+
+def switched(set_choice, choice):
+    """A fixture's body: one of the extension's internal run-time choices (set_choice, e.g.
+    torch.ops.kxops._set_cpu_gemm_engine) set to choice for the test, skipped where this build
+    or CPU has no such choice (the setter's ValueError), "auto" restored after."""
+    if not _ext.LOADED:
+        pytest.skip("the extension is not loaded")
+    try:
+        set_choice(choice)
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        yield choice
+    finally:
+        set_choice("auto")

@@ -141,7 +141,26 @@ def scale_exponent(absmax, width):
     bits = _bits(absmax)
     top_mantissa = ((1 << (width - 3)) - 1) << (23 - (width - 3))
     bump = ((bits & 0x7FFFFF) >= top_mantissa).to(torch.int64)
-    return (((bits >> 23) & 0xFF) + 1 + bump).clamp(27, 254)
+    return (((bits >> 23) & 0xFF) + 1 + bump).clamp(*SCALE_EXPONENTS)
+
+
+# The biased exponents a block's scale takes (at least 2^-100: every decoded value is normal).
+SCALE_EXPONENTS = (27, 254)
+
+
+def canonical_scales(scales, codes):
+    """Per block, whether its stored scale is one the kernels write: a positive power of two
+    2^(e-127) with e in SCALE_EXPONENTS, or 0 for a block whose codes are all 0 (never
+    written)."""
+    bits = scales.view(torch.int32).to(torch.int64)
+    exponent = (bits >> 23) & 0xFF
+    power = ((bits & ~0x7F800000) == 0) & (exponent >= SCALE_EXPONENTS[0]) & (
+        exponent <= SCALE_EXPONENTS[1])
+    flat = codes.reshape(-1)
+    padded = torch.zeros(scales.numel() * BLOCK, dtype=flat.dtype, device=flat.device)
+    padded[:flat.numel()] = flat
+    unwritten = (bits == 0) & ~padded.view(-1, BLOCK).bool().any(1)
+    return power | unwritten
 
 
 def _octaves(width):
