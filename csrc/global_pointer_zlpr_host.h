@@ -438,15 +438,16 @@ struct ChunkRunner {
     }
   }
 
-  // The filtered gradient straight from the CPU kernel in sparse form, its products taken from
-  // there when every block is sparse enough (as the dense route would find them). False (and
-  // nothing written) otherwise: the caller takes the dense route.
+  // Whether a chunk may take the sparse route (it then gathers its rows' maxima with its GEMMs).
   bool sparse_route_open(const Plan& plan, const at::Tensor& qa, const at::Tensor& ka) const {
     return results.any_grad() && plan.packing.packed > 0 && !dense_seen.load() &&
            sparse_kernel_output(qa, ka, grad_filter);
   }
 
-  // maxima: the rows' negatives' maxima where sparse_route_open, else undefined.
+  // The filtered gradient straight from the CPU kernel in sparse form, its products taken from
+  // there when every block is sparse enough (as the dense route would find them). False (and
+  // nothing written) otherwise: the caller takes the dense route. maxima: the rows' negatives'
+  // maxima where sparse_route_open, else undefined.
   bool sparse_route(int64_t b, int64_t h0, at::Tensor& logits, const at::Tensor& positives,
                     const at::Tensor& maxima, const at::Tensor& qa, const at::Tensor& ka) {
     const auto& plan = plans[b];

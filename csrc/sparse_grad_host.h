@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -68,6 +69,35 @@ namespace cpu {
 std::optional<SparseRows> sparse_rows(const at::Tensor& g);
 // A counting sort by column (rows stay in order), values times scale.
 SparseCols transpose(const SparseRows& g, double scale);
+
+// Nonzeros gathered by a CPU kernel's task, in column order within each row.
+template <typename T>
+struct Entries {
+  std::vector<int64_t> cols;
+  std::vector<T> values;
+};
+
+// The CSR of rows whose nonzeros were gathered in pieces: row_start [rows + 1] holds each row's
+// count at r + 1 on entry (made the offsets here); pieces[r] goes at row r's offset, and may hold
+// the rows after r too (a task's buffer at its first row, the next pieces empty).
+template <typename T>
+SparseRows join_rows(const at::Tensor& row_start, const std::vector<Entries<T>>& pieces,
+                     int64_t cols, const at::TensorOptions& value_options) {
+  int64_t* start = row_start.mutable_data_ptr<int64_t>();
+  const int64_t rows = row_start.numel() - 1;
+  start[0] = 0;
+  for (int64_t row = 0; row < rows; ++row) start[row + 1] += start[row];
+  SparseRows out{row_start, at::empty({start[rows]}, row_start.options()),
+                 at::empty({start[rows]}, value_options), cols};
+  for (int64_t row = 0; row < rows; ++row) {
+    const auto& piece = pieces[row];
+    std::copy(piece.cols.begin(), piece.cols.end(),
+              out.col.mutable_data_ptr<int64_t>() + start[row]);
+    std::copy(piece.values.begin(), piece.values.end(),
+              out.value.mutable_data_ptr<T>() + start[row]);
+  }
+  return out;
+}
 
 // The products' kernel on each device: for each output row r of a CSR (start [R + 1], index,
 // value), out[r] = (zero_init ? 0 : out[r]) + sum_k (scale * value[k]) * operand[index[k]] over

@@ -153,20 +153,13 @@ zlpr::ExpSum<T> positives_sum(RowPositives<T>& positives) {
   return {max, lanes_sum(sum)};
 }
 
-// One row's nonzero filtered gradient entries in column order, (column, value) appended.
-template <typename T>
-struct RowEntries {
-  std::vector<int64_t> cols;
-  std::vector<T> values;
-};
-
 // The row's filtered gradient where it is nonzero: the negatives of the vectors at the given
 // starts (every other negative is below the filter), through RowGrad's rule in the row
 // kernel's lanes, merged in column order with the positives' entries.
 template <typename T>
 void emit_entries(const T* s, int64_t n, T max, const RowPositives<T>& positives,
                   const zlpr::RowGrad<T>& finish, const std::vector<int64_t>& starts,
-                  RowEntries<T>& out) {
+                  sparse_grad::cpu::Entries<T>& out) {
   using Vec = Vectorized<T>;
   const Vec vmax(max), inv(finish.unscaled_inv_neg), filter(finish.grad_filter),
       inv_neg(finish.inv_neg);
@@ -204,7 +197,7 @@ void emit_entries(const T* s, int64_t n, T max, const RowPositives<T>& positives
 // a sum or a positive is not finite: the row kernel's exact path is then needed.
 template <typename T>
 bool filtered_row(const T* s, int64_t n, const int64_t* ids, int64_t per_row, T max, T grad_filter,
-                  T* loss, RowEntries<T>& out, size_t cap) {
+                  T* loss, sparse_grad::cpu::Entries<T>& out, size_t cap) {
   thread_local RowPositives<T> positives;
   thread_local std::vector<int64_t> starts;
   using Vec = Vectorized<T>;
@@ -252,7 +245,7 @@ FilteredGrad filtered_rows(const at::Tensor& logits, const at::Tensor& positives
   const T* max = maxima.const_data_ptr<T>();
   FilteredGrad result{at::empty({rows}, logits.options()), std::nullopt, FilteredGrad::kSparse};
   T* loss = result.row_loss.mutable_data_ptr<T>();
-  std::vector<RowEntries<T>> entries(rows);
+  std::vector<sparse_grad::cpu::Entries<T>> entries(rows);
   std::atomic<int64_t> total{0};
   std::atomic<bool> non_finite{false};
   const size_t cap = static_cast<size_t>(limit / Vectorized<T>::size()) + 1;
@@ -271,20 +264,11 @@ FilteredGrad filtered_rows(const at::Tensor& logits, const at::Tensor& positives
     return {at::Tensor(), std::nullopt, FilteredGrad::kTooDense};
   }
   auto row_start = at::empty({rows + 1}, logits.options().dtype(at::kLong));
-  int64_t* start = row_start.mutable_data_ptr<int64_t>();
-  start[0] = 0;
+  int64_t* count = row_start.mutable_data_ptr<int64_t>() + 1;
   for (int64_t row = 0; row < rows; ++row) {
-    start[row + 1] = start[row] + static_cast<int64_t>(entries[row].cols.size());
+    count[row] = static_cast<int64_t>(entries[row].cols.size());
   }
-  sparse_grad::SparseRows sparse{row_start, at::empty({start[rows]}, row_start.options()),
-                                 at::empty({start[rows]}, logits.options()), n};
-  for (int64_t row = 0; row < rows; ++row) {
-    std::copy(entries[row].cols.begin(), entries[row].cols.end(),
-              sparse.col.mutable_data_ptr<int64_t>() + start[row]);
-    std::copy(entries[row].values.begin(), entries[row].values.end(),
-              sparse.value.mutable_data_ptr<T>() + start[row]);
-  }
-  result.grad = std::move(sparse);
+  result.grad = sparse_grad::cpu::join_rows(row_start, entries, n, logits.options());
   return result;
 }
 

@@ -441,7 +441,7 @@ std::optional<sparse_grad::SparseRows> rows_with_sparse_grad(const at::Tensor& l
   const T* data = logits.const_data_ptr<T>();
   const index_t* ids = positives.const_data_ptr<index_t>();
   T* loss = row_loss.mutable_data_ptr<T>();
-  std::vector<std::pair<std::vector<int64_t>, std::vector<T>>> chunks(rows);  // at task starts
+  std::vector<sparse_grad::cpu::Entries<T>> chunks(rows);  // at task starts
   at::Tensor row_start = at::empty({rows + 1}, logits.options().dtype(at::kLong));
   int64_t* start = row_start.mutable_data_ptr<int64_t>();
   std::atomic<int64_t> total{0};
@@ -460,16 +460,7 @@ std::optional<sparse_grad::SparseRows> rows_with_sparse_grad(const at::Tensor& l
     }
   });
   if (static_cast<double>(total.load()) > limit) return std::nullopt;
-  start[0] = 0;
-  for (int64_t row = 0; row < rows; ++row) start[row + 1] += start[row];
-  sparse_grad::SparseRows out{row_start, at::empty({total.load()}, row_start.options()),
-                              at::empty({total.load()}, logits.options()), n};
-  for (int64_t row = 0; row < rows; ++row) {
-    const auto& [cols, values] = chunks[row];
-    std::copy(cols.begin(), cols.end(), out.col.mutable_data_ptr<int64_t>() + start[row]);
-    std::copy(values.begin(), values.end(), out.value.mutable_data_ptr<T>() + start[row]);
-  }
-  return out;
+  return sparse_grad::cpu::join_rows(row_start, chunks, n, logits.options());
 }
 
 }  // namespace
