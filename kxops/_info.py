@@ -54,6 +54,9 @@ def info() -> dict:
         "gpus": gpus,
         "cpu": cpu_model(),
         "cpu_gemm": cpu_gemm_engine(),
+        # The copy of the AdaX CPU kernel that runs (csrc/adax_cpu.h; ATEN_CPU_CAPABILITY lowers
+        # it).
+        "adax_cpu_kernel": torch.ops.kxops._adax_cpu_kernel() if _ext.LOADED else None,
         "extension": _ext.LOAD_STATUS,
         "build": _ext.build_info(),
         "ops": {family: {dev: _backend(family, dev) for dev in _ext.DEVICE_KEYS}
@@ -77,6 +80,7 @@ def format_info(facts: dict) -> str:
         f"CPU: {facts['cpu']}",
         f"CPU GEMM engine: {facts['cpu_gemm']['engine'] or 'none'} "
         f"({facts['cpu_gemm']['reason']})",
+        f"AdaX CPU kernel: {facts['adax_cpu_kernel'] or 'none'}",
         "",
     ]
     rows = [("op", "cpu", "cuda")] + [(op, r["cpu"], r["cuda"]) for op, r in facts["ops"].items()]

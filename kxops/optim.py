@@ -257,7 +257,7 @@ def _check_saved_state(saved, saved_id, p):
             raise ValueError(f"{where}['{key}'] must be float32 (the blocks' scales), got "
                              f"{t.dtype}")
         codes = saved[key.removesuffix("_scales")]
-        bad = ~ref.canonical_scales(t, codes.view(torch.uint8))
+        bad = ~ref.canonical_scales(t, codes)
         if bool(bad.any()):
             block = int(bad.nonzero()[0, 0])
             raise ValueError(f"{where}['{key}'][{block}] = {t[block].item()!r} is not a scale "
