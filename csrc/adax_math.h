@@ -139,10 +139,13 @@ KXOPS_HOST_DEVICE uint32_t rounding_key(uint64_t seed, uint32_t step, uint32_t s
   return mix32(k ^ index_high);
 }
 
+// The odd constant (2^32 / golden ratio) that spreads consecutive indices before the hash.
+constexpr uint32_t kIndexMultiplier = 0x9e3779b9U;
+
 // 32 random bits of the element with index (low 32 bits) under key (Word as in mix32).
 template <typename Word>
 KXOPS_HOST_DEVICE Word random_bits(uint32_t key, Word index) {
-  return mix32<Word>(key ^ (index * 0x9e3779b9U));
+  return mix32<Word>(key ^ (index * kIndexMultiplier));
 }
 
 // The two moments share one random word: m takes its low half, v_hat its high half, each
@@ -218,7 +221,7 @@ KXOPS_HOST_DEVICE uint32_t stored_scale_exponent(float scale) {
   return (float_bits(scale) >> 23) & 0xffU;
 }
 
-KXOPS_HOST_DEVICE int octaves_of(int width) { return 4 * (width - 2); }
+KXOPS_HOST_DEVICE constexpr int octaves_of(int width) { return 4 * (width - 2); }
 
 KXOPS_HOST_DEVICE uint32_t select_bits(bool condition, uint32_t if_true, uint32_t if_false) {
   const uint32_t mask = 0U - static_cast<uint32_t>(condition);
@@ -274,12 +277,14 @@ KXOPS_HOST_DEVICE float decode_magnitude(uint32_t stored, uint32_t scale_exp, in
   return stored < 4U ? 0.0f : bits_float(bits);
 }
 
-// m's byte: sign bit and 7 magnitude bits.
+// m's byte: sign bit and 7 magnitude bits; a zero magnitude without its sign, so that a -0
+// (which the paths' different update formulas may or may not produce) and +0 store alike.
 KXOPS_HOST_DEVICE uint8_t encode_mean(float x, uint32_t scale_exp, uint32_t random,
                                       bool stochastic) {
+  const uint32_t magnitude =
+      encode_magnitude(fabsf(x), scale_exp, kMeanWidth, random, stochastic, false);
   const uint32_t sign = (float_bits(x) >> 31) << 7;
-  return static_cast<uint8_t>(
-      sign | encode_magnitude(fabsf(x), scale_exp, kMeanWidth, random, stochastic, false));
+  return static_cast<uint8_t>(magnitude | select_bits(magnitude != 0U, sign, 0U));
 }
 
 KXOPS_HOST_DEVICE float decode_mean(uint8_t code, uint32_t scale_exp) {

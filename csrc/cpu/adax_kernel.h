@@ -328,10 +328,23 @@ constexpr Words lane_offsets(std::index_sequence<k...>) {
 }
 constexpr Words kLaneOffsets = lane_offsets(std::make_index_sequence<kLanes>());
 
-// The random words of kLanes consecutive elements from index `first` (random_bits).
-[[gnu::always_inline]] inline Words random_lanes(uint32_t key, uint32_t first) {
-  return random_bits(key, first + kLaneOffsets);
-}
+// The random words (random_bits) of consecutive vectors of elements from index `first`: the
+// indices' products with kIndexMultiplier carried from vector to vector by one addition.
+class RandomLanes {
+ public:
+  RandomLanes(uint32_t key, uint32_t first)
+      : key_(key), spread_((first + kLaneOffsets) * kIndexMultiplier) {}
+
+  [[gnu::always_inline]] Words next() {
+    const Words word = mix32(key_ ^ spread_);
+    spread_ += static_cast<uint32_t>(kLanes) * kIndexMultiplier;
+    return word;
+  }
+
+ private:
+  uint32_t key_;
+  Words spread_;
+};
 
 Vec load_bfloat16_lanes(const at::BFloat16* in) {
   const Words bits = __builtin_convertvector(load_lanes<HalfWords>(in), Words) << 16;
@@ -362,9 +375,10 @@ void update_bfloat16_state(float* p, const float* g, at::BFloat16* m, at::BFloat
   int64_t j = 0;
   Vec m0, v0, m1, v1;
   if constexpr (kStochastic) {
+    RandomLanes random(key, first);
     for (; j + kLanes <= n; j += kLanes) {
       step_lanes(j, m0, v0);
-      const Words word = random_lanes(key, first + static_cast<uint32_t>(j));
+      const Words word = random.next();
       store_stochastic_bfloat16_lanes(m0, mean_random(word), m + j);
       store_stochastic_bfloat16_lanes(v0, square_random(word), v + j);
     }
@@ -397,11 +411,6 @@ void update_bfloat16_state(float* p, const float* g, at::BFloat16* m, at::BFloat
     m[j] = mj;
     v[j] = vj;
   }
-}
-
-Ints clamp_octave_lanes(Ints octave, int width) {
-  const Ints low = octave < 0 ? 0 : octave;
-  return low >= octaves_of(width) ? octaves_of(width) - 1 : low;
 }
 
 // Each code's value at scale 1 (scale exponent 127): a block's values are these times its
@@ -452,28 +461,85 @@ float largest_magnitude(Words acc, const float* rest, int64_t n) {
   return bits_float(out);
 }
 
-// encode_magnitude of each lane's magnitude bits (see there for the why of each step).
+// What encode_magnitude derives from an octave below the scale (0 .. octaves_of(width) - 1):
+// the mantissa bits dropped (23 - kept) and the code's leading bits (1 and the octave's two
+// low bits inverted) placed above the kept mantissa. With AVX-512 a table indexed by the
+// octave's low 5 bits, one two-register permute per lookup; with AVX2 (8-lane permutes only,
+// gathers that cost more than the formulas) the formulas on the clamped octave. Outside
+// 0 .. octaves_of(width) - 1 the two differ, where encode_magnitude_lanes discards the result.
+struct CodeTable {
+  uint32_t drop[32], lead[32];
+};
+
+template <int kWidth>
+constexpr CodeTable code_table() {
+  CodeTable t{};
+  for (int i = 0; i < 32; ++i) {
+    const int octave = i < octaves_of(kWidth) ? i : octaves_of(kWidth) - 1;
+    const int keep = kWidth - 3 - (octave >> 2);
+    t.drop[i] = static_cast<uint32_t>(23 - keep);
+    t.lead[i] = (7U - static_cast<uint32_t>(octave & 3)) << keep;
+  }
+  return t;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+[[gnu::always_inline]] inline Words lookup_lanes(const uint32_t (&table)[32], Ints octave) {
+  static_assert(kLanes == 16);
+  return bit_cast_lanes<Words>(_mm512_permutex2var_epi32(_mm512_loadu_si512(table),
+                                                          bit_cast_lanes<__m512i>(octave),
+                                                          _mm512_loadu_si512(table + 16)));
+}
+#else
+template <int kWidth>
+[[gnu::always_inline]] inline Words kept_bits_lanes(Ints octave) {
+  const Ints low = octave < 0 ? 0 : octave;
+  const Ints clamped = low >= octaves_of(kWidth) ? octaves_of(kWidth) - 1 : low;
+  return bit_cast_lanes<Words>(kWidth - 3 - (clamped >> 2));
+}
+#endif
+
+template <int kWidth>
+[[gnu::always_inline]] inline Words dropped_bits_lanes(Ints octave) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr CodeTable table = code_table<kWidth>();
+  return lookup_lanes(table.drop, octave);
+#else
+  return 23U - kept_bits_lanes<kWidth>(octave);
+#endif
+}
+
+template <int kWidth>
+[[gnu::always_inline]] inline Words leading_bits_lanes(Ints octave) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr CodeTable table = code_table<kWidth>();
+  return lookup_lanes(table.lead, octave);
+#else
+  return (7U - bit_cast_lanes<Words>(octave & 3)) << kept_bits_lanes<kWidth>(octave);
+#endif
+}
+
+// encode_magnitude of each lane's magnitude bits, bit for bit (see there for the why of each
+// step). Only octaves 0 .. octaves_of(kWidth) - 1 need their rounding: an octave past the
+// last gives the `below` code whatever was rounded, and one above the scale (inf, NaN) rounds
+// to a value above the scale too (rounding only adds), so `largest` stands for both.
 template <int kWidth, bool kStochastic, bool kKeepNonzero>
 [[gnu::always_inline]] inline Words encode_magnitude_lanes(Words bits, uint32_t scale_exp,
                                                            Words random) {
-  constexpr int top_bits = kWidth - 3;
   const int top = static_cast<int>(scale_exp) - 1;
   const Ints octave = top - bit_cast_lanes<Ints>(bits >> 23);
-  const Words drop =
-      bit_cast_lanes<Words>(23 - (top_bits - (clamp_octave_lanes(octave, kWidth) >> 2)));
-  const Words mask = ((Words{} + 1U) << drop) - 1U;
+  const Words drop = dropped_bits_lanes<kWidth>(octave);
+  const Words kept = (Words{} + 0xffffffffU) << drop;
   Words add;
   if constexpr (kStochastic) {
     add = random >> (32U - drop);
   } else {
-    add = (mask >> 1) + ((bits >> drop) & 1U);
+    add = (~kept >> 1) + ((bits >> drop) & 1U);
   }
-  const Words rounded = (bits + add) & ~mask;
+  const Words rounded = (bits + add) & kept;
   const Ints rounded_octave = top - bit_cast_lanes<Ints>(rounded >> 23);
-  const Ints clamped = clamp_octave_lanes(rounded_octave, kWidth);
-  const Words keep = bit_cast_lanes<Words>(top_bits - (clamped >> 2));
-  const Words code =
-      ((7U - bit_cast_lanes<Words>(clamped & 3)) << keep) | ((rounded & 0x7fffffU) >> (23U - keep));
+  const Words code = leading_bits_lanes<kWidth>(rounded_octave) |
+                     ((rounded & 0x7fffffU) >> dropped_bits_lanes<kWidth>(rounded_octave));
   const float unit =
       bits_float((254U - scale_exp + static_cast<uint32_t>(octaves_of(kWidth))) << 23);
   const Words ratio = bit_cast_lanes<Words>(bit_cast_lanes<Floats>(bits) * unit);
@@ -485,8 +551,7 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
   const Ints nonzero = bits != 0U;
   const Ints below = kKeepNonzero ? nonzero : (nonzero & (ratio > threshold));
   const Words largest = Words{} + ((1U << kWidth) - 1U);
-  const Words in_range = rounded_octave < 0 ? largest : code;
-  const Words inside = octave < 0 ? largest : in_range;
+  const Words inside = rounded_octave < 0 ? largest : code;
   return octave >= octaves_of(kWidth) ? (below != 0 ? Words{} + 4U : Words{}) : inside;
 }
 
@@ -495,12 +560,13 @@ template <bool kStochastic>
 void encode_block_lanes(const float* m_in, const float* v_in, uint8_t* m_out, uint8_t* v_out,
                         int64_t n, uint32_t m_exp, uint32_t v_exp, uint32_t key, uint32_t first) {
   int64_t j = 0;
+  RandomLanes random(key, first);
   for (; j + kLanes <= n; j += kLanes) {
-    const Words word = kStochastic ? random_lanes(key, first + static_cast<uint32_t>(j)) : Words{};
+    const Words word = kStochastic ? random.next() : Words{};
     const Words m_bits = load_lanes<Words>(m_in + j);
-    const Words m_code =
-        ((m_bits >> 31) << 7) | encode_magnitude_lanes<kMeanWidth, kStochastic, false>(
-                                    m_bits & 0x7fffffffU, m_exp, mean_random(word));
+    const Words m_magnitude = encode_magnitude_lanes<kMeanWidth, kStochastic, false>(
+        m_bits & 0x7fffffffU, m_exp, mean_random(word));
+    const Words m_code = m_magnitude != 0U ? m_magnitude | ((m_bits >> 31) << 7) : m_magnitude;
     const Words v_code = encode_magnitude_lanes<kSquareWidth, kStochastic, true>(
         load_lanes<Words>(v_in + j), v_exp, square_random(word));
     store_code_lanes(m_code, m_out + j);

@@ -232,7 +232,8 @@ def encode_moment(x, random, stochastic, square):
         return _encode_magnitude(x, e, SQUARE_WIDTH, square_random(random), stochastic,
                                  True).to(torch.uint8), scales
     code = _encode_magnitude(x.abs(), e, MEAN_WIDTH, mean_random(random), stochastic, False)
-    return ((_bits(x) >> 31 << 7) | code).to(torch.uint8), scales
+    sign = torch.where(code != 0, _bits(x) >> 31 << 7, 0)  # a zero code has no sign
+    return (sign | code).to(torch.uint8), scales
 
 
 # --- Tensors in the order the kernels number their elements: a dense param's memory order

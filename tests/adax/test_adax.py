@@ -1171,6 +1171,44 @@ def test_fused_compact_state_matches_the_reference(param_dtype, state_dtype, sto
     _assert_same_state(fused, loop, exact_params=False)
 
 
+def _every_octave_grads():
+    """Blocks of 128 whose values fall in every octave below their largest (1.0, or a
+    subnormal one), each with mantissas that round up into the next octave, plus blocks of
+    zeros (both signs) and of a NaN."""
+    gen = torch.Generator().manual_seed(3)
+    exponents = torch.arange(128) % 48
+    mantissas = torch.randint(0, 2**23, (128,), generator=gen)
+    mantissas[::3] = 2**23 - 1  # rounds up into the octave above at any kept width
+    bits = ((127 - exponents) << 23) | mantissas
+    octaves = bits.int().view(torch.float32) * torch.where(torch.arange(128) % 2 == 0, 1.0, -1.0)
+    octaves[0] = 1.0
+    tiny = octaves * 2.0**-140  # subnormal: the block's scale at its floor
+    zeros = torch.zeros(128)
+    zeros[1::2] = -0.0
+    special = torch.randn(128, generator=gen)
+    special[77] = math.nan  # (an inf gradient makes m NaN by torch.lerp's formula, inf by the
+    # kernels' m + (1 - beta1)(g - m): both store the largest code, with different signs)
+    return torch.cat([octaves, tiny, zeros, special, octaves[:61]])
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_eight_bit_codes_of_every_octave_as_the_reference(stochastic, cpu_kernel):
+    """The vector encoders (table lookups, no clamps) against the reference's formula, where
+    their reasoning is thinnest: every octave, mantissas that carry into the octave above,
+    subnormals, signed zeros (a zero code has no sign) and NaN; beta1 = 0 so that m is the
+    gradient."""
+    needs_kernel("adax_", "cpu")
+    grads = _every_octave_grads()
+    runs = []
+    for path in (dict(fused=True), dict(foreach=False, fused=False)):
+        lists = list(_compact_lists(torch.float32, torch.uint8, shapes=[grads.shape]))
+        lists[1] = [grads.clone()]
+        _run_compact(lists, path, steps=3, stochastic=stochastic, beta1=0.0)
+        runs.append(lists)
+    assert runs[0][2][0].unique().numel() > 32  # the codes spread over the map
+    _assert_same_state(*runs, exact_params=False)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 def test_cpu_kernel_copies_give_the_same_bits(state_dtype):
     """Every copy of the CPU kernel this CPU runs: compact moments, codes and scales bit for
