@@ -413,38 +413,34 @@ void update_bfloat16_state(float* p, const float* g, at::BFloat16* m, at::BFloat
   }
 }
 
-// Each code's value at scale 1 (scale exponent 127): a block's values are these times its
-// scale, a power of two that keeps every product a normal float (scale_exponent), so the
-// product is exact and equals decode_mean / decode_square at the block's scale bit for bit.
-struct DecodeTables {
-  float mean[256], square[256];
-};
-
-const DecodeTables& decode_tables() {
-  static const DecodeTables tables = [] {
-    DecodeTables t{};
-    for (uint32_t code = 0; code < 256; ++code) {
-      t.mean[code] = decode_mean(static_cast<uint8_t>(code), 127U);
-      t.square[code] = decode_square(static_cast<uint8_t>(code), 127U);
-    }
-    return t;
-  }();
-  return tables;
+// decode_magnitude of kLanes codes at a block's scale exponent, bit for bit, from each code's
+// value as a float: its exponent field is floor(log2(code)) + 127 and its mantissa the code's
+// bits below the leading 1, i.e. the octave's two bits and then the kept mantissa. Shifted
+// left by two, the exponent field holds 4 floor(log2(code)) + the two bits (the octave, up
+// to a constant) and the mantissa field the kept bits in place; one addition (mod 2^32, as
+// decode_magnitude's unsigned arithmetic) moves the exponent to the block's scale. Codes
+// 0..3 decode to 0.
+template <int kWidth>
+[[gnu::always_inline]] inline Words decode_magnitude_lanes(Words code, uint32_t scale_exp) {
+  const Words as_float =
+      bit_cast_lanes<Words>(__builtin_convertvector(bit_cast_lanes<Ints>(code), Floats));
+  // (scale_exp - 1 - octave) << 23 with octave = 4 (kWidth - 3) + 3 + 516 - (as_float >> 21).
+  const uint32_t offset = (scale_exp - 520U - 4U * (kWidth - 3)) << 23;
+  return code < 4U ? Words{} : (as_float << 2) + offset;
 }
 
-// The values of kLanes codes in a block with this (stored) scale: a table lookup.
-[[gnu::always_inline]] inline Vec decode_lanes(const uint8_t* in, const float* table, float scale) {
+// The values of kLanes codes of m (sign bit and 7 magnitude bits) or v_hat (8 bits).
+template <bool kSquare>
+[[gnu::always_inline]] inline Vec decode_lanes(const uint8_t* in, uint32_t scale_exp) {
   const Words code = load_code_lanes(in);
-#if defined(CPU_CAPABILITY_AVX512)
-  const Vec value(_mm512_i32gather_ps(bit_cast_lanes<__m512i>(code), table, 4));
-#elif defined(__AVX2__)
-  const Vec value(_mm256_i32gather_ps(table, bit_cast_lanes<__m256i>(code), 4));
-#else
-  float lanes[kLanes];
-  for (int k = 0; k < kLanes; ++k) lanes[k] = table[code[k]];
-  const Vec value = Vec::loadu(lanes);
-#endif
-  return value * Vec(scale);
+  if constexpr (kSquare) {
+    return bit_cast_lanes<Vec>(decode_magnitude_lanes<kSquareWidth>(code, scale_exp));
+  } else {
+    const Words magnitude = decode_magnitude_lanes<kMeanWidth>(code & 0x7fU, scale_exp);
+    // decode_mean negates: the sign bit flipped, also where an exponent outside the
+    // format's (a scale the optimizer never writes) wrapped into it.
+    return bit_cast_lanes<Vec>(magnitude ^ ((code & 0x80U) << 24));
+  }
 }
 
 // The magnitudes' bits, of which the largest (as unsigned integers) is the largest magnitude,
@@ -521,8 +517,8 @@ template <int kWidth>
 
 // encode_magnitude of each lane's magnitude bits, bit for bit (see there for the why of each
 // step). Only octaves 0 .. octaves_of(kWidth) - 1 need their rounding: an octave past the
-// last gives the `below` code whatever was rounded, and one above the scale (inf, NaN) rounds
-// to a value above the scale too (rounding only adds), so `largest` stands for both.
+// last gives the `below` code and one above the scale (inf, NaN, or v_hat's sign bit set)
+// `largest`, whatever was rounded.
 template <int kWidth, bool kStochastic, bool kKeepNonzero>
 [[gnu::always_inline]] inline Words encode_magnitude_lanes(Words bits, uint32_t scale_exp,
                                                            Words random) {
@@ -551,7 +547,8 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
   const Ints nonzero = bits != 0U;
   const Ints below = kKeepNonzero ? nonzero : (nonzero & (ratio > threshold));
   const Words largest = Words{} + ((1U << kWidth) - 1U);
-  const Words inside = rounded_octave < 0 ? largest : code;
+  const Words in_range = rounded_octave < 0 ? largest : code;
+  const Words inside = octave < 0 ? largest : in_range;
   return octave >= octaves_of(kWidth) ? (below != 0 ? Words{} + 4U : Words{}) : inside;
 }
 
@@ -585,7 +582,6 @@ template <bool kStochastic, bool kL2>
 void update_eight_bit_state(const CompactSlice<float, uint8_t>& s, const Constants<float>& c,
                             uint32_t key) {
   const auto cv = Constants<Vec>::broadcast(c);
-  const DecodeTables& tables = decode_tables();
   float m_new[kBlock], v_new[kBlock];
   for (int64_t b = 0; b < s.n; b += kBlock) {
     const int64_t n = std::min(kBlock, s.n - b);
@@ -593,13 +589,14 @@ void update_eight_bit_state(const CompactSlice<float, uint8_t>& s, const Constan
     const float* g = s.g + b;
     const uint8_t* m = s.m + b;
     const uint8_t* v = s.v + b;
-    const float m_scale_in = s.m_scales[b / kBlock], v_scale_in = s.v_scales[b / kBlock];
+    const uint32_t m_exp_in = stored_scale_exponent(s.m_scales[b / kBlock]);
+    const uint32_t v_exp_in = stored_scale_exponent(s.v_scales[b / kBlock]);
     int64_t j = 0;
     Words m_max{}, v_max{};  // the block's largest magnitudes (magnitude_bits), in one pass
     for (; j + kLanes <= n; j += kLanes) {
       prefetch_ahead(j, p, g, m, v);
-      Vec pv = Vec::loadu(p + j), mv = decode_lanes(m + j, tables.mean, m_scale_in);
-      Vec vv = decode_lanes(v + j, tables.square, v_scale_in);
+      Vec pv = Vec::loadu(p + j), mv = decode_lanes<false>(m + j, m_exp_in);
+      Vec vv = decode_lanes<true>(v + j, v_exp_in);
       update(pv, Vec::loadu(g + j), mv, vv, cv, kL2);
       pv.store(p + j);
       mv.store(m_new + j);
@@ -609,8 +606,8 @@ void update_eight_bit_state(const CompactSlice<float, uint8_t>& s, const Constan
     }
     const int64_t vector_end = j;
     for (; j < n; ++j) {
-      m_new[j] = tables.mean[m[j]] * m_scale_in;
-      v_new[j] = tables.square[v[j]] * v_scale_in;
+      m_new[j] = decode_mean(m[j], m_exp_in);
+      v_new[j] = decode_square(v[j], v_exp_in);
       update(p[j], g[j], m_new[j], v_new[j], c, kL2);
     }
     const uint32_t m_scale =

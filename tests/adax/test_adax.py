@@ -1855,15 +1855,13 @@ def _in_each_cpu_kernel(run):
     return results
 
 
-@pytest.mark.xfail(strict=True, reason="the fp32 path's 256-entry tables multiply the code's "
-                   "value by the stored scale as is, the formula (reference, fp16/bf16 params) "
-                   "takes only its exponent bits: a scale with a sign or mantissa bits, or below "
-                   "the 2^-100 floor (denormal, 0 with codes) decodes differently. load_state_dict "
-                   "refuses such scales; a caller of the functional adax passing them is not "
-                   "checked (a per-step scan of every scale)")
 @pytest.mark.parametrize("scale_bits", [0xBF800000, 0x3FC00000, 0x00400000, 0x0B800000, 0],
                          ids=["negative", "mantissa", "denormal", "below_floor", "zero"])
 def test_fused_eight_bit_decode_of_noncanonical_scales_as_the_reference(scale_bits):
+    """Scales the optimizer never writes (load_state_dict refuses them, the functional adax
+    does not scan for them): every path decodes by the scale's exponent bits alone, wrapping
+    as decode_magnitude's unsigned arithmetic does (exponent 0: codes near the top decode to
+    negative NaNs and infs), and stores the same bits."""
     needs_kernel("adax_", "cpu")
     want = _eight_bit_step_from_scales([scale_bits], fused=False)
     for got in _in_each_cpu_kernel(lambda: _eight_bit_step_from_scales([scale_bits],
@@ -1873,7 +1871,7 @@ def test_fused_eight_bit_decode_of_noncanonical_scales_as_the_reference(scale_bi
 
 
 def test_fused_eight_bit_decode_of_every_canonical_scale_as_the_reference():
-    """Every code under every scale the format writes (2^-100 .. 2^127): the tables' product
+    """Every code under every scale the format writes (2^-100 .. 2^127): the vector decode
     equals the formula, so codes and scales match the reference bit for bit in both copies."""
     needs_kernel("adax_", "cpu")
     scale_bits = [e << 23 for e in range(27, 255)]
