@@ -121,18 +121,22 @@ class AdaX(Optimizer):
         """The lists of the params with a grad; returns (fused, foreach) as resolved for
         them. ``compact`` gets the block scales and rounding seeds."""
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("AdaX does not support sparse gradients")
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
         fused, foreach = resolve_path(params, foreach=group["foreach"], fused=group["fused"],
                                       differentiable=group["differentiable"])
         step_on_param_device = fused or group["capturable"]
+        m_scales, v_scales, seeds = (compact[key] for key in (*_SCALE_KEYS, "seeds"))
+        formats = {}  # per param dtype: (the moments' dtype, whether its step rounds)
         for p in params:
             state = self.state[p]
-            want = ref.state_dtype(p.dtype, group["state_dtype"])
+            want, rounds = formats.get(p.dtype) or formats.setdefault(
+                p.dtype, self._format(p.dtype, group))
             if len(state) == 0:
                 if fused:
                     _check_fused_param(p)
@@ -147,17 +151,22 @@ class AdaX(Optimizer):
                     for key in _SCALE_KEYS:
                         state.pop(key, None)
                     state.update(moments)
-            if (ref.rounds_stochastically(p.dtype, want, group["stochastic_rounding"],
-                                          group["state_dtype"])
-                    and "rounding_seed" not in state):
+            if rounds and "rounding_seed" not in state:
                 state["rounding_seed"] = int(torch.randint(0, 2**63 - 1, ()).item())
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
-            for key in _SCALE_KEYS:
-                compact[key].append(state.get(key))
-            compact["seeds"].append(state.get("rounding_seed"))
+            m_scales.append(state.get("exp_avg_scales"))
+            v_scales.append(state.get("exp_avg_sq_scales"))
+            seeds.append(state.get("rounding_seed"))
         return fused, foreach
+
+    @staticmethod
+    def _format(param_dtype, group):
+        """(the moments' dtype, whether a step rounds stochastically) of a param dtype."""
+        want = ref.state_dtype(param_dtype, group["state_dtype"])
+        return want, ref.rounds_stochastically(param_dtype, want, group["stochastic_rounding"],
+                                               group["state_dtype"])
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
