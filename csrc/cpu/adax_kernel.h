@@ -482,36 +482,26 @@ constexpr CodeTable code_table() {
 #if defined(CPU_CAPABILITY_AVX512)
 [[gnu::always_inline]] inline Words lookup_lanes(const uint32_t (&table)[32], Ints octave) {
   static_assert(kLanes == 16);
-  return bit_cast_lanes<Words>(_mm512_permutex2var_epi32(_mm512_loadu_si512(table),
-                                                          bit_cast_lanes<__m512i>(octave),
-                                                          _mm512_loadu_si512(table + 16)));
+  return bit_cast_lanes<Words>(_mm512_permutex2var_epi32(
+      _mm512_loadu_si512(table), bit_cast_lanes<__m512i>(octave), _mm512_loadu_si512(table + 16)));
 }
-#else
+#endif
+
+// The dropped bits and the code's leading bits (CodeTable) of each lane's octave.
+struct OctaveBits {
+  Words drop, lead;
+};
+
 template <int kWidth>
-[[gnu::always_inline]] inline Words kept_bits_lanes(Ints octave) {
+[[gnu::always_inline]] inline OctaveBits octave_bits_lanes(Ints octave) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr CodeTable table = code_table<kWidth>();
+  return {lookup_lanes(table.drop, octave), lookup_lanes(table.lead, octave)};
+#else
   const Ints low = octave < 0 ? 0 : octave;
   const Ints clamped = low >= octaves_of(kWidth) ? octaves_of(kWidth) - 1 : low;
-  return bit_cast_lanes<Words>(kWidth - 3 - (clamped >> 2));
-}
-#endif
-
-template <int kWidth>
-[[gnu::always_inline]] inline Words dropped_bits_lanes(Ints octave) {
-#if defined(CPU_CAPABILITY_AVX512)
-  static constexpr CodeTable table = code_table<kWidth>();
-  return lookup_lanes(table.drop, octave);
-#else
-  return 23U - kept_bits_lanes<kWidth>(octave);
-#endif
-}
-
-template <int kWidth>
-[[gnu::always_inline]] inline Words leading_bits_lanes(Ints octave) {
-#if defined(CPU_CAPABILITY_AVX512)
-  static constexpr CodeTable table = code_table<kWidth>();
-  return lookup_lanes(table.lead, octave);
-#else
-  return (7U - bit_cast_lanes<Words>(octave & 3)) << kept_bits_lanes<kWidth>(octave);
+  const Words keep = bit_cast_lanes<Words>(kWidth - 3 - (clamped >> 2));
+  return {23U - keep, (7U - bit_cast_lanes<Words>(octave & 3)) << keep};
 #endif
 }
 
@@ -524,7 +514,7 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
                                                            Words random) {
   const int top = static_cast<int>(scale_exp) - 1;
   const Ints octave = top - bit_cast_lanes<Ints>(bits >> 23);
-  const Words drop = dropped_bits_lanes<kWidth>(octave);
+  const Words drop = octave_bits_lanes<kWidth>(octave).drop;
   const Words kept = (Words{} + 0xffffffffU) << drop;
   Words add;
   if constexpr (kStochastic) {
@@ -534,8 +524,8 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
   }
   const Words rounded = (bits + add) & kept;
   const Ints rounded_octave = top - bit_cast_lanes<Ints>(rounded >> 23);
-  const Words code = leading_bits_lanes<kWidth>(rounded_octave) |
-                     ((rounded & 0x7fffffU) >> dropped_bits_lanes<kWidth>(rounded_octave));
+  const OctaveBits rounded_bits = octave_bits_lanes<kWidth>(rounded_octave);
+  const Words code = rounded_bits.lead | ((rounded & 0x7fffffU) >> rounded_bits.drop);
   const float unit =
       bits_float((254U - scale_exp + static_cast<uint32_t>(octaves_of(kWidth))) << 23);
   const Words ratio = bit_cast_lanes<Words>(bit_cast_lanes<Floats>(bits) * unit);
