@@ -534,8 +534,8 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
     const Floats fraction = __builtin_convertvector(bit_cast_lanes<Ints>(random >> 8), Floats);
     threshold = bit_cast_lanes<Words>(fraction * (1.0f / 16777216.0f));
   }
-  const Ints nonzero = bits != 0U;
-  const Ints below = kKeepNonzero ? nonzero : (nonzero & (ratio > threshold));
+  // A zero's ratio (0) is above no threshold (>= 0): the scalar's `bits != 0` test is implied.
+  const Ints below = kKeepNonzero ? (bits != 0U) : (ratio > threshold);
   const Words largest = Words{} + ((1U << kWidth) - 1U);
   const Words in_range = rounded_octave < 0 ? largest : code;
   const Words inside = octave < 0 ? largest : in_range;
