@@ -23,16 +23,22 @@ KXOPS_HOST_DEVICE double inverse_bias_correction(double step, double beta2) {
 }
 
 // Everything one tensor's update needs besides its data, in the math type T (or a vector of
-// it). g_scale folds maximize and GradScaler's 1/scale; p_decay is AdaX-W's 1 - lr wd (1 for
-// AdaX); l2_wd is AdaX's weight decay added to the gradient (0 for AdaX-W).
+// it). g_scale folds maximize and GradScaler's 1/scale, g_divisor maximize and the scale: the
+// other paths divide by the scale, which the multiply matches only where 1/scale is exact (a
+// power of two, as GradScaler's own scales are), else divide_grad; p_decay is AdaX-W's 1 - lr wd (1
+// for AdaX); l2_wd is AdaX's weight decay added to the gradient (0 for AdaX-W). m moves toward g as
+// torch.lerp(m, g, 1 - beta1) does (math_constants): from g where mean_from_grad, with mean_weight
+// the weight or the weight - 1.
 template <typename T>
 struct Constants {
-  T lr, one_minus_beta1, g_scale, l2_wd, p_decay, v_decay, v_weight, eps_term;
+  T lr, mean_weight, g_scale, g_divisor, l2_wd, p_decay, v_decay, v_weight, eps_term;
+  bool mean_from_grad, divide_grad;
 
   template <typename U>
   KXOPS_HOST_DEVICE static Constants broadcast(const Constants<U>& c) {
-    return {T(c.lr),      T(c.one_minus_beta1), T(c.g_scale),  T(c.l2_wd),
-            T(c.p_decay), T(c.v_decay),         T(c.v_weight), T(c.eps_term)};
+    return {T(c.lr),       T(c.mean_weight), T(c.g_scale), T(c.g_divisor),
+            T(c.l2_wd),    T(c.p_decay),     T(c.v_decay), T(c.v_weight),
+            T(c.eps_term), c.mean_from_grad, c.divide_grad};
   }
 };
 
@@ -48,8 +54,11 @@ KXOPS_HOST_DEVICE Constants<double> make_constants(const Hyper& h, double lr, do
   const double inv_bc = inverse_bias_correction(step, h.beta2);
   Constants<double> c;
   c.lr = lr;
-  c.one_minus_beta1 = 1.0 - h.beta1;
+  c.mean_weight = 1.0 - h.beta1;  // math_constants picks torch.lerp's formula in T
+  c.mean_from_grad = false;
   c.g_scale = h.maximize ? -inv_grad_scale : inv_grad_scale;
+  c.g_divisor = 1.0 / c.g_scale;  // the scale itself: 1/(1/s) is within 2^-52 of s
+  c.divide_grad = false;
   c.l2_wd = h.decoupled ? 0.0 : h.weight_decay;
   c.p_decay = h.decoupled ? 1.0 - lr * h.weight_decay : 1.0;
   c.v_decay = 1.0 - h.beta2 * inv_bc;
@@ -68,17 +77,31 @@ KXOPS_HOST_DEVICE Constants<T> math_constants(const Constants<double>& c) {
   auto out = Constants<T>::broadcast(c);
   const T tiny = T(sizeof(T) == sizeof(float) ? FLT_MIN : DBL_MIN);
   if (out.eps_term < tiny) out.eps_term = tiny;  // a NaN eps stays NaN
+  // torch.lerp(m, g, w) with w in T: m + w (g - m) for |w| < 0.5, else g + (w - 1)(g - m) (w -
+  // 1 exact there): the formula of the reference and foreach paths, so that the stored moments
+  // agree bit for bit for every beta1 (one formula for all differs in the last bit, and for
+  // beta1 = 0 loses a g far below m: m + (g - m) = 0).
+  out.mean_from_grad = !(out.mean_weight < T(0.5) && out.mean_weight > T(-0.5));
+  if (out.mean_from_grad) out.mean_weight = out.mean_weight - T(1);
+  int exponent;
+  out.divide_grad = fabs(frexp(static_cast<double>(out.g_divisor), &exponent)) != 0.5;
   return out;
 }
+
+// a b + c rounded once, as torch's lerp and add(alpha=) form m and AdaX's L2 term in the other
+// paths (CPU vectors: at::vec::fmadd, found by argument-dependent lookup). Spelled out, not
+// left to floating-point contraction, which may fuse the gradient's scaling instead.
+KXOPS_HOST_DEVICE float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+KXOPS_HOST_DEVICE double fmadd(double a, double b, double c) { return fma(a, b, c); }
 
 // One element (T = float/double) or one CPU vector (T = at::vec::Vectorized<...>, see
 // cpu/vec_math.h). l2 is whether AdaX's weight decay term is added.
 template <typename T>
 KXOPS_HOST_DEVICE void update(T& p, T g, T& m, T& v, const Constants<T>& c, bool l2) {
-  g = g * c.g_scale;
-  if (l2) g = g + c.l2_wd * p;
+  g = c.divide_grad ? g / c.g_divisor : g * c.g_scale;
+  if (l2) g = fmadd(c.l2_wd, p, g);
   p = p * c.p_decay;
-  m = m + c.one_minus_beta1 * (g - m);
+  m = fmadd(c.mean_weight, g - m, c.mean_from_grad ? g : m);
   v = v * c.v_decay + c.v_weight * g * g;  // (w g) g, as the loop's addcmul: g * g may overflow
   p = p - m / (square_root(v) + c.eps_term) * c.lr;
 }

@@ -1209,6 +1209,69 @@ def test_eight_bit_codes_of_every_octave_as_the_reference(stochastic, cpu_kernel
     _assert_same_state(*runs, exact_params=False)
 
 
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.6, 0.9])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_first_moment_is_torchs_lerp_for_every_beta1(beta1, decoupled, cpu_kernel):
+    """One step from the same fp32 state: m bit for bit as the loop's torch.lerp(m, g, 1 -
+    beta1) (one rounding; m + w (g - m) below w = 0.5, g + (w - 1)(g - m) from there) of the
+    gradient with AdaX's L2 term g + wd p (one rounding, as add(alpha=)). The kernel used m +
+    w (g - m) for every w and rounded wd p first: m off in the last bit in about a third of the
+    elements for beta1 <= 0.5 or weight decay in the gradient, which compact state stores as
+    other codes now and then."""
+    needs_kernel("adax_", "cpu")
+    gen = torch.Generator().manual_seed(11)
+    n = 4099  # vectors of both copies and a scalar tail
+    param = torch.randn(n, generator=gen)
+    grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 1, (n,), generator=gen)
+    exp_avg = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 1, (n,), generator=gen)
+    exp_avg_sq = torch.rand(n, generator=gen)
+    results = []
+    for path in (dict(fused=True), dict(foreach=False, fused=False)):
+        m = exp_avg.clone()
+        adax([param.clone()], [grad], [m], [exp_avg_sq.clone()], [torch.tensor(3.0)], **path,
+             lr=1e-2, beta1=beta1, beta2=1e-4, weight_decay=0.05, eps=1e-8, decoupled=decoupled,
+             maximize=False)
+        results.append(m)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("scale", [1000.0, 3.0, 1024.0, 0.0, math.inf])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_gradient_divided_by_the_grad_scale_as_the_loop(scale, maximize, cpu_kernel):
+    """The loop's g / grad_scale (then -g for maximize), bit for bit: the kernels multiplied by
+    1 / grad_scale, which differs in the last bit in about half the elements unless the scale is
+    a power of two (GradScaler's own scales are; init_scale=1000 is not)."""
+    needs_kernel("adax_", "cpu")
+    grad = torch.randn(4099, generator=torch.Generator().manual_seed(12))
+    grad[:3] = torch.tensor([0.0, math.inf, -math.inf])
+    results = []
+    for path in (dict(fused=True), dict(foreach=False, fused=False)):
+        m = torch.zeros(4099)
+        adax([torch.zeros(4099)], [grad], [m], [torch.zeros(4099)], [torch.tensor(0.0)], **path,
+             grad_scale=torch.tensor(scale), lr=1e-2, beta1=0.0, beta2=1e-4, weight_decay=0.0,
+             eps=1e-8, decoupled=True, maximize=maximize)
+        results.append(m)
+    assert torch.equal(results[0].nan_to_num(7), results[1].nan_to_num(7))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_fused_beta1_zero_keeps_a_gradient_far_below_the_old_mean(state_dtype, cpu_kernel):
+    """beta1 = 0: m is the gradient, also after a step whose m was far larger (the kernel's m +
+    (g - m) gave 0 there: 1e-9 - 1 rounds to -1), as the loop's torch.lerp."""
+    needs_kernel("adax_", "cpu")
+    runs = []
+    for path in (dict(fused=True), dict(foreach=False, fused=False)):
+        lists = list(_compact_lists(torch.float32, state_dtype, shapes=[(40,)]))
+        for grad in (torch.ones(40), torch.full((40,), 1e-9)):
+            lists[1] = [grad]
+            _run_compact(lists, path, steps=1, stochastic=False, beta1=0.0)
+        runs.append(lists)
+    _assert_same_state(*runs, exact_params=False)
+    assert torch.equal(runs[0][2][0], runs[1][2][0])  # fp32 m too, bit for bit
+    if state_dtype == torch.float32:
+        assert (runs[0][2][0] == torch.tensor(1e-9)).all()
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 def test_cpu_kernel_copies_give_the_same_bits(state_dtype):
     """Every copy of the CPU kernel this CPU runs: compact moments, codes and scales bit for
