@@ -544,8 +544,10 @@ template <int kWidth, bool kStochastic, bool kKeepNonzero>
 
 // One block's codes from its new fp32 moments (encode_mean / encode_square of each element).
 template <bool kStochastic>
-void encode_block_lanes(const float* m_in, const float* v_in, uint8_t* m_out, uint8_t* v_out,
-                        int64_t n, uint32_t m_exp, uint32_t v_exp, uint32_t key, uint32_t first) {
+[[gnu::always_inline]] inline void encode_block_lanes(const float* m_in, const float* v_in,
+                                                      uint8_t* m_out, uint8_t* v_out, int64_t n,
+                                                      uint32_t m_exp, uint32_t v_exp, uint32_t key,
+                                                      uint32_t first) {
   int64_t j = 0;
   RandomLanes random(key, first);
   for (; j + kLanes <= n; j += kLanes) {
