@@ -44,40 +44,32 @@ def _rounds(params, state_steps):
     return rounds
 
 
-_SCALE_KEYS = ("exp_avg_scales", "exp_avg_sq_scales")
-
-
 def _dtensor_type():
+    """torch's DTensor class, None where torch is built without distributed."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
+    except ImportError:
         return None
     return DTensor
 
 
-def _has_dtensor(params):
-    """Whether any param is a DTensor (then its grad and state are too)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
-
-
-def _local_shards(tensors):
+def _local_shards(tensors, dtensor):
     """DTensor (FSDP2) params, grads and state update through their local shards: the step is
     elementwise, so each rank updates what it holds."""
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return tensors
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def _fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale,
                 found_inf, compact=None, **hyper):
-    if _has_dtensor(params):
+    dtensor = _dtensor_type()
+    # A param that is no DTensor has plain grads and state: no per-tensor pass then.
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
         params, grads, exp_avgs, exp_avg_sqs = (
-            _local_shards(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
+            _local_shards(t, dtensor) for t in (params, grads, exp_avgs, exp_avg_sqs))
         if compact is not None:
-            compact = {key: _local_shards(value) if key in _SCALE_KEYS and value is not None
-                       else value for key, value in compact.items()}
+            compact = {key: _local_shards(value, dtensor)
+                       if key in ref.SCALE_KEYS and value is not None else value
+                       for key, value in compact.items()}
     # The op checks the lists itself (shapes, dtypes, devices, sparse grads), but torch's
     # grouping below asserts equal lengths before the op could say so in its words.
     _checks.check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps)
@@ -111,7 +103,7 @@ def _compact_groups_by_device(lists, compact):
     params = lists[0]
     devices = [p.device for p in params]
     empty = {device: torch.empty(0, device=device) for device in set(devices)}
-    scale_lists = {name: compact[name] for name in _SCALE_KEYS}
+    scale_lists = {name: compact[name] for name in ref.SCALE_KEYS}
     seeds = compact["seeds"]
     seeds = [0] * len(params) if seeds is None else [0 if s is None else s for s in seeds]
 

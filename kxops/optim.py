@@ -11,7 +11,6 @@ __all__ = ["AdaX", "AdaXW"]
 
 _FLAG_DEFAULTS = dict(foreach=None, fused=None, capturable=False, maximize=False,
                       differentiable=False, state_dtype=None, stochastic_rounding=None)
-_SCALE_KEYS = ("exp_avg_scales", "exp_avg_sq_scales")
 
 
 class AdaX(Optimizer):
@@ -93,7 +92,7 @@ class AdaX(Optimizer):
             saved = state_dict["state"].get(saved_id, {})
             state = self.state[param]
             if "exp_avg" in saved:
-                for key in _SCALE_KEYS:
+                for key in ref.SCALE_KEYS:
                     state.pop(key, None)
                 state.update(_converted_moments(saved, param, group["state_dtype"]))
             if "rounding_seed" in saved:
@@ -131,7 +130,7 @@ class AdaX(Optimizer):
         fused, foreach = resolve_path(params, foreach=group["foreach"], fused=group["fused"],
                                       differentiable=group["differentiable"])
         step_on_param_device = fused or group["capturable"]
-        m_scales, v_scales, seeds = (compact[key] for key in (*_SCALE_KEYS, "seeds"))
+        m_scales, v_scales, seeds = (compact[key] for key in (*ref.SCALE_KEYS, "seeds"))
         formats = {}  # per param dtype: (the moments' dtype, whether its step rounds)
         for p in params:
             state = self.state[p]
@@ -148,7 +147,7 @@ class AdaX(Optimizer):
                 state["step"] = self._step_tensor(state["step"], p, step_on_param_device)
                 if state["exp_avg"].dtype != want:  # the group's state_dtype was changed
                     moments = _converted_moments(state, p, group["state_dtype"])
-                    for key in _SCALE_KEYS:
+                    for key in ref.SCALE_KEYS:
                         state.pop(key, None)
                     state.update(moments)
             if rounds and "rounding_seed" not in state:
@@ -208,7 +207,7 @@ def _zero_moments(p, dtype):
     state = {key: torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
              for key in ("exp_avg", "exp_avg_sq")}
     if dtype == torch.uint8:
-        for key in _SCALE_KEYS:
+        for key in ref.SCALE_KEYS:
             state[key] = torch.zeros(ref.blocks_of(real.numel()), dtype=torch.float32,
                                      device=p.device)
     return state
@@ -222,12 +221,13 @@ def _converted_moments(saved, p, chosen):
     m, v = (saved[key].to(p.device) for key in ("exp_avg", "exp_avg_sq"))
     scales = None
     if m.dtype == torch.uint8:
-        scales = tuple(saved[key].to(device=p.device, dtype=torch.float32) for key in _SCALE_KEYS)
+        scales = tuple(saved[key].to(device=p.device, dtype=torch.float32)
+                       for key in ref.SCALE_KEYS)
     m, v = (_real(x) for x in ref.load_moments(real, m, v, scales))
     state = _zero_moments(p, want)
     if want in ref.COMPACT:
         ref.store_moments_(real, state["exp_avg"], state["exp_avg_sq"],
-                           tuple(state.get(key) for key in _SCALE_KEYS), m, v, None, False)
+                           tuple(state.get(key) for key in ref.SCALE_KEYS), m, v, None, False)
     else:
         _real(state["exp_avg"]).copy_(m)
         _real(state["exp_avg_sq"]).copy_(v)
@@ -256,7 +256,7 @@ def _check_saved_state(saved, saved_id, p):
     if dtype != torch.uint8:
         return
     blocks = ref.blocks_of(real.numel())
-    for key in _SCALE_KEYS:
+    for key in ref.SCALE_KEYS:
         t = saved.get(key)
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != blocks:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else t

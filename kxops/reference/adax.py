@@ -29,6 +29,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 COMPACT = (torch.bfloat16, torch.uint8)  # state stored in fewer bits than its fp32 math
+SCALE_KEYS = ("exp_avg_scales", "exp_avg_sq_scales")  # 8-bit state's block scales, per moment
 BLOCK = 128  # elements per 8-bit block (one fp32 scale per block per moment)
 MEAN_WIDTH, SQUARE_WIDTH = 7, 8  # magnitude bits of m's (plus a sign bit) and v_hat's codes
 _U32 = 0xFFFFFFFF
