@@ -29,6 +29,7 @@
 #include "checks.h"
 #include "gemm.h"
 #include "sparse_grad_host.h"
+#include "workspace.h"
 #include "zlpr_host.h"
 
 namespace kxops::linear_sparse_zlpr {
@@ -162,7 +163,8 @@ struct WeightGrads {
     const auto acc = w.options().dtype(at::toOpMathType(w.scalar_type()));
     const bool low_precision = acc.dtype() != w.dtype();
     // Zeros where the blocks add scratch products; otherwise the first block writes it.
-    if (want_weight) weight = low_precision ? at::zeros(w.sizes(), acc) : at::empty(w.sizes(), acc);
+    if (want_weight)
+      weight = low_precision ? at::zeros(w.sizes(), acc) : empty_workspace(w.sizes(), acc);
     if (want_weight && low_precision) scratch = at::empty(w.sizes(), w.options());
     if (want_bias) bias = at::zeros({w.size(0)}, acc);
   }
@@ -262,7 +264,7 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
       rows_per_block(rows, weight.size(0), weight, input.element_size(), block_rows);
   // One logits buffer for every block: a fresh one per block would cost its page faults again
   // (as much time as a pass over it), each block's logits being done with before the next.
-  const Tensor buffer = at::empty({std::min(step, rows), weight.size(0)}, input.options());
+  const Tensor buffer = empty_workspace({std::min(step, rows), weight.size(0)}, input.options());
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t n = std::min(step, rows - start);
     const Tensor x_block = x.narrow(0, start, n);
@@ -276,8 +278,10 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
         continue;
       }
     }
-    auto [row_loss, g] = zlpr::sparse_zlpr_rows(logits, ids.narrow(0, start, n), ignore_index,
-                                                want_grad, grad_filter);
+    const Tensor block_ids = ids.narrow(0, start, n);
+    auto [row_loss, g] =
+        want_grad ? zlpr::sparse_zlpr_rows_over_logits(logits, block_ids, ignore_index, grad_filter)
+                  : zlpr::sparse_zlpr_rows(logits, block_ids, ignore_index, false, grad_filter);
     block(start, x_block, row_loss, want_grad ? g : Tensor(), nullptr);
   }
 }

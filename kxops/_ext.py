@@ -143,6 +143,18 @@ def needs_grad(*tensors) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def grad_is_one(grad_loss) -> bool:
+    """Whether an upstream gradient is 1 everywhere (a plain ``loss.backward()``), asked only
+    where the answer costs no synchronisation and values exist: a plain CPU tensor (not CUDA,
+    not a tracer's fake, not under torch.compile). An op's gradient outputs are then the
+    answer as they are, without a pass over them (autograd takes them as ``.grad`` where
+    nothing else holds them, else copies them)."""
+    if (type(grad_loss) is not torch.Tensor or grad_loss.device.type != "cpu"
+            or torch.compiler.is_compiling()):
+        return False
+    return grad_loss.item() == 1 if grad_loss.dim() == 0 else bool(torch.all(grad_loss == 1))
+
+
 def autocast(anchor, *tensors):
     """``tensors``, their floating ones cast to the autocast dtype where autocast is on for the
     device of ``anchor`` (a floating tensor other than float64, which autocast leaves alone), as

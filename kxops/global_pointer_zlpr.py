@@ -122,14 +122,6 @@ if _ext.LOADED:
         scaled = (grad * scale).to(grad.dtype)
         return scaled if padded is None else scaled.masked_fill_(padded, 0)
 
-    def _is_one(grad_loss):
-        """Whether the upstream gradient is the scalar 1 (a plain ``loss.backward()``): read on
-        CPU only, where it costs no device synchronisation, and only from a plain tensor (a
-        traced one, e.g. a fake tensor under torch.compile, has no value to read)."""
-        return (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-                and grad_loss.dim() == 0 and grad_loss.device.type == "cpu"
-                and grad_loss.item() == 1)
-
     def _backward(ctx, grad_loss, *_):
         if torch.is_grad_enabled():
             raise NotImplementedError(
@@ -147,9 +139,8 @@ if _ext.LOADED:
         # The op's gradients are those of its loss (for "none", of the rows' sum), and each
         # row's touches only its own (batch, head) slice: scale each slice by the row's
         # upstream gradient (one value for "mean" and "sum").
-        if _is_one(grad_loss):
-            # x * 1 is x, and padded steps are 0 already: the op's gradients as they are (no
-            # pass over them; autograd takes them as .grad where nothing else holds them).
+        if _ext.grad_is_one(grad_loss):
+            # x * 1 is x, and padded steps are 0 already: the op's gradients as they are.
             return (*(g if w else None for g, w in zip(grads[:2], wanted[:2])), None, None,
                     *(g if w else None for g, w in zip(grads[2:], wanted[2:])),
                     *(None,) * (ctx.num_inputs - 6))

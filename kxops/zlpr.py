@@ -79,14 +79,6 @@ def _saved_tensors_hooks_active():
     return top is None or top(False) is not None
 
 
-def _is_one(grad_loss):
-    """Whether grad_loss is 1 everywhere, asked only where the answer costs no synchronisation
-    and values exist: a plain CPU tensor (not CUDA, not a tracer's fake)."""
-    if type(grad_loss) is not torch.Tensor or grad_loss.device.type != "cpu":
-        return False
-    return grad_loss.item() == 1 if grad_loss.dim() == 0 else bool(torch.all(grad_loss == 1))
-
-
 def _grad_loss_term(call, logits, targets, saved_grad, grad_loss):
     """grad_loss times the forward's gradient output. A backward that starts at the loss
     (loss.backward()) passes 1: a gradient no one else sees (the forward's, taken from call,
@@ -96,7 +88,7 @@ def _grad_loss_term(call, logits, targets, saved_grad, grad_loss):
     if not torch.is_grad_enabled():
         if owned is None and saved_grad is None and not half:  # a call without the gradient
             owned = call.gradient(logits, targets)
-        if owned is not None and _is_one(grad_loss):
+        if owned is not None and _ext.grad_is_one(grad_loss):
             return owned
         if not half:
             return _scaled(grad_loss, saved_grad if owned is None else owned, logits.dtype)

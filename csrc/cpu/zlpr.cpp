@@ -331,6 +331,8 @@ acc_t* row_buffer(int64_t n) {
 
 // Runs row_fn(row, logits_row, s, loss, grad) over every row in parallel, s being the row's
 // opmath working buffer: an fp32/fp64 gradient row itself (no final copy out), else a buffer.
+// grad may be the logits themselves: s is then a buffer too, and a row is overwritten only
+// after row_fn's last read of it (its final store).
 template <typename scalar_t, typename RowFn>
 void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& grad,
                   bool compute_grad, RowFn row_fn) {
@@ -339,14 +341,15 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
   const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();
   acc_t* loss_data = row_loss.mutable_data_ptr<acc_t>();
   scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-  constexpr bool kGradIsOpmath = std::is_same_v<scalar_t, acc_t>;
+  const bool grad_row_is_buffer =
+      std::is_same_v<scalar_t, acc_t> && compute_grad && grad_data != logits_data;
   at::parallel_for(0, row_loss.numel(), rows_per_task(n), [&](int64_t begin, int64_t end) {
-    acc_t* buffer = kGradIsOpmath && compute_grad ? nullptr : row_buffer<acc_t>(n);
+    acc_t* buffer = grad_row_is_buffer ? nullptr : row_buffer<acc_t>(n);
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* grad_row = grad_data == nullptr ? nullptr : grad_data + row * n;
       acc_t* s = buffer;
-      if constexpr (kGradIsOpmath) {
-        if (grad_row != nullptr) s = grad_row;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (grad_row_is_buffer) s = grad_row;
       }
       row_fn(row, logits_data + row * n, s, loss_data + row, grad_row);
     }
@@ -355,12 +358,16 @@ void for_each_row(const at::Tensor& logits, at::Tensor& row_loss, at::Tensor& gr
 
 // Both ops, their inputs checked: makes the logits contiguous, allocates the outputs and runs
 // the rows: with_row_fn(n, grad_scale, run) calls run(row_fn) with the op's row function for
-// rows of n logits (see for_each_row); grad_scale is an opmath value.
+// rows of n logits (see for_each_row); grad_scale is an opmath value. in_place (contiguous
+// logits): the gradient is written over the logits, and returned as them.
 template <typename WithRowFn>
 std::tuple<at::Tensor, at::Tensor> run_rows(const at::Tensor& logits_in, bool compute_grad,
-                                            c10::string_view reduction, WithRowFn with_row_fn) {
+                                            c10::string_view reduction, WithRowFn with_row_fn,
+                                            bool in_place = false) {
+  TORCH_INTERNAL_ASSERT(!in_place || (compute_grad && logits_in.is_contiguous()));
   const auto logits = logits_in.contiguous();
-  auto [row_loss, grad] = allocate_outputs(logits, compute_grad);
+  auto [row_loss, grad] = allocate_outputs(logits, compute_grad && !in_place);
+  if (in_place) grad = logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "zlpr_cpu", [&] {
     const auto scale = grad_scale<at::opmath_type<scalar_t>>(logits, reduction);
     with_row_fn(logits.size(-1), scale, [&](auto row_fn) {
@@ -408,13 +415,14 @@ void sparse_row(const scalar_t* logits_row, acc_t* s, int64_t n, const index_t* 
   exact_sparse_row(s, n, kept, options, loss, g);
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
-                                                   const at::Tensor& positives_in,
-                                                   int64_t ignore_index, bool compute_grad,
-                                                   c10::string_view reduction, double grad_filter) {
+// kxops::sparse_zlpr's kernel; in_place: see run_rows.
+std::tuple<at::Tensor, at::Tensor> sparse_rows(const at::Tensor& logits,
+                                               const at::Tensor& positives_in, int64_t ignore_index,
+                                               bool compute_grad, c10::string_view reduction,
+                                               double grad_filter, bool in_place) {
   const auto positives = positives_in.contiguous();
   const int64_t per_row = positives.size(-1);
-  return run_rows(logits, compute_grad, reduction, [&](int64_t n, auto scale, auto run) {
+  const auto with_row_fn = [&](int64_t n, auto scale, auto run) {
     using acc_t = decltype(scale);
     const GradOptions<acc_t> options{scale, static_cast<acc_t>(grad_filter)};
     AT_DISPATCH_INDEX_TYPES(positives.scalar_type(), "sparse_zlpr_cpu_index", [&] {
@@ -424,7 +432,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
                    loss, g);
       });
     });
-  });
+  };
+  return run_rows(logits, compute_grad, reduction, with_row_fn, in_place);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_zlpr_cpu(const at::Tensor& logits,
+                                                   const at::Tensor& positives,
+                                                   int64_t ignore_index, bool compute_grad,
+                                                   c10::string_view reduction, double grad_filter) {
+  return sparse_rows(logits, positives, ignore_index, compute_grad, reduction, grad_filter, false);
 }
 
 // The rows of sparse_zlpr_with_sparse_grad, each row's nonzero gradients kept in its task's
@@ -464,6 +480,11 @@ std::optional<sparse_grad::SparseRows> rows_with_sparse_grad(const at::Tensor& l
 }
 
 }  // namespace
+
+at::Tensor cpu::sparse_zlpr_rows_in_place(const at::Tensor& logits, const at::Tensor& positives,
+                                          int64_t ignore_index, double grad_filter) {
+  return std::get<0>(sparse_rows(logits, positives, ignore_index, true, "none", grad_filter, true));
+}
 
 TORCH_LIBRARY_IMPL(kxops, CPU, m) { register_ops<&zlpr_cpu, &sparse_zlpr_cpu>(m); }
 

@@ -253,6 +253,23 @@ def test_inputs_not_mutated():
         assert torch.equal(t.detach(), saved)
 
 
+def test_retained_graph_backward_after_grad_changed_in_place():
+    """Each backward of a retained graph gives the same gradient, whatever was done in place to
+    .grad in between (the gradient outputs are differentiable, so saved as outputs: a backward
+    returning one as it is would hand autograd the saved tensor itself as .grad)."""
+    x, w, b, positives = make((6,), dtype=torch.float32)
+    loss = kxops.linear_sparse_zlpr_loss(x, w, positives, b, block_rows=4)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (x, w, b)]
+    want = [g.clone() for g in first]
+    for _ in range(2):
+        for t, total, g in zip((x, w, b), want, first):
+            t.grad.mul_(0.5)
+            total.mul_(0.5).add_(g)
+        loss.backward(retain_graph=True)
+    assert all(torch.equal(t.grad, total) for t, total in zip((x, w, b), want))
+
+
 def test_double_backward():
     """Mean/sum: second derivatives through the reference (a gradgradcheck); "none" (its
     backward is an op of its own) refuses them."""
