@@ -197,7 +197,8 @@ inline at::Tensor augmented(const at::Tensor& x, const at::Tensor& idx, const at
 
 // A block's filtered gradient products head by head, from each head's sparse form (see
 // sparse_grad_host.h): grad_rows = g k_cols, grad_cols += g^T q_rows. False, nothing written,
-// unless every head is sparse enough (the caller then runs the batched dense GEMMs).
+// unless every head is sparse enough (the caller then runs the batched dense GEMMs). The CPU's
+// own route; the portable one (CUDA's) takes the whole chunk at once (dense_products).
 inline bool sparse_head_products(const at::Tensor& g, const at::Tensor& k_cols,
                                  const at::Tensor& q_rows, const at::Tensor& grad_rows,
                                  const at::Tensor& grad_cols) {
@@ -252,11 +253,12 @@ void update_negative_maxima(const at::Tensor& logits, int64_t begin, int64_t end
 void fill_lower_triangles(const at::Tensor& block);
 
 // Whether the filtered gradient can come straight from the CPU kernel in sparse form: fp32/fp64
-// on CPU, operands with unit stride along D.
+// on CPU, operands with unit stride along D; not under KXOPS_SPARSE_GRAD_PORTABLE=1, where the
+// CPU takes CUDA's route (the dense gradient, converted).
 inline bool sparse_kernel_output(const at::Tensor& qa, const at::Tensor& ka, double grad_filter) {
   const auto type = qa.scalar_type();
   return grad_filter > 0 && qa.is_cpu() && (type == at::kFloat || type == at::kDouble) &&
-         qa.stride(2) == 1 && ka.stride(2) == 1;
+         qa.stride(2) == 1 && ka.stride(2) == 1 && !sparse_grad::portable_on_cpu();
 }
 
 // Per batch: its packing, its valid steps (undefined without a mask) and its positives as
@@ -472,22 +474,39 @@ struct ChunkRunner {
 
   // The gradient products block by block: every span of row i lies in i's block, so grad q~
   // is written once per block and grad k~ gathers every block that reaches its columns.
-  // fp16/bf16 products go through a temporary into the fp32 accumulators.
+  // Filtered, a block whose every head is sparse enough takes the sparse products: on the CPU
+  // head by head (sparse_head_products), elsewhere (and under KXOPS_SPARSE_GRAD_PORTABLE=1) the
+  // whole chunk's at once (sparse_grad::PackedSparse, one device sync), grad q~ first and
+  // grad k~ run by run in block order, so the same bits. fp16/bf16 products go through a
+  // temporary into the fp32 accumulators.
   void dense_products(const Plan& plan, const at::Tensor& grad, const at::Tensor& qa,
                       const at::Tensor& ka, const at::Tensor& grad_qa,
                       const at::Tensor& grad_ka) const {
     const int64_t hc = qa.size(0);
     const bool full_precision = at::toOpMathType(q.scalar_type()) == q.scalar_type();
-    for (const auto& blk : plan.packing.blocks) {
+    const bool by_head = grad_filter > 0 && grad.is_cpu() && !sparse_grad::portable_on_cpu();
+    std::optional<sparse_grad::PackedSparse> packed;
+    if (grad_filter > 0 && !by_head) {
+      packed = sparse_grad::portable_packed_sparse(grad, plan.blocks, qa.size(1),
+                                                   {qa[0], ka[0], grad_qa[0], grad_ka[0]});
+    }
+    if (packed.has_value()) sparse_grad::packed_rows_product(*packed, ka, grad_qa);
+    int64_t runs_done = 0;
+    for (size_t t = 0; t < plan.packing.blocks.size(); ++t) {
+      const auto& blk = plan.packing.blocks[t];
+      if (packed.has_value() && packed->run[t] >= 0) {
+        if (packed->run[t] == runs_done) {
+          sparse_grad::packed_cols_product(*packed, runs_done++, qa, grad_ka);
+        }
+        continue;
+      }
       const auto g =
           grad.narrow(1, blk.offset, blk.rows * blk.width).view({hc, blk.rows, blk.width});
       const auto q_rows = qa.narrow(1, blk.row0, blk.rows);
       const auto k_cols = ka.narrow(1, blk.col0, blk.width);
       auto grad_rows = grad_qa.narrow(1, blk.row0, blk.rows);
       auto grad_cols = grad_ka.narrow(1, blk.col0, blk.width);
-      if (grad_filter > 0 && sparse_head_products(g, k_cols, q_rows, grad_rows, grad_cols)) {
-        continue;
-      }
+      if (by_head && sparse_head_products(g, k_cols, q_rows, grad_rows, grad_cols)) continue;
       if (full_precision) {
         gemm::mm_out(grad_rows, g, k_cols);
         gemm::addmm_(grad_cols, g.transpose(1, 2), q_rows);
@@ -507,7 +526,9 @@ struct ChunkRunner {
     auto logits = packed_logits(plan, qa, ka, positives, maxima);
     if (sparse_route(b, h0, logits, positives, maxima, qa, ka)) return;
     const bool compute_grad = results.any_grad();
-    auto [loss, grad] = zlpr::sparse_zlpr_rows(logits, positives, -1, compute_grad, grad_filter);
+    auto [loss, grad] = compute_grad
+                            ? zlpr::sparse_zlpr_rows_over_logits(logits, positives, -1, grad_filter)
+                            : zlpr::sparse_zlpr_rows(logits, positives, -1, false, grad_filter);
     results.row_loss[b].narrow(0, h0, hc).copy_(loss);
     if (!compute_grad) return;
     logits.reset();

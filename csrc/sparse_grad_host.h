@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -197,8 +198,14 @@ struct PackedBlock {
   int64_t offset, rows, width, row0, col0;
 };
 
-// Whether no block of any row of g holds more than max_density() of its entries: the rule
-// sparse_rows applies to each block on its own.
+// Whether count entries of one row's block are few enough for the sparse products: the rule
+// sparse_rows applies to each block on its own, for every packed route.
+inline bool block_sparse_enough(int64_t count, const PackedBlock& block, double density) {
+  return static_cast<double>(count) <=
+         density * static_cast<double>(block.rows) * static_cast<double>(block.width);
+}
+
+// Whether no block of any row of g holds more than max_density() of its entries.
 bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& blocks);
 
 // For each row h of g (a head) and each of its entries v at (block row i, block column j):
@@ -209,5 +216,114 @@ bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& b
 void packed_products(const SparseRows& g, const std::vector<PackedBlock>& blocks,
                      const at::Tensor& rows_operand, const at::Tensor& cols_operand,
                      const at::Tensor& rows_out, const at::Tensor& cols_out);
+
+// The packed products of the portable route (CUDA's; the CPU's under
+// KXOPS_SPARSE_GRAD_PORTABLE=1), from a dense packed gradient g [heads, packed]: the entries of
+// its sparse blocks (those where every head passes block_sparse_enough; the caller runs its
+// dense products for the others) keyed twice for the product kernel, by (head, block row i) for
+// grad q~ and by (run, head, block column j) for grad k~, where a run is a stretch of
+// consecutive sparse blocks. The entries are taken block by block, row-major within each, and
+// stably sorted by those keys, so that each output row sums its entries in the order the
+// per-block products (and packed_products) add them: a row i in column order (its entries all
+// lie in one block), a column j block by block in row order; the caller adds its dense blocks'
+// products into grad k~ between the runs, in block order.
+struct PackedSparse {
+  // Per block: the index of its run, or -1 where some head holds too many of its entries.
+  std::vector<int64_t> run;
+  int64_t rows = 0;  // heads * steps: the output rows of each product
+  // By (head, i): CSR start [rows + 1], the k~ row (head * steps + j) each entry multiplies.
+  at::Tensor row_start, row_operand, row_value;
+  // By (run, head, j): CSR start [runs * rows + 1], the q~ row (head * steps + i).
+  at::Tensor col_start, col_operand, col_value;
+};
+
+// The entries of g's sparse blocks (run[t] >= 0, sizes[t] entries in all heads) as (q~ row,
+// k~ row, value, run) over the flattened [heads * steps] rows, block after block, row-major
+// within each.
+inline std::array<at::Tensor, 4> portable_packed_entries(
+    const at::Tensor& g, const at::Tensor& nonzero, const std::vector<PackedBlock>& blocks,
+    const std::vector<int64_t>& run, const std::vector<int64_t>& sizes, int64_t steps) {
+  std::vector<at::Tensor> q_row, k_row, value, block_run;
+  for (size_t t = 0; t < blocks.size(); ++t) {
+    if (run[t] < 0) continue;
+    const PackedBlock& block = blocks[t];
+    const auto in_block = [&](const at::Tensor& x) {
+      return x.narrow(1, block.offset, block.rows * block.width)
+          .view({x.size(0), block.rows, block.width});
+    };
+    const at::Tensor where = at::nonzero_static(in_block(nonzero), sizes[t]);
+    const at::Tensor head = where.select(1, 0), i = where.select(1, 1), j = where.select(1, 2);
+    const at::Tensor head_row0 = head * steps;
+    q_row.push_back(head_row0 + (i + block.row0));
+    k_row.push_back(head_row0 + (j + block.col0));
+    c10::List<std::optional<at::Tensor>> index;
+    for (const auto& x : {head, i, j}) index.push_back(x);
+    value.push_back(at::index(in_block(g), index));
+    block_run.push_back(at::full_like(i, run[t]));
+  }
+  return {at::cat(q_row), at::cat(k_row), at::cat(value), at::cat(block_run)};
+}
+
+// g's PackedSparse, or nothing where the operands (undefined ones skipped) are not what the
+// products take or no block is sparse enough. The density rule reads the (head, block) counts
+// on the host: the one device sync (CUDA) of the chunk.
+inline std::optional<PackedSparse> portable_packed_sparse(
+    const at::Tensor& g, const std::vector<PackedBlock>& blocks, int64_t steps,
+    std::initializer_list<at::Tensor> operands) {
+  if (blocks.empty() || !takes_operands(g, operands)) return std::nullopt;
+  const int64_t heads = g.size(0);
+  const at::Tensor nonzero = g.ne(0);  // a NaN counts: it must reach the products
+  std::vector<at::Tensor> per_block;
+  for (const PackedBlock& block : blocks) {
+    per_block.push_back(nonzero.narrow(1, block.offset, block.rows * block.width).sum(1));
+  }
+  const at::Tensor counts = at::stack(per_block).cpu();
+  const auto count = counts.accessor<int64_t, 2>();
+  const double density = max_density();
+  PackedSparse out{std::vector<int64_t>(blocks.size(), -1), heads * steps};
+  std::vector<int64_t> sizes(blocks.size(), 0);
+  int64_t runs = 0;
+  for (size_t t = 0; t < blocks.size(); ++t) {
+    bool sparse = true;
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t n = count[static_cast<int64_t>(t)][h];
+      sparse = sparse && block_sparse_enough(n, blocks[t], density);
+      sizes[t] += n;
+    }
+    if (sparse) out.run[t] = t > 0 && out.run[t - 1] >= 0 ? out.run[t - 1] : runs++;
+  }
+  if (runs == 0) return std::nullopt;
+  const auto [q_row, k_row, value, run] =
+      portable_packed_entries(g, nonzero, blocks, out.run, sizes, steps);
+  const std::optional<bool> stable(true);
+  const auto [row_key, row_order] = at::sort(q_row, stable, /*dim=*/0);
+  out.row_start = at::_convert_indices_from_coo_to_csr(row_key, out.rows);
+  out.row_operand = k_row.index_select(0, row_order);
+  out.row_value = value.index_select(0, row_order);
+  const auto [col_key, col_order] = at::sort(run * out.rows + k_row, stable, /*dim=*/0);
+  out.col_start = at::_convert_indices_from_coo_to_csr(col_key, runs * out.rows);
+  out.col_operand = q_row.index_select(0, col_order);
+  out.col_value = value.index_select(0, col_order);
+  return out;
+}
+
+// grad q~: rows_out [heads, steps, d] (contiguous) = the sparse blocks' entries times
+// rows_operand's rows [heads, steps, d]; each row is zeroed first (a dense block's rows are left
+// 0 for the caller's dense products to overwrite).
+inline void packed_rows_product(const PackedSparse& g, const at::Tensor& rows_operand,
+                                const at::Tensor& rows_out) {
+  sparse_product(g.row_start, g.row_operand, g.row_value, 1.0,
+                 rows_operand.reshape({g.rows, rows_operand.size(2)}),
+                 rows_out.view({g.rows, rows_out.size(2)}), at::Tensor(), /*zero_init=*/true);
+}
+
+// grad k~: cols_out [heads, steps, d] (contiguous) += run `run`'s entries times cols_operand's
+// rows.
+inline void packed_cols_product(const PackedSparse& g, int64_t run, const at::Tensor& cols_operand,
+                                const at::Tensor& cols_out) {
+  sparse_product(g.col_start.narrow(0, run * g.rows, g.rows + 1), g.col_operand, g.col_value, 1.0,
+                 cols_operand.reshape({g.rows, cols_operand.size(2)}),
+                 cols_out.view({g.rows, cols_out.size(2)}), at::Tensor(), /*zero_init=*/false);
+}
 
 }  // namespace kxops::sparse_grad

@@ -2,6 +2,8 @@
 against the reference, forward and backward, in seconds. The thorough CUDA tests live beside
 each op's CPU tests (marked cuda)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -212,3 +214,51 @@ def test_cuda_smoke_grad_filter_sparse_products(monkeypatch, reduction, dtype):
         for ours, want in ((sparse, cpu), (sparse, dense)):
             for a, b in zip(ours, want):
                 torch.testing.assert_close(a, b, equal_nan=True, **tolerance)
+
+
+def synchronisations(fn):
+    """How many synchronising CUDA operations fn() runs (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_smoke_global_pointer_filtered_chunks(monkeypatch, dtype):
+    """The GlobalPointer's filtered step on CUDA over five row blocks, one too dense (its dense
+    GEMMs between the sparse products of the others), one head per chunk: one device sync per
+    chunk (the (head, block) counts), against the CPU's result and the dense CUDA GEMMs
+    (KXOPS_SPARSE_GRAD_MAX_DENSITY=0); the same bits run twice."""
+    gen = torch.Generator().manual_seed(4)
+    batch, heads, length = 2, 2, 300
+    q = 0.05 * torch.randn(batch, heads, length, 8, generator=gen, dtype=dtype)
+    k = 0.05 * torch.randn(batch, heads, length, 8, generator=gen, dtype=dtype)
+    q[..., -1], k[..., -1] = 4.0, -3.0
+    q[:, :, 128:141, -1] = 0.0  # about a fifth of block 2's spans survive, few elsewhere
+    pos = torch.tensor([[[3 * length + 10, 270 * length + 280]] * heads] * batch)
+
+    def step(device, grad_filter=2**-12):
+        out = torch.ops.kxops.global_pointer_zlpr(
+            q.to(device), k.to(device), pos.to(device), None, None, None, True, -1, "sum",
+            [True, True, False, False], 1, grad_filter)
+        return [t.cpu() for t in out[:3]]
+
+    cpu, sparse = step("cpu"), step("cuda")
+    assert all(torch.equal(a, b) for a, b in zip(sparse, step("cuda")))
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", "0")
+    dense = step("cuda")
+    monkeypatch.delenv("KXOPS_SPARSE_GRAD_MAX_DENSITY")
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
+    for want in (cpu, dense):
+        for a, b in zip(sparse, want):
+            torch.testing.assert_close(a, b, **tolerance)
+    filtered = synchronisations(lambda: step("cuda"))
+    plain = synchronisations(lambda: step("cuda", 0.0))
+    assert filtered - plain == batch * heads
+

@@ -298,9 +298,7 @@ bool blocks_sparse_enough(const SparseRows& g, const std::vector<PackedBlock>& b
     for (const PackedBlock& block : blocks) {
       const int64_t first = k, block_end = block.offset + block.rows * block.width;
       while (k < start[h + 1] && col[k] < block_end) ++k;
-      const double limit =
-          density * static_cast<double>(block.rows) * static_cast<double>(block.width);
-      if (static_cast<double>(k - first) > limit) return false;
+      if (!block_sparse_enough(k - first, block, density)) return false;
     }
   }
   return true;

@@ -1181,6 +1181,109 @@ def test_grad_filter_one_dense_block(threads):
     assert_same(got, want)
 
 
+def assert_same_bits(got, want):
+    """Bit for bit, NaN where NaN."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.equal(g.isnan(), w.isnan())
+            assert torch.equal(g.masked_fill(g.isnan(), 0), w.masked_fill(w.isnan(), 0))
+
+
+def filtered_runs(q, k, pos, m, sb, eb, tril, cases):
+    """The losses and gradients of the filtered op for each (reduction, block_bytes, which
+    inputs require grad) case, flattened."""
+    out = []
+    for reduction, block_bytes, wanted in cases:
+        leaves = [None if t is None else t.detach().clone().requires_grad_(i in wanted)
+                  for i, t in enumerate((q, k, sb, eb))]
+        loss = fused(leaves[0], leaves[1], pos, m, leaves[2], leaves[3], tril,
+                     reduction=reduction, grad_filter=FILTER, block_bytes=block_bytes)
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        (loss * weights).sum().backward()
+        out += [loss.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tril", [True, False])
+def test_grad_filter_portable_route_same_bits(monkeypatch, dtype, tril):
+    """The route CUDA takes (the dense filtered gradient of a chunk of heads converted at once
+    with at:: ops, its entries re-keyed by a stable sort for the product kernel: one device
+    sync per chunk), forced on the CPU with KXOPS_SPARSE_GRAD_PORTABLE=1: bit for bit the CPU's
+    own route (its kernel's sparse output and packed_products), over ragged masks, biases, three
+    row blocks, chunks of one, two and all heads, every reduction, gradient subsets and
+    non-finite logits; the dense GEMMs (KXOPS_SPARSE_GRAD_MAX_DENSITY=0) give other bits, so the
+    sparse products ran. Each output row sums many entries of random values, in an order that
+    changes its bits: an unstable sort fails this test."""
+    q, k, pos, m = trained_like(batch=2, heads=3, length=150, entities=6, dtype=dtype)
+    m[0, 5:9] = False
+    m[1, -20:] = False  # ragged: 146 and 130 valid steps, three row blocks each
+    gen = torch.Generator().manual_seed(5)
+    sb = (torch.randn(q.shape[:3], generator=gen, dtype=dtype) / 8).requires_grad_()
+    eb = (torch.randn(q.shape[:3], generator=gen, dtype=dtype) / 8).requires_grad_()
+    q_bad = q.clone()
+    q_bad[0, 1, 3, 0] = torch.nan
+    q_bad[1, 2, 10, 0] = torch.inf
+    cases = [("none", None, {0, 1, 2, 3}), ("sum", 1, {0, 1, 2, 3}),
+             ("mean", 300_000, {0, 1, 2, 3}), ("none", 1, {1}), ("sum", None, {0, 3})]
+
+    def run():
+        return (filtered_runs(q, k, pos, m, sb, eb, tril, cases)
+                + filtered_runs(q, k, pos, m, None, None, tril, cases[:2])
+                + filtered_runs(q_bad, k, pos, m, sb, eb, tril, cases[:1]))
+
+    want = run()
+    assert any(g.isnan().any() for g in want)
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_PORTABLE", "1")
+    assert_same_bits(run(), want)
+    monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", "0")
+    dense = run()
+    assert any(not torch.equal(g, w) for g, w in zip(dense[:5], want[:5]))
+
+
+def test_grad_filter_portable_route_dense_blocks(monkeypatch):
+    """A block too dense takes the dense GEMMs on both routes, the blocks around it the sparse
+    products (grad k~ summed block after block across the two); a chunk whose every block is
+    too dense is the dense route's result exactly."""
+    gen = torch.Generator().manual_seed(4)
+    length = 300  # five row blocks of 64
+    q = 0.05 * torch.randn(1, 2, length, 8, generator=gen)
+    k = 0.05 * torch.randn(1, 2, length, 8, generator=gen)
+    q[..., -1], k[..., -1] = 4.0, -3.0
+    q[:, :, 128:141, -1] = 0.0  # about a fifth of block 2's spans survive, few elsewhere
+    pos = torch.tensor([[[3 * length + 10, 270 * length + 280]] * 2])
+    sb = torch.randn(1, 2, length, generator=gen) / 8
+    small = (q[..., :40, :].clone(), k[..., :40, :].clone(), pos.clamp(max=39))
+    small[0][..., -1] = 0.0  # one block, most spans survive
+
+    def run(args, sb):
+        out = []
+        for tril in (True, False):
+            out += filtered_runs(*args, None, sb, None, tril, [("none", None, {0, 1, 2})])
+        return out
+
+    results = {}
+    for portable, density in (("0", None), ("1", None), ("0", "0"), ("1", "0"), ("0", "1")):
+        monkeypatch.setenv("KXOPS_SPARSE_GRAD_PORTABLE", portable)
+        if density is None:
+            monkeypatch.delenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", raising=False)
+        else:
+            monkeypatch.setenv("KXOPS_SPARSE_GRAD_MAX_DENSITY", density)
+        results[portable, density] = run((q, k, pos), sb), run(small, None)
+    own, portable = results["0", None], results["1", None]
+    dense, sparse = results["0", "0"], results["0", "1"]
+    assert_same_bits(portable[0], own[0])
+    assert_same_bits(portable[1], own[1])
+    assert_same_bits(results["1", "0"][0], dense[0])
+    assert_same_bits(own[1], dense[1])  # the small problem: the GEMMs only
+    # The mixed problem's grad k (tril; without it too): neither all GEMMs nor all sparse.
+    for i in (2, 6):
+        assert not torch.equal(own[0][i], dense[0][i])
+    assert not torch.equal(own[0][6], sparse[0][6])
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.1", None])
 def test_grad_filter_errors_name_it(bad):
     q, k, sb, eb, pos, m = make_problem()

@@ -4,6 +4,7 @@ gradient filters and NaN/inf at random positions (loss and gradients). The hypot
 is set in conftest."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tests.utils import assert_close, needs_kernel
 pytestmark = pytest.mark.fuzz
 
 SPECIALS = [math.nan, math.inf, -math.inf]
+ENV = ("KXOPS_SPARSE_GRAD_PORTABLE", "KXOPS_SPARSE_GRAD_MAX_DENSITY")
 
 
 @st.composite
@@ -93,3 +95,54 @@ def test_op_matches_materialised(p):
             # where the fused op is not, never the other way round.
             g, g_expected = g[~g_expected.isnan()], g_expected[~g_expected.isnan()]
         assert_close(g, g_expected)
+
+
+@given(problems(), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from([None, "0.3", "1"]))
+def test_portable_route_same_bits(p, dtype, max_density):
+    """The filtered step down CUDA's route (KXOPS_SPARSE_GRAD_PORTABLE=1: the chunk's dense
+    gradient converted at once, its entries re-keyed for the product kernel) gives the CPU's own
+    route's bits, whatever the blocks' densities (KXOPS_SPARSE_GRAD_MAX_DENSITY: the default,
+    a looser rule that mixes sparse and dense blocks, every block sparse)."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    generator = torch.Generator().manual_seed(p["seed"])
+    batch, heads, length, _ = p["shape"]
+    q = torch.randn(p["shape"], generator=generator, dtype=dtype)
+    k = torch.randn(p["shape"], generator=generator, dtype=dtype)
+    sb = torch.randn(batch, heads, length, generator=generator, dtype=dtype) if p["start"] else None
+    mask = None if p["mask"] is None else torch.rand(batch, length, generator=generator) < p["keep"]
+    pos = torch.randint(-1, max(length * length, 1), (batch, heads, p["positives"]),
+                        generator=generator)
+    if length == 0:
+        pos.fill_(-1)
+    if p["specials"] and q.numel():
+        q.view(-1)[int(torch.randint(0, q.numel(), (1,), generator=generator))] = SPECIALS[
+            p["specials"] - 1]
+
+    def run():
+        leaves = [None if t is None else t.clone().requires_grad_(True) for t in (q, k, sb)]
+        loss = kxops.global_pointer_zlpr_loss(
+            leaves[0], leaves[1], pos, mask, start_bias=leaves[2], tril=p["tril"],
+            reduction=p["reduction"], block_bytes=p["block_bytes"],
+            grad_filter=max(p["grad_filter"], 2.0**-12))
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
+        (loss * weights).sum().backward()
+        return [loss.detach()] + [t.grad for t in leaves if t is not None]
+
+    saved = {name: os.environ.get(name) for name in ENV}
+    try:
+        os.environ.pop(ENV[0], None)
+        if max_density is not None:
+            os.environ[ENV[1]] = max_density
+        want = run()
+        os.environ[ENV[0]] = "1"
+        got = run()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan())
+        assert torch.equal(g.masked_fill(g.isnan(), 0), w.masked_fill(w.isnan(), 0))
