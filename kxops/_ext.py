@@ -143,16 +143,36 @@ def needs_grad(*tensors) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _is_batched(t) -> bool:
+    """Whether t is a vmap batched tensor (functorch's, or the legacy one of
+    ``torch.autograd.grad(..., is_grads_batched=True)``): a plain ``torch.Tensor`` by type."""
+    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
+        query = getattr(torch._C._functorch, name, None)  # private: absent, assume not
+        if query is not None and query(t):
+            return True
+    return False
+
+
 def grad_is_one(grad_loss) -> bool:
     """Whether an upstream gradient is 1 everywhere (a plain ``loss.backward()``), asked only
     where the answer costs no synchronisation and values exist: a plain CPU tensor (not CUDA,
     not a tracer's fake, not under torch.compile). An op's gradient outputs are then the
     answer as they are, without a pass over them (autograd takes them as ``.grad`` where
-    nothing else holds them, else copies them)."""
+    nothing else holds them, else copies them). Not a batched tensor either (autograd.grad's
+    is_grads_batched, vmap): it has no value to read per call."""
     if (type(grad_loss) is not torch.Tensor or grad_loss.device.type != "cpu"
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or _is_batched(grad_loss)):
         return False
     return grad_loss.item() == 1 if grad_loss.dim() == 0 else bool(torch.all(grad_loss == 1))
+
+
+def graph_kept() -> bool:
+    """Whether the running backward keeps its graph (retain_graph=True, create_graph): its
+    saved tensors then outlive it, so a saved tensor returned as a gradient would alias them
+    (torch.autograd.grad hands it out as it is: changing it in place would change the graph's
+    copy). True where torch cannot say (the query is private)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def autocast(anchor, *tensors):

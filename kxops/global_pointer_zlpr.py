@@ -139,7 +139,8 @@ if _ext.LOADED:
         # The op's gradients are those of its loss (for "none", of the rows' sum), and each
         # row's touches only its own (batch, head) slice: scale each slice by the row's
         # upstream gradient (one value for "mean" and "sum").
-        if _ext.grad_is_one(grad_loss):
+        # Not where the graph is kept: the saved gradients would be handed out as they are.
+        if _ext.grad_is_one(grad_loss) and not _ext.graph_kept():
             # x * 1 is x, and padded steps are 0 already: the op's gradients as they are.
             return (*(g if w else None for g, w in zip(grads[:2], wanted[:2])), None, None,
                     *(g if w else None for g, w in zip(grads[2:], wanted[2:])),

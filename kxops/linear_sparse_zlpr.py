@@ -264,7 +264,10 @@ if _ext.LOADED:
                                                            ignore_index, reduction,
                                                            list(wanted), block_rows,
                                                            *ctx.options)[1:]
-            total = [g * grad_loss if w else None for g, w in zip(saved, wanted)]
+            # x * 1 is x: the op's gradients as they are, unless the graph is kept (its saved
+            # gradients would be handed out as they are).
+            one = _ext.grad_is_one(grad_loss) and not _ext.graph_kept()
+            total = [(g if one else g * grad_loss) if w else None for g, w in zip(saved, wanted)]
         if any(g is not None for g in grads_of_grads):
             hvp = _reference_hvp(input, weight, bias, positives, ignore_index, reduction,
                                  grads_of_grads)

@@ -1449,3 +1449,43 @@ def test_backward_of_one_returns_the_op_gradients(masked, reduction):
         padded = (m == 0)[:, None, :]
         assert all((g.masked_select(padded if g.dim() == 3 else padded[..., None]) == 0).all()
                    for g in grads[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients(reduction):
+    """torch.autograd.grad(..., is_grads_batched=True): the backward's upstream gradient is a
+    (legacy) batched tensor, a plain torch.Tensor by type whose values cannot be read; the
+    backward takes the scaling path for it (it raised "Batching rule not implemented for
+    aten::item / is_nonzero" where it asked whether the upstream gradient is 1)."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    q, k, sb, eb, pos, m = make_problem(length=9, dtype=torch.float64)
+    q.requires_grad_(True)
+    loss = kxops.global_pointer_zlpr_loss(q, k, pos, m, start_bias=sb, end_bias=eb,
+                                          reduction=reduction)
+    one = torch.autograd.grad(loss, q, torch.ones_like(loss), retain_graph=True)[0]
+    upstream = torch.stack([torch.ones_like(loss), torch.full_like(loss, 2.0)])
+    batched = torch.autograd.grad(loss, q, upstream, is_grads_batched=True)[0]
+    assert torch.equal(batched[0], one) and torch.equal(batched[1], 2 * one)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_graph_gradients_are_not_the_saved_ones(reduction):
+    """torch.autograd.grad(..., retain_graph=True) with an upstream gradient of 1: the caller's
+    gradient is not the graph's saved one (it was, as it is, where k's gradient went unasked):
+    changing it in place neither breaks the next backward ("modified by an inplace
+    operation") nor, through .data, changes what it returns."""
+    needs_kernel("global_pointer_zlpr", "cpu")
+    # No bias: one present without requires_grad would have the backward recompute.
+    q, k, _, _, pos, m = make_problem(length=9, dtype=torch.float64, start=False, end=False)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    loss = kxops.global_pointer_zlpr_loss(q, k, pos, m, reduction=reduction)
+    upstream = torch.ones_like(loss)
+    first = torch.autograd.grad(loss, q, upstream, retain_graph=True)[0]
+    expected = first.clone()
+    first.data.zero_()
+    second = torch.autograd.grad(loss, q, upstream, retain_graph=True)[0]
+    assert torch.equal(second, expected)
+    second.mul_(3)
+    loss.backward(upstream)
+    assert torch.equal(q.grad, expected)

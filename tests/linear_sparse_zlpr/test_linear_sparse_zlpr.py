@@ -270,6 +270,50 @@ def test_retained_graph_backward_after_grad_changed_in_place():
     assert all(torch.equal(t.grad, total) for t, total in zip((x, w, b), want))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_of_one_returns_the_op_gradients(reduction):
+    """loss.backward() (upstream gradient 1) takes the op's gradients as they are: the bits of
+    any other upstream gradient's path (2, then halved: exact in binary)."""
+    x, w, b, positives = make((6,), dtype=torch.float32)
+    grads = []
+    for upstream in (None, torch.tensor(2.0)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        loss = kxops.linear_sparse_zlpr_loss(*leaves[:2], positives, leaves[2],
+                                             reduction=reduction, block_rows=4)
+        loss.backward(upstream)
+        grads.append([t.grad if upstream is None else t.grad / 2 for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients(reduction):
+    """torch.autograd.grad(..., is_grads_batched=True): a batched upstream gradient, whose
+    values cannot be read, takes the scaling path."""
+    x, w, b, positives = make((6,))
+    loss = kxops.linear_sparse_zlpr_loss(x, w, positives, b, reduction=reduction, block_rows=4)
+    one = torch.autograd.grad(loss, w, torch.ones_like(loss), retain_graph=True)[0]
+    upstream = torch.stack([torch.ones_like(loss), torch.full_like(loss, 2.0)])
+    batched = torch.autograd.grad(loss, w, upstream, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched[0], one, rtol=1e-12, atol=0)
+    torch.testing.assert_close(batched[1], 2 * one, rtol=1e-12, atol=0)
+
+
+def test_retained_graph_gradients_are_not_the_saved_ones():
+    """torch.autograd.grad(..., retain_graph=True) with an upstream gradient of 1: the caller's
+    gradient is not the graph's saved one: changing it in place neither breaks the next
+    backward nor, through .data, changes what it returns."""
+    x, w, b, positives = make((6,))
+    loss = kxops.linear_sparse_zlpr_loss(x, w, positives, b, block_rows=4)
+    first = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    expected = first.clone()
+    first.data.zero_()
+    second = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    assert torch.equal(second, expected)
+    second.mul_(3)
+    loss.backward()
+    assert torch.equal(w.grad, expected)
+
+
 def test_double_backward():
     """Mean/sum: second derivatives through the reference (a gradgradcheck); "none" (its
     backward is an op of its own) refuses them."""

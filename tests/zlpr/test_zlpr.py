@@ -1255,3 +1255,26 @@ def test_grad_filter_keeps_the_mean_gradient_bit_for_bit(dtype, classes):
         leaf = logits.clone().requires_grad_()
         kxops.sparse_zlpr_loss(leaf, positives, grad_filter=f).backward()
         torch.testing.assert_close(leaf.grad, got, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients(sparse, reduction):
+    """torch.autograd.grad(..., is_grads_batched=True): the backward's upstream gradient is a
+    (legacy) batched tensor, a plain torch.Tensor by type whose values cannot be read; the
+    backward takes the scaling path for it (it raised "Batching rule not implemented for
+    aten::item / is_nonzero" where it asked whether the upstream gradient is 1)."""
+    needs_kernel("zlpr", "cpu")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    positives = torch.tensor([[0, 3], [1, -1], [8, 8], [-1, -1]])
+    if sparse:
+        loss = kxops.sparse_zlpr_loss(logits, positives, reduction=reduction)
+    else:
+        labels = torch.zeros(4, 9, dtype=torch.bool)
+        labels[0, 0] = labels[2, 8] = True
+        loss = kxops.zlpr_loss(logits, labels, reduction=reduction)
+    one = torch.autograd.grad(loss, logits, torch.ones_like(loss), retain_graph=True)[0]
+    upstream = torch.stack([torch.ones_like(loss), torch.full_like(loss, 2.0)])
+    batched = torch.autograd.grad(loss, logits, upstream, is_grads_batched=True)[0]
+    assert torch.equal(batched[0], one) and torch.equal(batched[1], 2 * one)
