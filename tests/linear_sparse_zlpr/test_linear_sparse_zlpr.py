@@ -314,6 +314,58 @@ def test_retained_graph_gradients_are_not_the_saved_ones():
     assert torch.equal(w.grad, expected)
 
 
+_HUGE_PAGES_PROBE = """
+import torch, kxops
+def fallbacks():  # huge-page faults the kernel served with small pages (none free)
+    with open("/proc/vmstat") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("thp_fault_fallback "))
+before = fallbacks()
+x = torch.randn(8, 128, requires_grad=True)
+w = torch.randn(65536, 128, requires_grad=True)  # a 32 MiB weight gradient: hinted
+kxops.linear_sparse_zlpr_loss(x, w, torch.randint(0, 65536, (8, 3))).backward()
+first, last = w.grad.data_ptr(), w.grad.data_ptr() + w.grad.nbytes
+huge, inside = 0, False
+with open("/proc/self/smaps") as smaps:  # the mappings over the gradient (the hint splits one)
+    for line in smaps:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            begin, end = (int(v, 16) for v in head.split("-"))
+            inside = begin < last and first < end
+        elif inside and head == "AnonHugePages:":
+            huge += int(line.split()[1])
+print("HUGE_KB", huge, "FALLBACKS", fallbacks() - before)
+"""
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _huge_kb(result):
+    """(AnonHugePages kB of the weight gradient's mapping, huge-page faults that fell back)."""
+    assert result.returncode == 0, result.stderr[-2000:]
+    words = result.stdout.split()
+    return int(words[words.index("HUGE_KB") + 1]), int(words[words.index("FALLBACKS") + 1])
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs Linux THP in 'madvise' mode")
+def test_large_buffers_get_huge_pages_unless_turned_off():
+    """The weight gradient (32 MiB) is allocated with the huge-page hint: huge pages back it
+    where THP honours madvise (unless the kernel had none free), none under
+    KXOPS_CPU_HUGE_PAGES=0; any other value is refused, naming the variable."""
+    needs_kernel("linear_sparse_zlpr", "cpu")
+    hinted, fallbacks = _huge_kb(run_isolated(_HUGE_PAGES_PROBE))
+    assert hinted >= 16 * 1024 or fallbacks > 0, (hinted, fallbacks)
+    off, _ = _huge_kb(run_isolated(_HUGE_PAGES_PROBE, env={"KXOPS_CPU_HUGE_PAGES": "0"}))
+    assert off == 0
+    bad = run_isolated(_HUGE_PAGES_PROBE, env={"KXOPS_CPU_HUGE_PAGES": "yes"})
+    assert bad.returncode != 0 and "KXOPS_CPU_HUGE_PAGES must be '0' or '1'" in bad.stderr
+
+
 def test_double_backward():
     """Mean/sum: second derivatives through the reference (a gradgradcheck); "none" (its
     backward is an op of its own) refuses them."""
