@@ -526,9 +526,8 @@ struct ChunkRunner {
     auto logits = packed_logits(plan, qa, ka, positives, maxima);
     if (sparse_route(b, h0, logits, positives, maxima, qa, ka)) return;
     const bool compute_grad = results.any_grad();
-    auto [loss, grad] = compute_grad
-                            ? zlpr::sparse_zlpr_rows_over_logits(logits, positives, -1, grad_filter)
-                            : zlpr::sparse_zlpr_rows(logits, positives, -1, false, grad_filter);
+    auto [loss, grad] =
+        zlpr::sparse_zlpr_rows_over_logits(logits, positives, -1, compute_grad, grad_filter);
     results.row_loss[b].narrow(0, h0, hc).copy_(loss);
     if (!compute_grad) return;
     logits.reset();

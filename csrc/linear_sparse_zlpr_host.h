@@ -278,10 +278,8 @@ void for_each_block(const Tensor& input, const Tensor& weight, const std::option
         continue;
       }
     }
-    const Tensor block_ids = ids.narrow(0, start, n);
-    auto [row_loss, g] =
-        want_grad ? zlpr::sparse_zlpr_rows_over_logits(logits, block_ids, ignore_index, grad_filter)
-                  : zlpr::sparse_zlpr_rows(logits, block_ids, ignore_index, false, grad_filter);
+    auto [row_loss, g] = zlpr::sparse_zlpr_rows_over_logits(logits, ids.narrow(0, start, n),
+                                                            ignore_index, want_grad, grad_filter);
     block(start, x_block, row_loss, want_grad ? g : Tensor(), nullptr);
   }
 }

@@ -157,17 +157,18 @@ at::Tensor sparse_zlpr_rows_in_place(const at::Tensor& logits, const at::Tensor&
                                      int64_t ignore_index, double grad_filter);
 }  // namespace cpu
 
-// sparse_zlpr_rows with the gradient, for a caller done with the logits: on CPU (contiguous
-// logits) the gradient is written over them, so that no gradient tensor is allocated and
-// faulted in (the same bits either way). Returns (row losses, gradient).
+// sparse_zlpr_rows for a caller done with the logits: with the gradient on CPU (contiguous
+// logits), it is written over them, so that no gradient tensor is allocated and faulted in
+// (the same bits either way). Returns (row losses, gradient or an empty tensor).
 inline std::tuple<at::Tensor, at::Tensor> sparse_zlpr_rows_over_logits(const at::Tensor& logits,
                                                                        const at::Tensor& positives,
                                                                        int64_t ignore_index,
+                                                                       bool compute_grad,
                                                                        double grad_filter) {
-  if (logits.is_cpu() && logits.is_contiguous()) {
+  if (compute_grad && logits.is_cpu() && logits.is_contiguous()) {
     return {cpu::sparse_zlpr_rows_in_place(logits, positives, ignore_index, grad_filter), logits};
   }
-  return sparse_zlpr_rows(logits, positives, ignore_index, true, grad_filter);
+  return sparse_zlpr_rows(logits, positives, ignore_index, compute_grad, grad_filter);
 }
 
 }  // namespace kxops::zlpr
